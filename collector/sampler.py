@@ -1,0 +1,184 @@
+"""Load, attach and drain the BPF sampler; the only module that touches bcc and ctypes."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from bpfprof.collector.errors import SetupError
+from bpfprof.collector.kernel_headers import KernelHeaders
+
+BPF_DIR = resources.files("bpfprof.bpf")
+HEADER = (BPF_DIR / "profile.h").read_text()
+PROGRAM = (BPF_DIR / "profile.bpf.c").read_text()
+
+# Let samples that read the old buffer index finish before that buffer is drained.
+# Perf-event BPF programs run to completion in microseconds with preemption off.
+_IN_FLIGHT_GRACE_S = 0.002
+
+
+def _enum_names(header: str, enum: str) -> Dict[str, int]:
+    """Names and values of a C enum in profile.h, so Python never retypes them."""
+    body = re.search(r"enum %s \{(.*?)\};" % enum, header, re.S)
+    if body is None:
+        raise RuntimeError(f"enum {enum} not found in profile.h")
+    names, value = {}, -1
+    for name, explicit in re.findall(r"^\s*(\w+)\s*(?:=\s*(\d+))?\s*,", body.group(1), re.M):
+        value = int(explicit) if explicit else value + 1
+        names[name] = value
+    return names
+
+
+LOSS_REASONS = _enum_names(HEADER, "loss_reason")
+NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
+EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Everything the BPF program is built and attached with; turns into -D cflags."""
+
+    frequency: int = 99
+    pids: Tuple[int, ...] = ()  # empty: the whole system
+    follow_children: bool = False
+    kernel_stacks: bool = True
+    stack_storage_size: int = 16384
+    map_size: int = 65536
+    target_entries: int = 65536
+    event_pages: int = 64  # ring buffer pages, a power of two
+
+    def cflags(self) -> List[str]:
+        return [
+            f"-DCOUNTS_ENTRIES={self.map_size}",
+            f"-DSTACK_ENTRIES={self.stack_storage_size}",
+            f"-DTARGET_ENTRIES={self.target_entries}",
+            f"-DSEEN_ENTRIES={self.target_entries}",
+            f"-DEVENT_PAGES={self.event_pages}",
+            f"-DFILTER_PIDS={int(bool(self.pids))}",
+            f"-DFOLLOW_CHILDREN={int(self.follow_children)}",
+            f"-DKERNEL_STACKS={int(self.kernel_stacks)}",
+        ]
+
+
+@dataclass(frozen=True)
+class RawSample:
+    pid: int
+    tid: int
+    thread_name: str
+    kernel_stack: Tuple[int, ...]  # addresses, leaf first
+    user_stack: Tuple[int, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class ProcessEvent:
+    kind: str  # a name from EVENT_KINDS
+    pid: int
+    comm: str
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class Sampler:
+    """The BPF program on every CPU: start(), then poll() for events and drain() samples."""
+
+    def __init__(self, config: SamplerConfig, headers: KernelHeaders):
+        self.config = config
+        self.headers = headers
+        self._bpf = None
+        self._active = 0
+        self._loss_totals = dict.fromkeys(LOSS_REASONS, 0)
+        self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
+
+    def start(self, on_event: Callable[[ProcessEvent], None]) -> None:
+        from bcc import BPF, PerfSWConfig, PerfType
+
+        if self.headers.source:
+            os.environ["BCC_KERNEL_SOURCE"] = self.headers.source
+        cflags = [f"-I{BPF_DIR}", *self.headers.cflags, *self.config.cflags()]
+        try:
+            self._bpf = BPF(text=PROGRAM, cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception for compile and load failures
+            raise SetupError(f"cannot load the BPF program ({e}); kernel headers: {self.headers.description}") from e
+        self.add_targets(self.config.pids)
+
+        def deliver(_ctx, data, _size):
+            event = self._bpf["events"].event(data)
+            on_event(ProcessEvent(self._kind_names.get(event.kind, "?"), event.pid, _text(event.comm)))
+
+        self._bpf["events"].open_ring_buffer(deliver)
+        try:
+            self._bpf.attach_perf_event(
+                ev_type=PerfType.SOFTWARE,
+                ev_config=PerfSWConfig.CPU_CLOCK,
+                fn_name="on_cpu_sample",
+                sample_freq=self.config.frequency,
+            )
+        except Exception as e:
+            self.close()
+            raise SetupError(f"cannot open perf events ({e}); check /proc/sys/kernel/perf_event_paranoid") from e
+
+    def add_targets(self, pids: Iterable[int]) -> None:
+        targets = self._bpf["targets"]
+        for pid in pids:
+            targets[targets.Key(pid)] = targets.Leaf(1)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver pending process events to the callback given to start()."""
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> List[RawSample]:
+        """Switch buffers, then read and clear the one samples no longer go to."""
+        control = self._bpf["control"]
+        drained = self._active
+        self._active = 1 - drained
+        control[control.Key(0)] = control.Leaf(self._active)
+        time.sleep(_IN_FLIGHT_GRACE_S)
+
+        counts = self._bpf[f"counts_{drained}"]
+        stacks = self._bpf[f"stacks_{drained}"]
+        entries = list(counts.items_lookup_and_delete_batch())
+        resolved: Dict[int, Tuple[int, ...]] = {}
+
+        def stack(stack_id: int) -> Tuple[int, ...]:
+            if stack_id < 0:
+                return ()
+            if stack_id not in resolved:
+                try:
+                    resolved[stack_id] = tuple(stacks.walk(stack_id))
+                except KeyError:
+                    resolved[stack_id] = ()
+            return resolved[stack_id]
+
+        samples = [
+            RawSample(
+                pid=k.pid,
+                tid=k.tid,
+                thread_name=_text(k.thread_name),
+                kernel_stack=stack(k.kernel_stack_id),
+                user_stack=stack(k.user_stack_id),
+                count=v,
+            )
+            for k, v in entries
+        ]
+        # Also clears stacks whose sample found the counts map full.
+        for key in list(stacks.keys()):
+            del stacks[key]
+        return samples
+
+    def losses(self) -> Dict[str, int]:
+        """Cumulative losses per reason (LOSS_* names from profile.h)."""
+        table = self._bpf["losses"]
+        return {name: sum(table[table.Key(i)]) for name, i in LOSS_REASONS.items()}
+
+    def close(self) -> None:
+        """Detach every program and free the maps; safe to call twice."""
+        if self._bpf is not None:
+            bpf, self._bpf = self._bpf, None
+            bpf.cleanup()
