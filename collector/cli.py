@@ -1,5 +1,182 @@
+"""The `bpfprof` command line; the one place that turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Optional, Sequence, Tuple
+
 import click
 
-@click.group()
-def main():
-    pass
+from bpfprof.collector.errors import CollectorError, UsageError
+
+MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
+
+LOSS_FIXES = {
+    "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "--stack-storage-size"),
+    "LOSS_USER_STACK_COLLISION": ("user stack collisions", "--stack-storage-size"),
+    "LOSS_KERNEL_STACK_FAILED": ("failed kernel stack reads", "--stack-storage-size"),
+    "LOSS_USER_STACK_FAILED": ("failed user stack reads", "--stack-storage-size"),
+    "LOSS_COUNTS_FULL": ("sample map full", "--map-size"),
+    "LOSS_EVENTS_FULL": ("process events dropped", "a lower -F"),
+    "LOSS_TARGETS_FULL": ("child processes not followed", "--map-size"),
+}
+
+RECORD_EXAMPLES = """
+\b
+Examples:
+  sudo bpfprof record -d 10                    # whole system for 10 s
+  sudo bpfprof record -p 1234 -p 5678 -F 199   # two processes and their threads
+  sudo bpfprof record -o out.folded -- make -j2  # a command and all it starts
+  sudo bpfprof record -d 30 --top 20           # also print the top 20 functions
+"""
+
+
+def _parse_pids(values: Sequence[str]) -> Tuple[int, ...]:
+    pids = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip().isdigit():
+                raise UsageError(f"-p takes process IDs, not {part!r}")
+            pid = int(part)
+            if not os.path.exists(f"/proc/{pid}"):
+                raise UsageError(f"no process with PID {pid}")
+            pids.append(pid)
+    return tuple(pids)
+
+
+def _check_command(command: Sequence[str]) -> None:
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]}")
+
+
+def _default_output(pids: Tuple[int, ...], command: Sequence[str]) -> str:
+    if command:
+        target = os.path.basename(command[0])
+    elif pids:
+        target = "pid" + "-".join(map(str, pids))
+    else:
+        target = "all"
+    return f"bpfprof-{target}-{time.strftime('%Y%m%d-%H%M%S')}.pb.gz"
+
+
+def _progress(samples: int) -> None:
+    click.echo(f"\rrecording: {samples} samples", err=True, nl=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bpfprof")
+def cli() -> None:
+    """eBPF whole-system sampling profiler: kernel and native frames in one stack."""
+
+
+@cli.command(epilog=RECORD_EXAMPLES, context_settings={"ignore_unknown_options": False})
+@click.option("-a", "--all-cpus", "whole_system", is_flag=True, help="Profile the whole system (the default).")
+@click.option("-p", "--pid", "pid_args", multiple=True, metavar="PID",
+              help="Profile this process and its threads; repeatable, or comma-separated.")
+@click.option("-F", "-r", "--rate", "--frequency", "frequency", default=99, show_default=True,
+              type=click.IntRange(1, MAX_FREQUENCY), help="Samples per second on each CPU.")
+@click.option("-d", "--duration", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Stop after this long (default: Ctrl-C, or when the command or processes exit).")
+@click.option("-o", "--output", metavar="FILE", help="Where to write: .pb.gz (pprof) or .folded.")
+@click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
+@click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
+              help="Also print the N functions with the most self time.")
+@click.option("--stack-storage-size", default=16384, show_default=True, type=click.IntRange(64, 1 << 20),
+              help="Distinct stacks kept per drain interval.")
+@click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
+              help="Distinct (thread, stack) keys per drain interval, and followed processes.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
+           stack_storage_size, map_size, command) -> None:
+    """Sample CPU stacks of the whole system, some processes, or a command."""
+    from bpfprof.collector.check import has_privileges, mount_tracefs
+    from bpfprof.collector.kernel_headers import find_kernel_headers
+    from bpfprof.collector.output import get_writer
+    from bpfprof.collector.recorder import Recorder
+    from bpfprof.collector.sampler import SamplerConfig
+    from bpfprof.collector.top import format_top
+
+    if sum(map(bool, (whole_system, pid_args, command))) > 1:
+        raise UsageError("choose one target: -a, -p PID, or -- COMMAND")
+    pids = _parse_pids(pid_args)
+    if command:
+        _check_command(command)
+    output = output or _default_output(pids, command)
+    write = get_writer(output)
+    if not has_privileges():
+        raise UsageError("profiling needs root: run sudo bpfprof record ... (or grant CAP_BPF and CAP_PERFMON)")
+    mount_tracefs()
+    config = SamplerConfig(
+        frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
+        stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
+    )
+    recorder = Recorder(config, find_kernel_headers())
+    recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        click.echo("\r", err=True, nl=False)
+    try:
+        write(recording.profile, output)
+    except OSError as e:
+        raise CollectorError(f"cannot write {output}: {e.strerror or e}") from e
+
+    lost = sum(recording.losses.values())
+    seconds = recording.profile.duration_ns / 1e9
+    click.echo(f"bpfprof: {recording.profile.num_samples()} samples, {lost} lost, "
+               f"{recording.num_processes} processes, {seconds:.1f} s -> {output}", err=True)
+    for reason, n in recording.losses.items():
+        what, fix = LOSS_FIXES[reason]
+        click.echo(f"bpfprof: lost {n} to {what}: raise {fix}", err=True)
+    if recording.unreadable_processes or recording.unreadable_binaries:
+        click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read, "
+                   f"{len(recording.unreadable_binaries)} binaries unreadable (their frames are marked)", err=True)
+    if top:
+        click.echo(format_top(recording.profile, top))
+    if recording.exit_status is not None:
+        status = recording.exit_status
+        click.get_current_context().exit(status if status >= 0 else 128 - status)
+
+
+@cli.command()
+def check() -> None:
+    """Say what profiling needs and whether this machine has it."""
+    from bpfprof.collector.check import run_checks
+
+    results = run_checks()
+    for c in results:
+        mark = "ok  " if c.ok else "FAIL"
+        click.echo(f"{mark} {c.name:<15} {c.detail}")
+        if not c.ok:
+            click.echo(f"     fix: {c.fix}")
+    if not all(c.ok for c in results):
+        click.get_current_context().exit(1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point: every error is one line on stderr and a non-zero exit."""
+    try:
+        code = cli.main(args=argv, prog_name="bpfprof", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.format_message())
+        code = 2
+    except click.ClickException as e:
+        click.echo(f"bpfprof: {e.format_message()}", err=True)
+        code = e.exit_code
+    except click.Abort:
+        code = 130
+    except UsageError as e:
+        click.echo(f"bpfprof: {e}", err=True)
+        code = 2
+    except CollectorError as e:
+        click.echo(f"bpfprof: {e}", err=True)
+        code = 1
+    except BrokenPipeError:
+        code = 1
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("BPFPROF_DEBUG"):
+            raise
+        click.echo(f"bpfprof: internal error: {type(e).__name__}: {e} (BPFPROF_DEBUG=1 shows where)", err=True)
+        code = 70
+    sys.exit(code or 0)

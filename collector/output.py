@@ -1,0 +1,30 @@
+"""Profile writers chosen by the output file's extension."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict
+
+from bpfprof.collector.errors import UsageError
+from bpfprof.collector.folded import write_folded
+from bpfprof.collector.pprof import write_pprof
+from bpfprof.collector.profile import Profile
+
+WRITERS: Dict[str, Callable[[Profile, str], None]] = {
+    ".pb.gz": write_pprof,
+    ".folded": write_folded,
+}
+
+
+def get_writer(path: str) -> Callable[[Profile, str], None]:
+    """The writer for path's extension; UsageError for an unknown one or an unwritable place."""
+    for extension, writer in WRITERS.items():
+        if path.endswith(extension):
+            break
+    else:
+        known = ", ".join(WRITERS)
+        raise UsageError(f"unknown output format for {path}: use one of {known}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UsageError(f"cannot write {path}: {directory} is not a writable directory")
+    return writer

@@ -1,0 +1,131 @@
+"""Process table: /proc snapshots taken when a process is first seen, so that processes
+that exit before the profile is written are still named and symbolized."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    offset: int  # file offset of `start`
+    obj: Optional[ObjectFile]  # None for anonymous memory ([vdso], JIT code...)
+    name: str  # path or pseudo-name like [vdso]
+
+
+@dataclass
+class Process:
+    pid: int
+    comm: str
+    mappings: List[Mapping] = field(default_factory=list)  # executable ones, by start
+    readable: bool = True
+    exited: bool = False
+
+    def __post_init__(self) -> None:
+        self._starts = [m.start for m in self.mappings]
+
+    def get_mapping(self, address: int) -> Optional[Mapping]:
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and address < self.mappings[i].end:
+            return self.mappings[i]
+        return None
+
+
+def parse_maps(pid: int, text: str) -> List[Mapping]:
+    """Executable mappings of /proc/PID/maps, sorted by start address."""
+    mappings = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5 or "x" not in parts[1]:
+            continue
+        start, end = (int(a, 16) for a in parts[0].split("-"))
+        major, minor = (int(n, 16) for n in parts[3].split(":"))
+        inode = int(parts[4])
+        name = parts[5].strip() if len(parts) > 5 else ""
+        obj = None
+        if inode and name.startswith("/"):
+            path = name[: -len(" (deleted)")] if name.endswith(" (deleted)") else name
+            obj = ObjectFile(
+                file_id=(major, minor, inode),
+                path=path,
+                open_path=f"/proc/{pid}/map_files/{parts[0]}",
+                root=f"/proc/{pid}/root",
+            )
+            name = path
+        mappings.append(Mapping(start, end, int(parts[2], 16), obj, name or "[anon]"))
+    mappings.sort(key=lambda m: m.start)
+    return mappings
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+class ProcessTable:
+    """Snapshots of every profiled process, refreshed on exec and dropped after exit."""
+
+    def __init__(self, native: NativeSymbolizer, proc: str = "/proc"):
+        self._native = native
+        self._proc = proc
+        self._processes: Dict[int, Process] = {}
+        self._refreshed: Set[int] = set()  # pids re-read since the last drain
+        self.num_seen = 0
+        self.unreadable: Set[int] = set()
+
+    def snapshot(self, pid: int, comm: str = "") -> Process:
+        """Read the process now and keep its binaries reachable. If it can no longer be
+        read, an earlier snapshot stands; without one it is marked unreadable."""
+        earlier = self._processes.get(pid)
+        try:
+            comm = _read(f"{self._proc}/{pid}/comm").strip() or comm
+            process = Process(pid, comm, parse_maps(pid, _read(f"{self._proc}/{pid}/maps")))
+        except OSError:
+            if earlier is not None:
+                return earlier
+            process = Process(pid, comm, readable=False)
+            self.unreadable.add(pid)
+        for m in process.mappings:
+            if m.obj is not None:
+                self._native.keep_reachable(m.obj)
+        if earlier is None:
+            self.num_seen += 1
+        self._processes[pid] = process
+        return process
+
+    def on_exec(self, pid: int, comm: str) -> None:
+        # The new image's libraries are not mapped yet; the next sample snapshots it.
+        self._processes.pop(pid, None)
+        self.snapshot(pid, comm)
+
+    def on_exit(self, pid: int) -> None:
+        process = self._processes.get(pid)
+        if process is not None:
+            process.exited = True
+
+    def get(self, pid: int, comm_hint: str = "") -> Process:
+        process = self._processes.get(pid)
+        return process if process is not None else self.snapshot(pid, comm_hint)
+
+    def get_mapping(self, pid: int, address: int) -> Optional[Mapping]:
+        """The mapping holding address; re-reads a live process once per drain when the
+        address is in none (a library loaded after the snapshot)."""
+        process = self.get(pid)
+        mapping = process.get_mapping(address)
+        if mapping is None and not process.exited and pid not in self._refreshed:
+            self._refreshed.add(pid)
+            mapping = self.snapshot(pid, process.comm).get_mapping(address)
+        return mapping
+
+    def end_drain(self) -> None:
+        """After a drain nothing more can arrive from exited processes: forget them."""
+        self._refreshed.clear()
+        for pid in [pid for pid, p in self._processes.items() if p.exited]:
+            del self._processes[pid]

@@ -1,0 +1,150 @@
+"""One recording: start the sampler, follow processes, drain periodically, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+from bpfprof.collector.kernel_headers import KernelHeaders
+from bpfprof.collector.processes import ProcessTable
+from bpfprof.collector.profile import Profile, cpu_profile
+from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
+from bpfprof.collector.stacks import StackResolver
+from bpfprof.symbolizer.kernel import KernelSymbols
+from bpfprof.symbolizer.native import NativeSymbolizer
+
+DRAIN_INTERVAL_S = 1.0
+POLL_MS = 100
+
+
+@dataclass
+class Recording:
+    profile: Profile
+    losses: Dict[str, int]  # reason -> samples or events lost, only those that happened
+    num_processes: int
+    unreadable_processes: int
+    unreadable_binaries: Dict[str, str] = field(default_factory=dict)  # path -> why
+    exit_status: Optional[int] = None  # of the command, when one was started
+
+
+class Command:
+    """A command forked held at a gate, so its pid is a target before it runs any code."""
+
+    def __init__(self, argv: Sequence[str]):
+        gate_read, gate_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child execs or exits
+            os.close(gate_write)
+            os.read(gate_read, 1)
+            try:
+                os.execvp(argv[0], list(argv))
+            except OSError as e:
+                os.write(2, f"bpfprof: cannot run {argv[0]}: {e.strerror}\n".encode())
+                os._exit(127)
+        os.close(gate_read)
+        self._gate = gate_write
+        self.exit_status: Optional[int] = None
+
+    def release(self) -> None:
+        os.write(self._gate, b"x")
+        os.close(self._gate)
+
+    def finish(self) -> None:
+        """Stopped before the command ended: it ends too, as under perf record."""
+        if not self.poll():
+            os.kill(self.pid, signal.SIGTERM)
+            self.exit_status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+    def poll(self) -> bool:
+        """True once the command has exited."""
+        if self.exit_status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.exit_status = os.waitstatus_to_exitcode(status)
+        return self.exit_status is not None
+
+
+class Recorder:
+    def __init__(self, config: SamplerConfig, headers: KernelHeaders):
+        self.config = config
+        self._sampler = Sampler(config, headers)
+        self._native = NativeSymbolizer()
+        self._processes = ProcessTable(self._native)
+        self._resolver = StackResolver(self._processes, self._native, KernelSymbols())
+        self._live_targets = set(config.pids)
+        self._stop = False
+        self.profile = cpu_profile(config.frequency, time.time_ns())
+
+    def _on_event(self, event: ProcessEvent) -> None:
+        if event.kind == "PROCESS_SEEN":
+            self._processes.snapshot(event.pid, event.comm)
+        elif event.kind == "PROCESS_EXEC":
+            self._processes.on_exec(event.pid, event.comm)
+        elif event.kind == "PROCESS_EXIT":
+            self._processes.on_exit(event.pid)
+            self._live_targets.discard(event.pid)
+
+    def _drain(self) -> None:
+        self._sampler.poll(0)  # snapshots first, so every sample finds its process
+        period = self.profile.period
+        for sample in self._sampler.drain():
+            stack, labels = self._resolver.resolve(sample)
+            self.profile.add(stack, labels, [sample.count, sample.count * period])
+        self._processes.end_drain()
+
+    def request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def run(
+        self,
+        duration: Optional[float] = None,
+        command: Optional[Sequence[str]] = None,
+        on_progress: Optional[Callable[[int], None]] = None,
+    ) -> Recording:
+        """Record until the duration ends, the command or every target process exits, or
+        SIGINT/SIGTERM; whatever was collected is returned in every case."""
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        child = None
+        start = time.monotonic()
+        try:
+            self._sampler.start(self._on_event)
+            if command:
+                child = Command(command)
+                self._sampler.add_targets([child.pid])
+                child.release()
+            next_drain = start + DRAIN_INTERVAL_S
+            while not self._stop:
+                self._sampler.poll(POLL_MS)
+                now = time.monotonic()
+                if duration is not None and now - start >= duration:
+                    break
+                if child is not None and child.poll():
+                    break
+                if self.config.pids and not self._live_targets:
+                    break
+                if now >= next_drain:
+                    self._drain()
+                    next_drain = now + DRAIN_INTERVAL_S
+                    if on_progress:
+                        on_progress(self.profile.num_samples())
+            self._drain()
+            losses = {reason: n for reason, n in self._sampler.losses().items() if n}
+        finally:
+            self._sampler.close()
+            self._native.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        self.profile.duration_ns = int((time.monotonic() - start) * 1e9)
+        if child is not None:
+            child.finish()
+        return Recording(
+            profile=self.profile,
+            losses=losses,
+            num_processes=self._processes.num_seen,
+            unreadable_processes=len(self._processes.unreadable),
+            unreadable_binaries=dict(self._native.unreadable),
+            exit_status=child.exit_status if child else None,
+        )

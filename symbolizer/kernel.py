@@ -1,0 +1,53 @@
+"""Kernel addresses to function names, from /proc/kallsyms."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Dict, List, Optional
+
+from bpfprof.collector.profile import Frame, FrameKind, Module
+
+KERNEL_MODULE = Module("[kernel.kallsyms]")
+_TEXT_TYPES = frozenset("tTwW")
+
+
+class KernelSymbols:
+    """Sorted text symbols of the running kernel and its modules, loaded on first use."""
+
+    def __init__(self, path: str = "/proc/kallsyms"):
+        self._path = path
+        self._starts: List[int] = []
+        self._names: List[str] = []
+        self._frames: Dict[int, Frame] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        self._loaded = True
+        symbols = []
+        try:
+            with open(self._path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[1] in _TEXT_TYPES:
+                        address = int(parts[0], 16)
+                        if address:  # all zero when kptr_restrict hides them
+                            symbols.append((address, parts[2]))
+        except OSError:
+            return  # every frame then names its address; see get_frame
+        symbols.sort()
+        self._starts = [a for a, _ in symbols]
+        self._names = [n for _, n in symbols]
+
+    def get_name(self, address: int) -> Optional[str]:
+        if not self._loaded:
+            self._load()
+        i = bisect.bisect_right(self._starts, address) - 1
+        return self._names[i] if i >= 0 else None
+
+    def get_frame(self, address: int) -> Frame:
+        frame = self._frames.get(address)
+        if frame is None:
+            name = self.get_name(address) or f"[kernel.kallsyms+{address:#x}]"
+            frame = Frame(FrameKind.KERNEL, name, KERNEL_MODULE, address)
+            self._frames[address] = frame
+        return frame

@@ -1,0 +1,84 @@
+"""Native addresses to frames: binaries kept reachable when first mapped, symbols cached per file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.symbolizer.elf import ElfSymbols, open_elf_symbols
+from bpfprof.symbolizer.errors import SymbolizerError
+
+FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them
+
+
+@dataclass(frozen=True)
+class ObjectFile:
+    """A binary as one process maps it."""
+
+    file_id: FileId
+    path: str  # as the process names it
+    open_path: str  # opens it while the process lives (/proc/PID/map_files/...)
+    root: str  # the process's filesystem root, where its debug files are
+
+
+class NativeSymbolizer:
+    """Names native frames. Call keep_reachable() when a mapping is first seen: the
+    binary stays readable after its process exits or its file is replaced."""
+
+    def __init__(self) -> None:
+        self._fds: Dict[FileId, int] = {}
+        self._roots: Dict[FileId, str] = {}
+        self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
+        self._by_build_id: Dict[str, ElfSymbols] = {}
+        self._modules: Dict[FileId, Module] = {}
+        self._frames: Dict[Tuple[FileId, int], Frame] = {}
+        self.unreadable: Dict[str, str] = {}  # path -> why, for the summary
+
+    def keep_reachable(self, obj: ObjectFile) -> None:
+        if obj.file_id in self._fds or obj.file_id in self.unreadable:
+            return
+        try:
+            self._fds[obj.file_id] = os.open(obj.open_path, os.O_RDONLY | os.O_CLOEXEC)
+            self._roots[obj.file_id] = obj.root
+        except OSError as e:
+            self.unreadable[obj.path] = e.strerror or str(e)
+
+    def _get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
+        if obj.file_id in self._symbols:
+            return self._symbols[obj.file_id]
+        self.keep_reachable(obj)
+        symbols = None
+        fd = self._fds.get(obj.file_id)
+        if fd is not None:
+            try:
+                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", root=self._roots[obj.file_id])
+            except SymbolizerError as e:
+                self.unreadable[obj.path] = str(e)
+            else:
+                # The same binary seen through two mount namespaces is parsed once.
+                if symbols.build_id:
+                    symbols = self._by_build_id.setdefault(symbols.build_id, symbols)
+        self._symbols[obj.file_id] = symbols
+        self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
+        return symbols
+
+    def get_frame(self, obj: ObjectFile, file_offset: int) -> Frame:
+        key = (obj.file_id, file_offset)
+        frame = self._frames.get(key)
+        if frame is None:
+            symbols = self._get_symbols(obj)
+            module = self._modules[obj.file_id]
+            info = symbols.get_function(file_offset) if symbols else None
+            if info is None:
+                frame = Frame(FrameKind.NATIVE, f"[{os.path.basename(obj.path)}+{file_offset:#x}]", module, file_offset)
+            else:
+                frame = Frame(FrameKind.NATIVE, info.name, module, file_offset, info.file, info.line)
+            self._frames[key] = frame
+        return frame
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,39 @@
+"""Reading written profiles back in tests: the samples of a pprof as plain Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Union
+
+from bpfprof.collector.pprof import read_pprof
+
+
+@dataclass
+class Sample:
+    functions: List[str]  # leaf first
+    labels: Dict[str, Union[str, int]]
+    count: int
+
+    def has_chain(self, *callers_to_callee: str) -> bool:
+        """True when these functions appear root to leaf, adjacent and in this order."""
+        root_first = self.functions[::-1]
+        n = len(callers_to_callee)
+        return any(tuple(root_first[i:i + n]) == callers_to_callee for i in range(len(root_first) - n + 1))
+
+
+def read_samples(path) -> List[Sample]:
+    profile = read_pprof(str(path))
+    strings = profile.string_table
+    functions = {f.id: strings[f.name] for f in profile.function}
+    locations = {loc.id: [functions[line.function_id] for line in loc.line] for loc in profile.location}
+    samples = []
+    for s in profile.sample:
+        names = [name for location_id in s.location_id for name in locations[location_id]]
+        labels = {strings[l.key]: (strings[l.str] if l.str else l.num) for l in s.label}
+        samples.append(Sample(names, labels, s.value[0]))
+    return samples
+
+
+def share(samples: List[Sample], predicate) -> float:
+    total = sum(s.count for s in samples)
+    return sum(s.count for s in samples if predicate(s)) / total if total else 0.0
