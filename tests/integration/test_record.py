@@ -1,0 +1,132 @@
+"""`bpfprof record` against real programs with known stacks, through real BPF."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import bpfprof_command, run_bpfprof
+from pprof_check import check_with_go
+from samples import read_samples, share
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+
+def of_comm(samples, comm):
+    mine = [s for s in samples if s.labels.get("comm") == comm]
+    assert mine, f"no samples of {comm}; comms seen: {sorted({s.labels.get('comm') for s in samples})}"
+    return mine
+
+
+def test_command_call_chain_in_order(build_c, tmp_path):
+    chain = build_c("chain")
+    out = tmp_path / "chain.pb.gz"
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), "--", str(chain), "3")
+    assert result.returncode == 0, result.stderr
+    samples = of_comm(read_samples(out), "chain")
+    assert sum(s.count for s in samples) >= 3 * 199 * 0.8
+    assert share(samples, lambda s: s.has_chain("main", "chain_a", "chain_b", "chain_c")) >= 0.95
+    assert all(s.labels["pid"] > 0 and s.labels["tid"] > 0 and s.labels["thread"] == "chain" for s in samples)
+    check_with_go(out, expect=["chain_c"])
+
+
+def test_command_exit_status_passes_through(tmp_path):
+    result = run_bpfprof("record", "-o", str(tmp_path / "x.pb.gz"), "--", "sh", "-c", "exit 3")
+    assert result.returncode == 3, result.stderr
+    assert re.search(r"bpfprof: \d+ samples, 0 lost, \d+ processes", result.stderr)
+
+
+def test_syscall_heavy_process_has_kernel_frames(build_c, tmp_path):
+    out = tmp_path / "sys.pb.gz"
+    result = run_bpfprof("record", "-o", str(out), "--", str(build_c("syscalls")), "3")
+    assert result.returncode == 0, result.stderr
+    samples = of_comm(read_samples(out), "syscalls")
+    syscall = re.compile(r"^(__x64_sys|ksys|vfs)_(read|write)$")
+    assert share(samples, lambda s: any(syscall.match(f) for f in s.functions)) >= 0.5
+    assert share(samples, lambda s: "copy_zero_to_null" in s.functions) >= 0.9
+    check_with_go(out, expect=["copy_zero_to_null"])
+
+
+def test_no_kernel_leaves_kernel_frames_out(build_c, tmp_path):
+    out = tmp_path / "user.folded"
+    result = run_bpfprof("record", "--no-kernel", "-o", str(out), "--", str(build_c("syscalls")), "2")
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in out.read_text().splitlines() if l.startswith("syscalls;")]
+    assert lines and not any("_[k]" in l for l in lines)
+
+
+def test_short_lived_processes_are_named(build_c, tmp_path):
+    binary = build_c("short_lived")
+    out = tmp_path / "all.pb.gz"
+    profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "9", "-o", str(out)],
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)  # compiled and attached
+        for _ in range(150):
+            subprocess.run([str(binary), "30"], check=True)
+    finally:
+        _, stderr = profiler.communicate(timeout=60)
+    assert profiler.returncode == 0, stderr
+    samples = of_comm(read_samples(out), "short_lived")
+    assert sum(s.count for s in samples) >= 150 * 0.03 * 99 * 0.5
+    assert share(samples, lambda s: s.has_chain("main", "short_lived_spin")) >= 0.9
+    check_with_go(out, expect=["short_lived_spin"])
+
+
+def test_binary_only_visible_in_private_mount_namespace(build_c, tmp_path):
+    chain = build_c("chain")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    script = f"mount -t tmpfs none {hidden} && cp {chain} {hidden}/hidden_chain && exec {hidden}/hidden_chain 3"
+    out = tmp_path / "ns.pb.gz"
+    result = run_bpfprof("record", "-o", str(out), "--",
+                         "unshare", "--mount", "--propagation", "private", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert not (hidden / "hidden_chain").exists()  # only inside the namespace
+    samples = of_comm(read_samples(out), "hidden_chain")
+    assert share(samples, lambda s: s.has_chain("main", "chain_a", "chain_b", "chain_c")) >= 0.9
+
+
+def test_pid_target_and_stop_when_it_exits(build_c, tmp_path):
+    target = subprocess.Popen([str(build_c("chain")), "4"])
+    out = tmp_path / "pid.pb.gz"
+    try:
+        started = time.monotonic()
+        result = run_bpfprof("record", "-p", str(target.pid), "-d", "30", "-o", str(out))
+        elapsed = time.monotonic() - started
+    finally:
+        target.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 15  # stopped when the process exited, not after -d 30
+    samples = read_samples(out)
+    assert {s.labels["pid"] for s in samples} == {target.pid}
+    assert share(samples, lambda s: "chain_c" in s.functions) >= 0.9
+
+
+def test_sigint_writes_what_was_collected_and_detaches(build_c, tmp_path):
+    out = tmp_path / "int.pb.gz"
+    spinner = subprocess.Popen([str(build_c("chain")), "20"])
+    profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "60", "-o", str(out)],
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        profiler.send_signal(signal.SIGINT)
+        _, stderr = profiler.communicate(timeout=30)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert profiler.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    samples = read_samples(out)
+    assert share(samples, lambda s: "chain_c" in s.functions) > 0.2
+    if shutil.which("bpftool"):
+        programs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+        assert "on_cpu_sample" not in programs
+    else:
+        assert not os.environ.get("CI"), "bpftool is installed by .ci/run"
