@@ -1,0 +1,131 @@
+"""Overhead of whole-system CPU profiling at 99 Hz, bpfprof beside perf and bcc's profile.
+
+A fixed amount of CPU-bound work (one copy per CPU) is timed with no profiler and under
+each profiler in turn, the order rotated per round; reported are each profiler's median
+slowdown of that work, and bpfprof's own CPU (steady state, after start-up) and peak RSS.
+Also: time from `bpfprof record` start to the moment sampling runs (compile included).
+
+    sudo .venv/bin/python bench/cpu_overhead.py [--rounds 3] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+WORK_C = r"""
+#include <stdlib.h>
+volatile unsigned long sink;
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    for (long i = 0; i < n; i++) sink += i * i;
+    return 0;
+}
+"""
+
+
+def build_work(tmp: Path) -> Path:
+    src, binary = tmp / "work.c", tmp / "work"
+    src.write_text(WORK_C)
+    subprocess.run(["gcc", "-O1", "-o", str(binary), str(src)], check=True)
+    return binary
+
+
+def calibrate(work: Path, seconds: float) -> int:
+    n = 50_000_000
+    started = time.monotonic()
+    subprocess.run([str(work), str(n)], check=True)
+    return int(n * seconds / (time.monotonic() - started))
+
+
+def run_work(work: Path, n: int) -> float:
+    """Wall seconds for one copy per CPU to finish n iterations each."""
+    started = time.monotonic()
+    copies = [subprocess.Popen([str(work), str(n)]) for _ in range(os.cpu_count() or 1)]
+    for c in copies:
+        c.wait()
+    return time.monotonic() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+PROFILERS = {
+    "bpfprof": lambda out: [sys.executable, "-m", "bpfprof", "record", "-a", "-F", "99", "-o", f"{out}/b.pb.gz"],
+    "perf": lambda out: ["perf", "record", "-a", "-g", "-F", "99", "-q", "-o", f"{out}/perf.data"],
+    "bcc-profile": lambda out: ["profile-bpfcc", "-F", "99", "-f"],
+}
+
+
+def under_profiler(name: str, work: Path, n: int, tmp: Path):
+    """(work seconds, profiler steady CPU fraction, profiler peak RSS MB)."""
+    profiler = subprocess.Popen(PROFILERS[name](tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(4)  # compiled, attached, first drain done
+    cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
+    seconds = run_work(work, n)
+    cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
+    profiler.send_signal(signal.SIGINT)
+    _, _, usage = os.wait4(profiler.pid, 0)
+    return seconds, cpu, usage.ru_maxrss / 1024
+
+
+def time_to_first_sample(tmp: Path) -> float:
+    """From starting `record` to its command running, which happens once sampling is on."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "bpfprof", "record", "-o", f"{tmp}/start.folded", "--",
+         sys.executable, "-c", "import time; print(time.monotonic())"],
+        capture_output=True, text=True, check=True,
+    )
+    return float(out.stdout.split()[0]) - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=20, help="length of the work without a profiler")
+    args = parser.parse_args()
+    names = [n for n in PROFILERS if shutil.which(PROFILERS[n](".")[0])]
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        work = build_work(tmp)
+        n = calibrate(work, args.seconds)
+        results = {name: [] for name in ["none", *names]}
+        for r in range(args.rounds):
+            order = ["none", *names]
+            order = order[r % len(order):] + order[: r % len(order)]
+            for name in order:
+                if name == "none":
+                    results[name].append((run_work(work, n), 0.0, 0.0))
+                else:
+                    results[name].append(under_profiler(name, work, n, tmp))
+
+        base = statistics.median(s for s, _, _ in results["none"])
+        print(f"work: {os.cpu_count()} copies, {base:.2f} s median without a profiler, {args.rounds} rounds")
+        print(f"{'profiler':<12} {'slowdown':>9} {'prof CPU':>9} {'peak RSS':>9}")
+        for name in names:
+            slow = statistics.median(s for s, _, _ in results[name]) / base - 1
+            cpu = statistics.median(c for _, c, _ in results[name])
+            rss = max(m for _, _, m in results[name])
+            print(f"{name:<12} {100 * slow:8.2f}% {100 * cpu:8.2f}% {rss:7.1f}MB")
+        starts = [time_to_first_sample(tmp) for _ in range(3)]
+        print(f"bpfprof start to first sample: median {statistics.median(starts):.2f} s "
+              f"(min {min(starts):.2f}, max {max(starts):.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+from bpfprof.collector.processes import ProcessTable, parse_maps
+from bpfprof.symbolizer.native import NativeSymbolizer
+
+MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1234 /usr/bin/prog
+55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 1234 /usr/bin/prog
+7f0000000000-7f0000100000 r-xp 00028000 08:02 99 /lib/libc.so.6 (deleted)
+7f0000200000-7f0000201000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+"""
+
+
+def test_parse_maps_keeps_executable_mappings_sorted():
+    mappings = parse_maps(42, MAPS)
+    assert [m.name for m in mappings] == ["/usr/bin/prog", "/lib/libc.so.6", "[vdso]"]
+    prog, libc, vdso = mappings
+    assert (prog.start, prog.end, prog.offset) == (0x55D0C0A01000, 0x55D0C0A05000, 0x1000)
+    assert prog.obj.file_id == (0xFD, 1, 1234)
+    assert prog.obj.open_path == "/proc/42/map_files/55d0c0a01000-55d0c0a05000"
+    assert prog.obj.root == "/proc/42/root"
+    assert libc.obj.path == "/lib/libc.so.6" and libc.obj.file_id == (8, 2, 99)
+    assert vdso.obj is None
+
+
+def _fake_proc(tmp_path, pid, maps, comm="prog"):
+    d = tmp_path / str(pid)
+    d.mkdir()
+    (d / "maps").write_text(maps)
+    (d / "comm").write_text(comm + "\n")
+    return d
+
+
+def test_snapshot_outlives_the_process(tmp_path):
+    native = NativeSymbolizer()
+    table = ProcessTable(native, proc=str(tmp_path))
+    d = _fake_proc(tmp_path, 7, MAPS)
+    assert table.snapshot(7).comm == "prog"
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    # Re-reading fails now; the earlier snapshot stands.
+    assert table.get_mapping(7, 0x55D0C0A01010).name == "/usr/bin/prog"
+    table.on_exit(7)
+    table.end_drain()
+    assert table.get(7, "gone").readable is False
+    assert table.num_seen == 2 and table.unreadable == {7}
+
+
+def test_address_outside_snapshot_rereads_live_process_once_per_drain(tmp_path):
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path))
+    d = _fake_proc(tmp_path, 8, MAPS.splitlines()[1] + "\n")
+    table.snapshot(8)
+    (d / "maps").write_text(MAPS)  # a library loaded after the snapshot
+    assert table.get_mapping(8, 0x7F0000000010).name == "/lib/libc.so.6"
