@@ -59,7 +59,8 @@ def _check_bpf_syscall() -> Check:
     attr = (ctypes.c_uint32 * 32)(_BPF_MAP_TYPE_ARRAY, 4, 4, 1)
     fd = _libc.syscall(_SYS_BPF, _BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
-        return Check("bpf() syscall", False, _errno_text(), "a kernel with CONFIG_BPF_SYSCALL=y, and root")
+        return Check("bpf() syscall", False, _errno_text(),
+                     "run as root on the host, not in a user namespace; the kernel needs CONFIG_BPF_SYSCALL=y")
     os.close(fd)
     return Check("bpf() syscall", True, "maps can be created")
 
@@ -112,6 +113,14 @@ CHECKS: Tuple[Callable[[], Check], ...] = (
 
 def run_checks() -> List[Check]:
     return [check() for check in CHECKS]
+
+
+def require_kernel_support() -> None:
+    """SetupError naming the fix when this process may not use bpf() or perf events."""
+    for check in (_check_bpf_syscall, _check_perf_events):
+        result = check()
+        if not result.ok:
+            raise SetupError(f"cannot use {result.name} ({result.detail}): {result.fix}")
 
 
 def mount_tracefs() -> None:

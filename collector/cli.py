@@ -92,7 +92,7 @@ def cli() -> None:
 def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
            stack_storage_size, map_size, command) -> None:
     """Sample CPU stacks of the whole system, some processes, or a command."""
-    from bpfprof.collector.check import has_privileges, mount_tracefs
+    from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
     from bpfprof.collector.kernel_headers import find_kernel_headers
     from bpfprof.collector.output import get_writer
     from bpfprof.collector.recorder import Recorder
@@ -108,6 +108,7 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
     write = get_writer(output)
     if not has_privileges():
         raise UsageError("profiling needs root: run sudo bpfprof record ... (or grant CAP_BPF and CAP_PERFMON)")
+    require_kernel_support()
     mount_tracefs()
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
@@ -129,9 +130,13 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
     for reason, n in recording.losses.items():
         what, fix = LOSS_FIXES[reason]
         click.echo(f"bpfprof: lost {n} to {what}: raise {fix}", err=True)
-    if recording.unreadable_processes or recording.unreadable_binaries:
-        click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read, "
-                   f"{len(recording.unreadable_binaries)} binaries unreadable (their frames are marked)", err=True)
+    if recording.unreadable_processes:
+        click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
+                   "(their samples are marked)", err=True)
+    if recording.unreadable_binaries:
+        path, why = next(iter(recording.unreadable_binaries.items()))
+        click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. {path}: {why} "
+                   "(their frames show module+offset)", err=True)
     if top:
         click.echo(format_top(recording.profile, top))
     if recording.exit_status is not None:

@@ -58,7 +58,7 @@ class SamplerConfig:
             f"-DTARGET_ENTRIES={self.target_entries}",
             f"-DSEEN_ENTRIES={self.target_entries}",
             f"-DEVENT_PAGES={self.event_pages}",
-            f"-DFILTER_PIDS={int(bool(self.pids))}",
+            f"-DFILTER_PIDS={int(bool(self.pids) or self.follow_children)}",
             f"-DFOLLOW_CHILDREN={int(self.follow_children)}",
             f"-DKERNEL_STACKS={int(self.kernel_stacks)}",
         ]

@@ -23,6 +23,25 @@ class ObjectFile:
     root: str  # the process's filesystem root, where its debug files are
 
 
+def _open_same_file(obj: ObjectFile) -> Optional[int]:
+    """An fd of the mapped file: through the process's map_files while it lives, else by
+    path (in its root, then in ours) if that path still names the same device and inode."""
+    try:
+        return os.open(obj.open_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        pass
+    for path in (os.path.join(obj.root, obj.path.lstrip("/")), obj.path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == obj.file_id:
+            return fd
+        os.close(fd)
+    return None
+
+
 class NativeSymbolizer:
     """Names native frames. Call keep_reachable() when a mapping is first seen: the
     binary stays readable after its process exits or its file is replaced."""
@@ -37,13 +56,11 @@ class NativeSymbolizer:
         self.unreadable: Dict[str, str] = {}  # path -> why, for the summary
 
     def keep_reachable(self, obj: ObjectFile) -> None:
-        if obj.file_id in self._fds or obj.file_id in self.unreadable:
-            return
-        try:
-            self._fds[obj.file_id] = os.open(obj.open_path, os.O_RDONLY | os.O_CLOEXEC)
-            self._roots[obj.file_id] = obj.root
-        except OSError as e:
-            self.unreadable[obj.path] = e.strerror or str(e)
+        if obj.file_id not in self._fds:
+            fd = _open_same_file(obj)
+            if fd is not None:
+                self._fds[obj.file_id] = fd
+                self._roots[obj.file_id] = obj.root
 
     def _get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
         if obj.file_id in self._symbols:
@@ -51,15 +68,21 @@ class NativeSymbolizer:
         self.keep_reachable(obj)
         symbols = None
         fd = self._fds.get(obj.file_id)
-        if fd is not None:
+        if fd is None:
+            self.unreadable[obj.path] = "gone before it could be opened"
+        else:
             try:
-                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", root=self._roots[obj.file_id])
+                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", obj.path, self._roots[obj.file_id])
             except SymbolizerError as e:
                 self.unreadable[obj.path] = str(e)
             else:
                 # The same binary seen through two mount namespaces is parsed once.
-                if symbols.build_id:
-                    symbols = self._by_build_id.setdefault(symbols.build_id, symbols)
+                shared = self._by_build_id.get(symbols.build_id) if symbols.build_id else None
+                if shared is not None:
+                    symbols.close()
+                    symbols = shared
+                elif symbols.build_id:
+                    self._by_build_id[symbols.build_id] = symbols
         self._symbols[obj.file_id] = symbols
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
         return symbols
@@ -82,3 +105,6 @@ class NativeSymbolizer:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for symbols in self._symbols.values():
+            if symbols is not None:
+                symbols.close()

@@ -36,6 +36,23 @@ def test_command_call_chain_in_order(build_c, tmp_path):
     check_with_go(out, expect=["chain_c"])
 
 
+def test_command_mode_follows_children_and_nothing_else(build_c, tmp_path):
+    chain = build_c("chain")
+    outsider = tmp_path / "outsider"
+    shutil.copy(chain, outsider)
+    spinner = subprocess.Popen([str(outsider), "6"])
+    out = tmp_path / "tree.pb.gz"
+    try:
+        result = run_bpfprof("record", "-o", str(out), "--", "sh", "-c", f"{chain} 2 & {chain} 2; wait")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    assert len({s.labels["pid"] for s in of_comm(samples, "chain")}) == 2
+    assert {s.labels["comm"] for s in samples} <= {"chain", "sh", "python3", "bpfprof"}  # before exec: our fork
+
+
 def test_command_exit_status_passes_through(tmp_path):
     result = run_bpfprof("record", "-o", str(tmp_path / "x.pb.gz"), "--", "sh", "-c", "exit 3")
     assert result.returncode == 3, result.stderr

@@ -1,0 +1,29 @@
+"""Folded stacks (Brendan Gregg's flame graph input): `comm;root;...;leaf COUNT` per line."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from bpfprof.collector.atomic_file import write_atomically
+from bpfprof.collector.profile import Frame, FrameKind, Profile
+
+
+def folded_name(frame: Frame) -> str:
+    if frame.kind == FrameKind.KERNEL:
+        name = frame.name + "_[k]"
+    elif frame.kind == FrameKind.PYTHON:
+        name = f"{frame.name} ({frame.file.rsplit('/', 1)[-1]})" if frame.file else frame.name
+    else:
+        name = frame.name
+    # ";" separates frames and a line holds one stack.
+    return name.replace(";", ":").replace("\n", " ")
+
+
+def write_folded(profile: Profile, path: str) -> None:
+    """One line per distinct stack with its sample count, process name as the root frame."""
+    lines: Counter = Counter()
+    for (stack, labels), values in profile.samples.items():
+        names = [labels.comm.replace(";", ":") or "?"] + [folded_name(frame) for frame in reversed(stack)]
+        lines[";".join(names)] += values[0]
+    text = "".join(f"{line} {count}\n" for line, count in sorted(lines.items()))
+    write_atomically(path, text.encode())

@@ -1,0 +1,308 @@
+"""Function names and source lines for file offsets in an ELF binary, read with pyelftools.
+
+Symbols come from `.symtab` and `.dynsym`, of the binary and of its separate debug file
+(found by build ID or `.gnu_debuglink`); lines from DWARF line tables, parsed one
+compilation unit at a time and only when a frame falls in it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Dict, List, Optional, Tuple
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from bpfprof.symbolizer.demangle import demangle
+from bpfprof.symbolizer.errors import SymbolizerError
+
+STT_FUNC = 2
+STT_GNU_IFUNC = 10
+STB_GLOBAL = 1
+STB_WEAK = 2
+DEBUG_ROOT = "/usr/lib/debug"
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    name: str
+    file: str = ""
+    line: int = 0
+
+
+class _Symbols:
+    """Function symbols sorted by start address; one name per address."""
+
+    def __init__(self, entries: List[Tuple[int, int, str, int]]) -> None:
+        # entries: (start, size, name, binding). At one address keep the most public name:
+        # global before weak before local, then the one with fewest leading underscores.
+        best: Dict[int, Tuple[int, int, str, int]] = {}
+        for entry in entries:
+            start, size, name, binding = entry
+            current = best.get(start)
+            if current is None or _preference(entry) < _preference(current):
+                best[start] = (start, max(size, current[1]) if current else size, name, binding)
+            elif size > current[1]:
+                best[start] = (start, size, current[2], current[3])
+        ordered = sorted(best.values())
+        self.starts = [e[0] for e in ordered]
+        self.names = [e[2] for e in ordered]
+        # A symbol without a size reaches to the next one.
+        self.ends = [
+            e[0] + e[1] if e[1] else (ordered[i + 1][0] if i + 1 < len(ordered) else e[0] + 1)
+            for i, e in enumerate(ordered)
+        ]
+
+    def find(self, vaddr: int) -> Optional[str]:
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        if i >= 0 and vaddr < self.ends[i]:
+            return self.names[i]
+        return None
+
+
+def _preference(entry: Tuple[int, int, str, int]) -> Tuple[int, int, int]:
+    _, _, name, binding = entry
+    rank = {STB_GLOBAL: 0, STB_WEAK: 1}.get(binding, 2)
+    return rank, len(name) - len(name.lstrip("_")), len(name)
+
+
+def _function_symbols(elf: ELFFile) -> List[Tuple[int, int, str, int]]:
+    """(address, size, name, binding) of every defined function in .symtab and .dynsym."""
+    entries = []
+    for section_name in (".symtab", ".dynsym"):
+        section = elf.get_section_by_name(section_name)
+        if section is None or section["sh_type"] == "SHT_NOBITS" or section["sh_entsize"] == 0:
+            continue
+        strings = elf.get_section(section["sh_link"]).data()
+        data = section.data()
+        order = "<" if elf.little_endian else ">"
+        if elf.elfclass == 64:
+            layout = struct.Struct(order + "IBBHQQ")  # name, info, other, shndx, value, size
+            rows = ((n, i, x, v, s) for n, i, _, x, v, s in layout.iter_unpack(data[: len(data) // 24 * 24]))
+        else:
+            layout = struct.Struct(order + "IIIBBH")  # name, value, size, info, other, shndx
+            rows = ((n, i, x, v, s) for n, v, s, i, _, x in layout.iter_unpack(data[: len(data) // 16 * 16]))
+        for name_offset, info, shndx, value, size in rows:
+            if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == 0 or value == 0:
+                continue
+            end = strings.find(b"\0", name_offset)
+            name = strings[name_offset:end].decode(errors="replace")
+            entries.append((value, size, name.split("@", 1)[0], info >> 4))
+    return entries
+
+
+def _build_id(elf: ELFFile) -> str:
+    for section in elf.iter_sections():
+        if section["sh_type"] == "SHT_NOTE":
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    return note["n_desc"]
+    return ""
+
+
+def _has_lines(elf: ELFFile) -> bool:
+    section = elf.get_section_by_name(".debug_line")
+    return section is not None and section["sh_type"] != "SHT_NOBITS"
+
+
+def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
+    section = elf.get_section_by_name(".gnu_debuglink")
+    if section is None:
+        return None
+    data = section.data()
+    end = data.find(b"\0")
+    crc_at = (end + 4) & ~3
+    if end <= 0 or crc_at + 4 > len(data):
+        return None
+    order = "<" if elf.little_endian else ">"
+    return data[:end].decode(errors="replace"), struct.unpack_from(order + "I", data, crc_at)[0]
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _inside(root: str, path: str) -> str:
+    return os.path.join(root, path.lstrip("/")) if root not in ("", "/") else path
+
+
+def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optional[str]:
+    """The separate debug file of a binary, as GDB looks for it: by build ID, then by
+    .gnu_debuglink next to the binary, in its .debug/ and under /usr/lib/debug."""
+    if build_id:
+        candidate = _inside(root, f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+        if os.path.isfile(candidate):
+            return candidate
+    link = _debug_link(elf)
+    if link is None or not path.startswith("/"):
+        return None
+    name, crc = link
+    directory = os.path.dirname(path)
+    for candidate in (f"{directory}/{name}", f"{directory}/.debug/{name}", f"{DEBUG_ROOT}{directory}/{name}"):
+        if candidate == path:
+            continue
+        candidate = _inside(root, candidate)
+        try:
+            if os.path.isfile(candidate) and _crc32(candidate) == crc:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+class _Lines:
+    """DWARF line tables, parsed per compilation unit on first use."""
+
+    def __init__(self, elf: ELFFile, stream: BinaryIO) -> None:
+        self._stream = stream  # kept open: compilation units are read lazily
+        self._dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
+        self._aranges = self._dwarf.get_aranges()
+        self._tables: Dict[int, Tuple[List[int], list]] = {}
+        self._all: Optional[Tuple[List[int], list]] = None
+
+    def find(self, vaddr: int) -> Optional[Tuple[str, int]]:
+        try:
+            cu_offset = self._aranges.cu_offset_at_addr(vaddr) if self._aranges else None
+            if cu_offset is not None:
+                table = self._tables.get(cu_offset)
+                if table is None:
+                    table = self._tables[cu_offset] = _line_table([self._dwarf.get_CU_at(cu_offset)], self._dwarf)
+            else:
+                if self._all is None:
+                    self._all = _line_table(self._dwarf.iter_CUs(), self._dwarf)
+                table = self._all
+        except (ELFError, ValueError, KeyError, IndexError, struct.error):
+            return None  # malformed DWARF: names still come from the symbol tables
+        addresses, rows = table
+        i = bisect.bisect_right(addresses, vaddr) - 1
+        if i < 0 or rows[i] is None:
+            return None
+        return rows[i]
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _line_table(cus, dwarf) -> Tuple[List[int], list]:
+    """Sorted addresses and, for each, (file, line) or None where a sequence ends."""
+    rows = []
+    for cu in cus:
+        program = dwarf.line_program_for_CU(cu)
+        if program is None:
+            continue
+        names: Dict[int, str] = {}
+        for entry in program.get_entries():
+            state = entry.state
+            if state is None:
+                continue
+            if state.end_sequence:
+                rows.append((state.address, 0, None))
+                continue
+            name = names.get(state.file)
+            if name is None:
+                name = names[state.file] = _file_name(program, state.file)
+            rows.append((state.address, 1, (name, state.line)))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return [r[0] for r in rows], [r[2] for r in rows]
+
+
+def _file_name(program, index: int) -> str:
+    header = program.header
+    version = header["version"]
+    files = header["file_entry"]
+    directories = header["include_directory"]
+    i = index if version >= 5 else index - 1
+    if not 0 <= i < len(files):
+        return ""
+    entry = files[i]
+    name = entry.name.decode(errors="replace")
+    d = entry.dir_index if version >= 5 else entry.dir_index - 1
+    if name.startswith("/") or not 0 <= d < len(directories):
+        return name
+    return os.path.join(directories[d].decode(errors="replace"), name)
+
+
+class ElfSymbols:
+    """Names for file offsets of one binary (plus its debug file, if any)."""
+
+    def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
+                 lines: Optional[_Lines]) -> None:
+        self.build_id = build_id
+        self._segments = segments  # (file offset, file size, virtual address) of each PT_LOAD
+        self._symbols = symbols
+        self._lines = lines
+
+    def vaddr(self, file_offset: int) -> Optional[int]:
+        """The link-time address that a file offset is loaded at."""
+        for offset, size, vaddr in self._segments:
+            if offset <= file_offset < offset + size:
+                return file_offset - offset + vaddr
+        return None
+
+    def get_function(self, file_offset: int) -> Optional[FunctionInfo]:
+        vaddr = self.vaddr(file_offset)
+        if vaddr is None:
+            return None
+        name = self._symbols.find(vaddr)
+        if name is None:
+            return None
+        location = self._lines.find(vaddr) if self._lines else None
+        if location is None:
+            return FunctionInfo(demangle(name))
+        return FunctionInfo(demangle(name), location[0], location[1])
+
+    def close(self) -> None:
+        if self._lines:
+            self._lines.close()
+
+
+def _open(path: str) -> Tuple[BinaryIO, ELFFile]:
+    try:
+        stream = open(path, "rb")
+    except OSError as e:
+        raise SymbolizerError(f"cannot open: {e.strerror or e}") from None
+    try:
+        return stream, ELFFile(stream)
+    except (ELFError, struct.error, ValueError) as e:
+        stream.close()
+        raise SymbolizerError(f"not a readable ELF file: {e}") from None
+
+
+def open_elf_symbols(open_path: str, path: str = "", root: str = "/") -> ElfSymbols:
+    """Reads the binary at open_path. `path` is its name as its process sees it and
+    `root` that process's filesystem root: both locate a separate debug file."""
+    stream, elf = _open(open_path)
+    keep_open = False
+    try:
+        build_id = _build_id(elf)
+        segments = [
+            (s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
+        ]
+        entries = _function_symbols(elf)
+        lines = None
+        if _has_lines(elf):
+            lines, keep_open = _Lines(elf, stream), True
+        if elf.get_section_by_name(".symtab") is None or lines is None:
+            debug_path = _find_debug_file(elf, path or open_path, root, build_id)
+            if debug_path:
+                debug_stream, debug_elf = _open(debug_path)
+                entries += _function_symbols(debug_elf)
+                if lines is None and _has_lines(debug_elf):
+                    lines = _Lines(debug_elf, debug_stream)
+                else:
+                    debug_stream.close()
+        return ElfSymbols(build_id, segments, _Symbols(entries), lines)
+    except (ELFError, struct.error, ValueError) as e:
+        raise SymbolizerError(f"not a readable ELF file: {e}") from None
+    finally:
+        if not keep_open:
+            stream.close()
+

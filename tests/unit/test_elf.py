@@ -1,0 +1,146 @@
+"""ELF symbolization against real binaries built here: PIE and fixed-address executables,
+stripped ones with debug files found by build ID and by .gnu_debuglink, C++ names."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from bpfprof.symbolizer.elf import open_elf_symbols
+from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
+
+CHAIN = ("chain_a", "chain_b", "chain_c", "main")
+
+
+def symbol_addresses(binary, dynamic=False):
+    cmd = ["nm", "-D", str(binary)] if dynamic else ["nm", str(binary)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = (line.split() for line in out.splitlines())
+    return {row[2].split("@")[0]: int(row[0], 16) for row in rows if len(row) == 3}
+
+
+def file_offset(binary, vaddr):
+    """File offset of a link-time address, from readelf's program headers."""
+    out = subprocess.run(["readelf", "-lW", str(binary)], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "LOAD":
+            offset, start, size = int(fields[1], 16), int(fields[2], 16), int(fields[4], 16)
+            if start <= vaddr < start + size:
+                return vaddr - start + offset
+    raise AssertionError(f"{vaddr:#x} is in no LOAD segment of {binary}")
+
+
+def chain_line_numbers():
+    source = os.path.join(os.path.dirname(__file__), "..", "fixtures", "chain.c")
+    with open(source) as f:
+        return {m.group(1): n for n, line in enumerate(f, 1) if (m := re.match(r"\w.*?\b(chain_\w|main)\(", line))}
+
+
+@pytest.mark.parametrize("flags", [(), ("-no-pie",)], ids=["pie", "fixed-address"])
+def test_functions_and_lines_at_file_offsets(build_c, flags):
+    binary = build_c("chain", *flags)
+    symbols = open_elf_symbols(str(binary))
+    addresses = symbol_addresses(binary)
+    starts = chain_line_numbers()
+    for name in CHAIN:
+        info = symbols.get_function(file_offset(binary, addresses[name]) + 1)
+        assert info.name == name
+        assert info.file.endswith("chain.c")
+        assert starts[name] <= info.line <= starts[name] + 12
+    assert re.fullmatch(r"[0-9a-f]{40}", symbols.build_id)
+
+
+def test_offset_outside_any_function_is_unknown(build_c):
+    symbols = open_elf_symbols(str(build_c("chain")))
+    assert symbols.get_function(0) is None  # the ELF header
+    assert symbols.get_function(1 << 40) is None
+
+
+@pytest.fixture
+def stripped(build_c, tmp_path):
+    """A stripped copy of the chain fixture under a private root, and its debug file."""
+    binary = build_c("chain")
+    root = tmp_path / "root"
+    (root / "opt/app").mkdir(parents=True)
+    debug = tmp_path / "chain.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(binary), str(debug)], check=True)
+    target = root / "opt/app/chain"
+    subprocess.run(["strip", "--strip-all", "-o", str(target), str(binary)], check=True)
+    return root, target, debug
+
+
+def test_stripped_binary_alone_has_no_names(stripped):
+    root, target, _ = stripped
+    symbols = open_elf_symbols(str(target), "/opt/app/chain", str(root))
+    assert symbols.get_function(file_offset(target, symbol_addresses(stripped[2])["chain_c"])) is None
+
+
+def test_debug_file_found_by_build_id_inside_the_process_root(stripped):
+    root, target, debug = stripped
+    build_id = open_elf_symbols(str(target)).build_id
+    place = root / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    place.parent.mkdir(parents=True)
+    shutil.copy(debug, place)
+    symbols = open_elf_symbols(str(target), "/opt/app/chain", str(root))
+    info = symbols.get_function(file_offset(target, symbol_addresses(debug)["chain_c"]) + 1)
+    assert info.name == "chain_c" and info.file.endswith("chain.c") and info.line > 0
+
+
+def test_debug_file_found_by_debuglink_with_matching_crc(stripped, tmp_path):
+    root, target, debug = stripped
+    linked = tmp_path / "linked"
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(target), str(linked)], check=True)
+    shutil.copy(linked, target)
+    (root / "opt/app/.debug").mkdir()
+    shutil.copy(debug, root / "opt/app/.debug/chain.debug")
+    offset = file_offset(target, symbol_addresses(debug)["chain_b"]) + 1
+    assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset).name == "chain_b"
+    # A debug file whose CRC does not match the link belongs to another build: ignored.
+    with open(root / "opt/app/.debug/chain.debug", "ab") as f:
+        f.write(b"\0")
+    assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset) is None
+
+
+def test_cxx_names_are_demangled():
+    libstdcxx = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+    if not os.path.exists(libstdcxx):
+        pytest.skip("libstdc++ is not installed")
+    mangled = "_ZNSt6chrono3_V212system_clock3nowEv"
+    vaddr = symbol_addresses(libstdcxx, dynamic=True)[mangled]
+    info = open_elf_symbols(libstdcxx).get_function(file_offset(libstdcxx, vaddr))
+    assert info.name == "std::chrono::_V2::system_clock::now()"
+
+
+def test_not_an_elf_file(tmp_path):
+    path = tmp_path / "text"
+    path.write_text("#!/bin/sh\n")
+    with pytest.raises(SymbolizerError, match="not a readable ELF"):
+        open_elf_symbols(str(path))
+    with pytest.raises(SymbolizerError, match="cannot open"):
+        open_elf_symbols(str(tmp_path / "missing"))
+
+
+def test_native_symbolizer_names_unknown_frames_by_module(build_c):
+    binary = build_c("chain")
+    st = os.stat(binary)
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary), "/nonexistent", "/")
+    native = NativeSymbolizer()
+    try:
+        # map_files is gone (the process exited): the path still names the same inode.
+        known = native.get_frame(obj, file_offset(binary, symbol_addresses(binary)["chain_c"]))
+        assert known.name == "chain_c" and known.module.build_id
+        assert native.get_frame(obj, 0x10).name == f"[{binary.name}+0x10]"
+    finally:
+        native.close()
+
+
+def test_native_symbolizer_refuses_a_replaced_file(build_c):
+    binary = build_c("chain")
+    obj = ObjectFile((0, 0, 1), str(binary), "/nonexistent", "/")  # not this inode
+    native = NativeSymbolizer()
+    assert native.get_frame(obj, 0x1000).name == f"[{binary.name}+0x1000]"
+    assert str(binary) in native.unreadable

@@ -1,0 +1,23 @@
+"""Folded stacks: root first, process name as the root frame, kernel frames marked."""
+
+from bpfprof.collector.folded import write_folded
+from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, cpu_profile
+
+APP = Module("/usr/bin/app")
+MAIN = Frame(FrameKind.NATIVE, "main", APP, 0x10)
+WORK = Frame(FrameKind.NATIVE, "ns::work<a;b>", APP, 0x20)
+WRITE = Frame(FrameKind.KERNEL, "ksys_write", Module("[kernel.kallsyms]"), 0xFFFF0000)
+CALC = Frame(FrameKind.PYTHON, "Handler.calc3", None, 0, "/srv/app.py", 41)
+
+
+def test_folded_lines(tmp_path):
+    profile = cpu_profile(hz=99, start_ns=0)
+    profile.add((WRITE, WORK, MAIN), Labels(1, 1, "app", "app"), [4, 0])
+    profile.add((WRITE, WORK, MAIN), Labels(1, 2, "app", "io"), [1, 0])  # same stack, other thread
+    profile.add((CALC, MAIN), Labels(2, 2, "python3", "python3"), [2, 0])
+    path = tmp_path / "out.folded"
+    write_folded(profile, str(path))
+    assert path.read_text().splitlines() == [
+        "app;main;ns::work<a:b>;ksys_write_[k] 5",
+        "python3;main;Handler.calc3 (app.py) 2",
+    ]
