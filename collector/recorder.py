@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class Recorder:
     def __init__(self, config: SamplerConfig, headers: KernelHeaders):
         self.config = config
         self._sampler = Sampler(config, headers)
+        # One open file per binary keeps it readable after its process exits.
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self._native = NativeSymbolizer()
         self._processes = ProcessTable(self._native)
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols())
