@@ -11,6 +11,7 @@ Also: time from `bpfprof record` start to the moment sampling runs (compile incl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -63,6 +64,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+def memory_mb(pid: int, field: str) -> float:
+    """VmRSS: resident now; VmHWM: the peak so far (for bpfprof, while clang compiles)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 PROFILERS = {
     "bpfprof": lambda out: [sys.executable, "-m", "bpfprof", "record", "-a", "-F", "99", "-o", f"{out}/b.pb.gz"],
     "perf": lambda out: ["perf", "record", "-a", "-g", "-F", "99", "-q", "-o", f"{out}/perf.data"],
@@ -71,15 +83,43 @@ PROFILERS = {
 
 
 def under_profiler(name: str, work: Path, n: int, tmp: Path):
-    """(work seconds, profiler steady CPU fraction, profiler peak RSS MB)."""
+    """(work seconds, profiler CPU as a fraction of one core, RSS MB while sampling, peak RSS MB)."""
     profiler = subprocess.Popen(PROFILERS[name](tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(4)  # compiled, attached, first drain done
+    if profiler.poll() is not None:
+        raise SystemExit(f"{name} exited at start: {' '.join(PROFILERS[name](tmp))}")
     cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
     seconds = run_work(work, n)
     cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
+    steady = memory_mb(profiler.pid, "VmRSS:")
     profiler.send_signal(signal.SIGINT)
-    _, _, usage = os.wait4(profiler.pid, 0)
-    return seconds, cpu, usage.ru_maxrss / 1024
+    peak = 0.0
+    while profiler.poll() is None:  # until it has written its output and exited
+        peak = max(peak, memory_mb(profiler.pid, "VmHWM:"))
+        time.sleep(0.05)
+    return seconds, cpu, steady, peak
+
+
+@contextlib.contextmanager
+def headers_for_bcc_tools():
+    """bcc's own tools look for kernel headers only in /lib/modules/RELEASE/{build,source}.
+    Where the running kernel has none, point them at the stand-in bpfprof found, for the
+    length of the benchmark."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from bpfprof.collector.kernel_headers import find_kernel_headers
+
+    modules = Path("/lib/modules") / os.uname().release
+    headers = find_kernel_headers()
+    if modules.exists() or headers.source is None:
+        yield
+        return
+    modules.mkdir(parents=True)
+    try:
+        (modules / "build").symlink_to(headers.build)
+        (modules / "source").symlink_to(headers.source)
+        yield
+    finally:
+        shutil.rmtree(modules)
 
 
 def time_to_first_sample(tmp: Path) -> float:
@@ -100,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     names = [n for n in PROFILERS if shutil.which(PROFILERS[n](".")[0])]
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
         tmp = Path(d)
         work = build_work(tmp)
         n = calibrate(work, args.seconds)
@@ -110,18 +150,19 @@ def main() -> None:
             order = order[r % len(order):] + order[: r % len(order)]
             for name in order:
                 if name == "none":
-                    results[name].append((run_work(work, n), 0.0, 0.0))
+                    results[name].append((run_work(work, n), 0.0, 0.0, 0.0))
                 else:
                     results[name].append(under_profiler(name, work, n, tmp))
 
-        base = statistics.median(s for s, _, _ in results["none"])
+        base = statistics.median(r[0] for r in results["none"])
         print(f"work: {os.cpu_count()} copies, {base:.2f} s median without a profiler, {args.rounds} rounds")
-        print(f"{'profiler':<12} {'slowdown':>9} {'prof CPU':>9} {'peak RSS':>9}")
+        print(f"{'profiler':<12} {'slowdown':>9} {'CPU/core':>9} {'RSS':>9} {'peak RSS':>9}")
         for name in names:
-            slow = statistics.median(s for s, _, _ in results[name]) / base - 1
-            cpu = statistics.median(c for _, c, _ in results[name])
-            rss = max(m for _, _, m in results[name])
-            print(f"{name:<12} {100 * slow:8.2f}% {100 * cpu:8.2f}% {rss:7.1f}MB")
+            slow = statistics.median(r[0] for r in results[name]) / base - 1
+            cpu = statistics.median(r[1] for r in results[name])
+            steady = max(r[2] for r in results[name])
+            peak = max(r[3] for r in results[name])
+            print(f"{name:<12} {100 * slow:8.2f}% {100 * cpu:8.2f}% {steady:7.1f}MB {peak:7.1f}MB")
         starts = [time_to_first_sample(tmp) for _ in range(3)]
         print(f"bpfprof start to first sample: median {statistics.median(starts):.2f} s "
               f"(min {min(starts):.2f}, max {max(starts):.2f})")

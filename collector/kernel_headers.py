@@ -31,6 +31,7 @@ class KernelHeaders:
     source: Optional[str]  # what bcc compiles against; None: bcc's own default
     cflags: Tuple[str, ...]  # extra -I for a split tree
     description: str  # what `check` and the logs say was used
+    build: str = ""  # the tree with the generated (configured) headers; == source unless split
 
 
 def _is_complete(tree: str) -> bool:
@@ -50,12 +51,12 @@ def _installed_tree(src_root: str) -> Optional[KernelHeaders]:
     arch_trees = [t for t in glob.glob(os.path.join(src_root, "linux-headers-*")) if _has_generated(t)]
     for tree in sorted(arch_trees, key=_version_key, reverse=True):
         if _is_complete(tree):
-            return KernelHeaders(tree, (), f"{tree} (stand-in for {platform.release()})")
+            return KernelHeaders(tree, (), f"{tree} (stand-in for {platform.release()})", tree)
         common = re.sub(r"-[^-]+$", "-common", tree)
         if common != tree and _is_complete(common):
             includes = tuple(f"-I{os.path.join(tree, d)}" for d in _GENERATED_INCLUDES)
             return KernelHeaders(
-                common, includes, f"{common} + {os.path.basename(tree)} (stand-in for {platform.release()})"
+                common, includes, f"{common} + {os.path.basename(tree)} (stand-in for {platform.release()})", tree
             )
     return None
 
@@ -65,12 +66,12 @@ def find_kernel_headers(release: Optional[str] = None, src_root: str = "/usr/src
     release = release or platform.release()
     build = f"/lib/modules/{release}/build"
     if os.path.isdir(build) and _has_generated(build):
-        return KernelHeaders(None, (), build)
+        return KernelHeaders(None, (), build, build)
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
         if not os.path.isdir(env):
             raise SetupError(f"BCC_KERNEL_SOURCE={env} is not a directory; {HEADERS_FIX}")
-        return KernelHeaders(env, (), f"{env} (BCC_KERNEL_SOURCE)")
+        return KernelHeaders(env, (), f"{env} (BCC_KERNEL_SOURCE)", env)
     found = _installed_tree(src_root)
     if found is None:
         raise SetupError(f"no kernel headers for {release}; {HEADERS_FIX}")
