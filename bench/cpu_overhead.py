@@ -84,7 +84,10 @@ PROFILERS = {
 
 def under_profiler(name: str, work: Path, n: int, tmp: Path):
     """(work seconds, profiler CPU as a fraction of one core, RSS MB while sampling, peak RSS MB)."""
-    profiler = subprocess.Popen(PROFILERS[name](tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # SIGINT stops every profiler, even when this benchmark runs in the background,
+    # where the shell started it with SIGINT ignored.
+    profiler = subprocess.Popen(PROFILERS[name](tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(4)  # compiled, attached, first drain done
     if profiler.poll() is not None:
         raise SystemExit(f"{name} exited at start: {' '.join(PROFILERS[name](tmp))}")
