@@ -276,33 +276,48 @@ def _open(path: str) -> Tuple[BinaryIO, ELFFile]:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
 
 
+def _debug_symbols(debug_path: str, want_lines: bool) -> Tuple[List[Tuple[int, int, str, int]], Optional[_Lines]]:
+    """Function symbols, and lines if wanted, of a separate debug file; nothing from one
+    that cannot be used, so the binary's own symbols still stand."""
+    try:
+        stream, elf = _open(debug_path)
+    except SymbolizerError:
+        return [], None
+    entries, lines = [], None
+    try:
+        entries = _function_symbols(elf)
+        if want_lines and _has_lines(elf):
+            lines = _Lines(elf, stream)
+    except (ELFError, struct.error, ValueError):
+        pass
+    if lines is None:
+        stream.close()
+    return entries, lines
+
+
 def open_elf_symbols(open_path: str, path: str = "", root: str = "/") -> ElfSymbols:
     """Reads the binary at open_path. `path` is its name as its process sees it and
     `root` that process's filesystem root: both locate a separate debug file."""
     stream, elf = _open(open_path)
-    keep_open = False
+    lines = None
     try:
         build_id = _build_id(elf)
         segments = [
             (s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
         ]
         entries = _function_symbols(elf)
-        lines = None
-        if _has_lines(elf):
-            lines, keep_open = _Lines(elf, stream), True
+        own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_path = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_path:
-                debug_stream, debug_elf = _open(debug_path)
-                entries += _function_symbols(debug_elf)
-                if lines is None and _has_lines(debug_elf):
-                    lines = _Lines(debug_elf, debug_stream)
-                else:
-                    debug_stream.close()
+                debug_entries, debug_lines = _debug_symbols(debug_path, want_lines=lines is None)
+                entries += debug_entries
+                lines = lines or debug_lines
+        if own_lines is None:
+            stream.close()  # nothing reads the binary lazily
         return ElfSymbols(build_id, segments, _Symbols(entries), lines)
     except (ELFError, struct.error, ValueError) as e:
+        stream.close()
+        if lines is not None:
+            lines.close()
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
-    finally:
-        if not keep_open:
-            stream.close()
-

@@ -11,6 +11,7 @@ import pytest
 from bpfprof.symbolizer.elf import open_elf_symbols
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
+from conftest import skip_or_fail
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")
 
@@ -90,6 +91,17 @@ def test_debug_file_found_by_build_id_inside_the_process_root(stripped):
     assert info.name == "chain_c" and info.file.endswith("chain.c") and info.line > 0
 
 
+def test_unusable_debug_file_leaves_the_binarys_own_symbols(build_c, tmp_path):
+    binary = tmp_path / "chain"
+    subprocess.run(["strip", "--strip-debug", "-o", str(binary), str(build_c("chain"))], check=True)
+    build_id = open_elf_symbols(str(binary)).build_id
+    place = tmp_path / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    place.parent.mkdir(parents=True)
+    place.write_bytes(b"\x7fELF" + b"\xff" * 60)  # found by build ID, but not an ELF file we can read
+    offset = file_offset(binary, symbol_addresses(binary)["chain_c"])
+    assert open_elf_symbols(str(binary), str(binary), str(tmp_path)).get_function(offset).name == "chain_c"
+
+
 def test_debug_file_found_by_debuglink_with_matching_crc(stripped, tmp_path):
     root, target, debug = stripped
     linked = tmp_path / "linked"
@@ -108,7 +120,7 @@ def test_debug_file_found_by_debuglink_with_matching_crc(stripped, tmp_path):
 def test_cxx_names_are_demangled():
     libstdcxx = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
     if not os.path.exists(libstdcxx):
-        pytest.skip("libstdc++ is not installed")
+        skip_or_fail("libstdc++ is not installed")
     mangled = "_ZNSt6chrono3_V212system_clock3nowEv"
     vaddr = symbol_addresses(libstdcxx, dynamic=True)[mangled]
     info = open_elf_symbols(libstdcxx).get_function(file_offset(libstdcxx, vaddr))
