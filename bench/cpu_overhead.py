@@ -108,7 +108,6 @@ def headers_for_bcc_tools():
     """bcc's own tools look for kernel headers only in /lib/modules/RELEASE/{build,source}.
     Where the running kernel has none, point them at the stand-in bpfprof found, for the
     length of the benchmark."""
-    sys.path.insert(0, str(HERE.parent.parent))
     from bpfprof.collector.kernel_headers import find_kernel_headers
 
     modules = Path("/lib/modules") / os.uname().release

@@ -56,7 +56,8 @@ class NativeSymbolizer:
         self.unreadable: Dict[str, str] = {}  # path -> why, for the summary
 
     def keep_reachable(self, obj: ObjectFile) -> None:
-        if obj.file_id not in self._fds:
+        # Once its symbols are read (or known unreadable) a binary need not be reopened.
+        if obj.file_id not in self._fds and obj.file_id not in self._symbols:
             fd = _open_same_file(obj)
             if fd is not None:
                 self._fds[obj.file_id] = fd
