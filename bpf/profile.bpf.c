@@ -5,6 +5,9 @@
  *   FILTER_PIDS     only sample processes in `targets`
  *   FOLLOW_CHILDREN add the children of targets to `targets` as they fork
  *   KERNEL_STACKS   capture kernel stacks
+ *   PYTHON_STACKS   walk CPython frames of processes in `python_processes`
+ *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES   their map sizes
+ *   TASK_FSBASE     offset of thread.fsbase in task_struct (from BTF), for pthread keys
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -24,6 +27,14 @@ BPF_PERCPU_ARRAY(losses, u64, LOSS_REASONS);
 BPF_HASH(targets, u32, u8, TARGET_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, seen, SEEN_ENTRIES);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
+#if PYTHON_STACKS
+BPF_HASH(python_processes, u32, struct python_process, PYTHON_PROCESSES);
+BPF_HASH(python_threads, struct python_thread, u64, PYTHON_THREADS);  /* -> PyThreadState address */
+BPF_TABLE("lru_hash", u32, u8, python_asked, PYTHON_THREADS);       /* tids reported unknown */
+BPF_PERCPU_ARRAY(python_scratch, struct python_stack, 1);
+BPF_HASH(python_stacks_0, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+BPF_HASH(python_stacks_1, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+#endif
 
 static __always_inline void count_loss(int reason)
 {
@@ -32,9 +43,9 @@ static __always_inline void count_loss(int reason)
         (*n)++;
 }
 
-static __always_inline void emit(u32 kind, u32 pid)
+static __always_inline void emit(u32 kind, u32 pid, u32 tid)
 {
-    struct process_event event = {.kind = kind, .pid = pid};
+    struct process_event event = {.kind = kind, .pid = pid, .tid = tid};
     bpf_get_current_comm(&event.comm, sizeof(event.comm));
     if (events.ringbuf_output(&event, sizeof(event), 0) != 0)
         count_loss(LOSS_EVENTS_FULL);
@@ -59,6 +70,103 @@ static __always_inline void count_stack_error(s32 id, int collision, int failed)
         count_loss(failed);
 }
 
+#if PYTHON_STACKS
+/* Reads without branches (a failed read leaves 0), so that the verifier has few
+ * paths to follow through the frame loop. Absent fields (offset < 0) are not read. */
+static __always_inline u64 read_pointer(u64 base, s32 offset)
+{
+    u64 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), (void *)(base + offset));
+    return value;
+}
+
+static __always_inline s32 read_s32(u64 base, s32 offset)
+{
+    s32 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), (void *)(base + offset));
+    return value;
+}
+
+/* The current thread's PyThreadState, or 0. An unknown thread is reported once, so
+ * that the collector looks for it in the interpreter's thread list. */
+static __always_inline u64 python_thread_state(struct python_process *py, u32 pid, u32 tid)
+{
+    struct python_thread thread = {.pid = pid, .thread = tid};
+    if (py->thread_key == PYTHON_KEY_PTHREAD) {
+#if TASK_FSBASE >= 0
+        u64 task = bpf_get_current_task();
+        bpf_probe_read_kernel(&thread.thread, sizeof(thread.thread), (void *)(task + TASK_FSBASE));
+#else
+        return 0;  /* no BTF: pthread keys cannot be matched */
+#endif
+    }
+    u64 *tstate = python_threads.lookup(&thread);
+    if (tstate)
+        return *tstate;
+    if (python_asked.lookup(&tid) == NULL) {
+        u8 one = 1;
+        python_asked.update(&tid, &one);
+        emit(PYTHON_THREAD_UNKNOWN, pid, tid);
+    }
+    return 0;
+}
+
+/* Walks the thread's Python frames, leaf first, into the per-CPU scratch stack and
+ * returns its hash (0: no Python frames). */
+static __always_inline u64 walk_python(struct python_process *py, struct python_stack *stack, u64 tstate)
+{
+    u64 frame = read_pointer(tstate, py->tstate_frame);
+    if (py->frame_chain == PYTHON_CFRAME)
+        frame = read_pointer(frame, py->cframe_current_frame);
+    /* Per-version choices, made once: inside the loop they would multiply paths. */
+    int objects = py->frame_chain == PYTHON_FRAME_OBJECTS;
+    s32 owner_offset = py->frame_owner, entry_offset = py->frame_is_entry;
+    u64 hash = 14695981039346656037ULL;  /* FNV-1a */
+    u32 depth = 0;
+    stack->truncated = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < PYTHON_STACK_DEPTH + 8; i++) {  /* a few shim frames on top */
+        if (!frame)
+            break;
+        if (depth >= PYTHON_STACK_DEPTH) {
+            stack->truncated = 1;
+            break;
+        }
+        u64 code = read_pointer(frame, py->frame_code);
+        u8 owner = 0, entry = 0;
+        if (owner_offset >= 0)
+            bpf_probe_read_user(&owner, 1, (void *)(frame + owner_offset));
+        if (entry_offset >= 0)
+            bpf_probe_read_user(&entry, 1, (void *)(frame + entry_offset));
+        if (owner == PYTHON_OWNED_BY_CSTACK) {
+            /* 3.12+: the frame above this shim is where the eval loop was entered. */
+            if (depth > 0)
+                stack->frames[(depth - 1) & (PYTHON_STACK_DEPTH - 1)].flags |= PYTHON_FRAME_ENTRY;
+            frame = read_pointer(frame, py->frame_previous);
+            continue;
+        }
+        struct python_frame *f = &stack->frames[depth & (PYTHON_STACK_DEPTH - 1)];
+        f->code = code;
+        u64 instr = read_pointer(frame, py->frame_instr);
+        /* <= 3.10: f_lasti, an int; later: the instruction's address */
+        f->instr = objects ? (s32)instr : (s32)(instr - code);
+        u64 name = read_pointer(code, py->code_name);
+        f->check = (u16)(read_s32(code, py->code_firstlineno) ^ (name >> 4) ^ (name >> 20));
+        f->flags = (objects || entry) ? PYTHON_FRAME_ENTRY : 0;
+        hash = (hash ^ code) * 1099511628211ULL;
+        hash = (hash ^ (u32)f->instr) * 1099511628211ULL;
+        depth++;
+        frame = read_pointer(frame, py->frame_previous);
+    }
+    stack->depth = depth;
+    if (depth == 0)
+        return 0;
+    if (stack->truncated)
+        count_loss(LOSS_PYTHON_TRUNCATED);
+    return hash | 1;
+}
+#endif
+
 int on_cpu_sample(void *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -71,10 +179,10 @@ int on_cpu_sample(void *ctx)
     if (seen.lookup(&pid) == NULL) {
         u8 one = 1;
         seen.update(&pid, &one);
-        emit(PROCESS_SEEN, pid);
+        emit(PROCESS_SEEN, pid, tid);
     }
 
-    struct sample_key key = {.pid = pid, .tid = tid, .python_stack_id = -1};
+    struct sample_key key = {.pid = pid, .tid = tid};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
 
     /* bcc rewrites map calls only where they are written out, not in a macro or
@@ -82,6 +190,26 @@ int on_cpu_sample(void *ctx)
     int zero_index = 0;
     u32 *buffer = control.lookup(&zero_index);
     u64 zero = 0, *count;
+#if PYTHON_STACKS
+    struct python_process *py = python_processes.lookup(&pid);
+    struct python_stack *python = python_scratch.lookup(&zero_index);
+    if (py && python) {
+        u64 tstate = python_thread_state(py, pid, tid);
+        if (tstate)
+            key.python_stack = walk_python(py, python, tstate);
+    }
+    if (key.python_stack) {
+        int stored;
+        if (buffer && *buffer)
+            stored = python_stacks_1.update(&key.python_stack, python);
+        else
+            stored = python_stacks_0.update(&key.python_stack, python);
+        if (stored != 0) {
+            count_loss(LOSS_PYTHON_STACKS_FULL);
+            key.python_stack = 0;
+        }
+    }
+#endif
     if (buffer && *buffer) {
         key.kernel_stack_id = KERNEL_STACKS ? stacks_1.get_stackid(ctx, 0) : -EFAULT;
         key.user_stack_id = stacks_1.get_stackid(ctx, BPF_F_USER_STACK);
@@ -108,7 +236,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     /* Libraries are mapped after exec: the next sample takes the snapshot. */
     seen.delete(&pid);
-    emit(PROCESS_EXEC, pid);
+    emit(PROCESS_EXEC, pid, pid);
     return 0;
 }
 
@@ -125,10 +253,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (tid != pid)
         targets.delete(&tid);
 #endif
+#if PYTHON_STACKS
+    python_asked.delete(&tid);
+    if (args->group_dead)
+        python_processes.delete(&pid);
+#endif
     if (args->group_dead) {
         seen.delete(&pid);
         targets.delete(&pid);
-        emit(PROCESS_EXIT, pid);
+        emit(PROCESS_EXIT, pid, tid);
     }
     return 0;
 }

@@ -3,6 +3,7 @@
 #define BPFPROF_PROFILE_H
 
 #define THREAD_NAME_LEN 16
+#define PYTHON_STACK_DEPTH 128  /* a power of two */
 
 /* One aggregation key per distinct (thread, stacks) seen by the sampler. */
 struct sample_key {
@@ -10,7 +11,7 @@ struct sample_key {
     u32 tid;              /* thread */
     s32 kernel_stack_id;  /* < 0: no kernel stack (sample in user mode, or --no-kernel) */
     s32 user_stack_id;    /* < 0: no user stack (kernel thread) */
-    s32 python_stack_id;  /* < 0: no interpreter stack; filled once CPython walking lands */
+    u64 python_stack;     /* key in python_stacks_N; 0: no interpreter stack */
     char thread_name[THREAD_NAME_LEN];
 };
 
@@ -19,12 +20,63 @@ enum process_event_kind {
     PROCESS_SEEN = 1,   /* first sample of a process (or first after exec): snapshot its maps */
     PROCESS_EXEC = 2,   /* the process replaced its image: earlier snapshots are stale */
     PROCESS_EXIT = 3,   /* the whole thread group is gone */
+    PYTHON_THREAD_UNKNOWN = 4,  /* a thread of a CPython process has no known thread state */
 };
 
 struct process_event {
     u32 kind;
     u32 pid;
+    u32 tid;
     char comm[THREAD_NAME_LEN];
+};
+
+/* CPython: where the walker finds things in one process's interpreter, set by the
+ * collector from its layout of that version. Offsets < 0: no such field. */
+enum python_frame_chain {
+    PYTHON_FRAME_OBJECTS = 0,  /* <= 3.10: tstate->frame, PyFrameObject.f_back, f_lasti */
+    PYTHON_CFRAME = 1,         /* 3.11-3.12: tstate->cframe->current_frame, prev_instr */
+    PYTHON_CURRENT_FRAME = 2,  /* 3.13+: tstate->current_frame, instr_ptr */
+};
+
+enum python_thread_key_kind {
+    PYTHON_KEY_TID = 0,        /* PyThreadState.native_thread_id (3.11+) */
+    PYTHON_KEY_PTHREAD = 1,    /* PyThreadState.thread_id: pthread_t, the thread's fsbase */
+};
+
+struct python_process {
+    u32 frame_chain;           /* enum python_frame_chain */
+    u32 thread_key;            /* enum python_thread_key_kind */
+    s32 tstate_frame;
+    s32 cframe_current_frame;
+    s32 frame_previous;
+    s32 frame_code;
+    s32 frame_instr;
+    s32 frame_owner;
+    s32 frame_is_entry;
+    s32 code_firstlineno;
+    s32 code_name;
+};
+
+struct python_thread {
+    u32 pid;
+    u32 pad;
+    u64 thread;                /* tid or pthread_t, as python_process.thread_key says */
+};
+
+#define PYTHON_OWNED_BY_CSTACK 3   /* 3.12+: a shim frame where the eval loop was entered */
+#define PYTHON_FRAME_ENTRY 1       /* flag: the eval loop was entered at this frame */
+
+struct python_frame {
+    u64 code;                  /* PyCodeObject address */
+    s32 instr;                 /* f_lasti (<= 3.10); instruction address - code address (3.11+) */
+    u16 check;                 /* code fields hashed, to catch a freed and reused address */
+    u16 flags;                 /* PYTHON_FRAME_* */
+};
+
+struct python_stack {
+    u32 depth;
+    u32 truncated;             /* more frames toward the root than PYTHON_STACK_DEPTH */
+    struct python_frame frames[PYTHON_STACK_DEPTH];  /* leaf first */
 };
 
 /* Samples and events that could not be recorded, counted per reason (array index). */
@@ -36,6 +88,8 @@ enum loss_reason {
     LOSS_COUNTS_FULL,
     LOSS_EVENTS_FULL,
     LOSS_TARGETS_FULL,
+    LOSS_PYTHON_STACKS_FULL,
+    LOSS_PYTHON_TRUNCATED,
     LOSS_REASONS,
 };
 

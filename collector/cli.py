@@ -15,13 +15,16 @@ from bpfprof.collector.errors import CollectorError, UsageError
 MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
 
 LOSS_FIXES = {
-    "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "--stack-storage-size"),
-    "LOSS_USER_STACK_COLLISION": ("user stack collisions", "--stack-storage-size"),
-    "LOSS_KERNEL_STACK_FAILED": ("failed kernel stack reads", "--stack-storage-size"),
-    "LOSS_USER_STACK_FAILED": ("failed user stack reads", "--stack-storage-size"),
-    "LOSS_COUNTS_FULL": ("sample map full", "--map-size"),
-    "LOSS_EVENTS_FULL": ("process events dropped", "a lower -F"),
-    "LOSS_TARGETS_FULL": ("child processes not followed", "--map-size"),
+    "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),
+    "LOSS_USER_STACK_COLLISION": ("user stack collisions", "raise --stack-storage-size"),
+    "LOSS_KERNEL_STACK_FAILED": ("failed kernel stack reads", "raise --stack-storage-size"),
+    "LOSS_USER_STACK_FAILED": ("failed user stack reads", "raise --stack-storage-size"),
+    "LOSS_COUNTS_FULL": ("sample map full", "raise --map-size"),
+    "LOSS_EVENTS_FULL": ("process events dropped", "use a lower -F"),
+    "LOSS_TARGETS_FULL": ("child processes not followed", "raise --map-size"),
+    "LOSS_PYTHON_STACKS_FULL": ("Python stack map full", "raise --stack-storage-size"),
+    "LOSS_PYTHON_TRUNCATED": ("Python stacks deeper than 128 frames",
+                              "their root-most frames are left out, the rest is kept"),
 }
 
 RECORD_EXAMPLES = """
@@ -62,6 +65,21 @@ def _default_output(pids: Tuple[int, ...], command: Sequence[str]) -> str:
     return f"bpfprof-{target}-{time.strftime('%Y%m%d-%H%M%S')}.pb.gz"
 
 
+def _warn(message: str) -> None:
+    click.echo(f"bpfprof: warning: {message}", err=True)
+
+
+def _task_fsbase() -> int:
+    """Where a thread's pthread pointer is kept, for Python 3.8-3.10 (-1: not known)."""
+    from bpfprof.collector.btf import kernel_offset_of
+
+    try:
+        return kernel_offset_of("task_struct", "thread.fsbase")
+    except CollectorError as e:
+        _warn(f"{e}; Python 3.8-3.10 processes get native frames only")
+        return -1
+
+
 def _progress(samples: int) -> None:
     click.echo(f"\rrecording: {samples} samples", err=True, nl=False)
 
@@ -82,6 +100,7 @@ def cli() -> None:
               help="Stop after this long (default: Ctrl-C, or when the command or processes exit).")
 @click.option("-o", "--output", metavar="FILE", help="Where to write: .pb.gz (pprof) or .folded.")
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
+@click.option("--no-python", is_flag=True, help="Leave out CPython frames (native frames only).")
 @click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
               help="Also print the N functions with the most self time.")
 @click.option("--stack-storage-size", default=16384, show_default=True, type=click.IntRange(64, 1 << 20),
@@ -89,7 +108,7 @@ def cli() -> None:
 @click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
               help="Distinct (thread, stack) keys per drain interval, and followed processes.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
+def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_python, top,
            stack_storage_size, map_size, command) -> None:
     """Sample CPU stacks of the whole system, some processes, or a command."""
     from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
@@ -113,8 +132,9 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
+        python=not no_python, task_fsbase=_task_fsbase() if not no_python else -1,
     )
-    recorder = Recorder(config, find_kernel_headers())
+    recorder = Recorder(config, find_kernel_headers(), _warn)
     recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         click.echo("\r", err=True, nl=False)
@@ -129,7 +149,7 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, top,
                f"{recording.num_processes} processes, {seconds:.1f} s -> {output}", err=True)
     for reason, n in recording.losses.items():
         what, fix = LOSS_FIXES[reason]
-        click.echo(f"bpfprof: lost {n} to {what}: raise {fix}", err=True)
+        click.echo(f"bpfprof: lost {n} to {what}: {fix}", err=True)
     if recording.unreadable_processes:
         click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
                    "(their samples are marked)", err=True)

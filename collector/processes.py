@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
 
@@ -72,8 +72,10 @@ def _read(path: str) -> str:
 class ProcessTable:
     """Snapshots of every profiled process, refreshed on exec and dropped after exit."""
 
-    def __init__(self, native: NativeSymbolizer, proc: str = "/proc"):
+    def __init__(self, native: NativeSymbolizer, proc: str = "/proc",
+                 on_snapshot: Optional[Callable[[Process], None]] = None):
         self._native = native
+        self._on_snapshot = on_snapshot  # told of every fresh snapshot (e.g. to find CPython)
         self._proc = proc
         self._processes: Dict[int, Process] = {}
         self._refreshed: Set[int] = set()  # pids re-read since the last drain
@@ -98,6 +100,8 @@ class ProcessTable:
         if earlier is None:
             self.num_seen += 1
         self._processes[pid] = process
+        if self._on_snapshot is not None and process.readable:
+            self._on_snapshot(process)
         return process
 
     def on_exec(self, pid: int, comm: str) -> None:
@@ -124,8 +128,11 @@ class ProcessTable:
             mapping = self.snapshot(pid, process.comm).get_mapping(address)
         return mapping
 
-    def end_drain(self) -> None:
-        """After a drain nothing more can arrive from exited processes: forget them."""
+    def end_drain(self) -> List[int]:
+        """After a drain nothing more can arrive from exited processes: forget them, and
+        say which they were."""
         self._refreshed.clear()
-        for pid in [pid for pid, p in self._processes.items() if p.exited]:
+        gone = [pid for pid, p in self._processes.items() if p.exited]
+        for pid in gone:
             del self._processes[pid]
+        return gone

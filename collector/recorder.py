@@ -11,11 +11,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from bpfprof.collector.kernel_headers import KernelHeaders
 from bpfprof.collector.processes import ProcessTable
+from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.profile import Profile, cpu_profile
 from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
 from bpfprof.collector.stacks import StackResolver
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.symbolizer.python_frames import PythonSymbolizer
 
 DRAIN_INTERVAL_S = 1.0
 POLL_MS = 100
@@ -69,15 +71,17 @@ class Command:
 
 
 class Recorder:
-    def __init__(self, config: SamplerConfig, headers: KernelHeaders):
+    def __init__(self, config: SamplerConfig, headers: KernelHeaders,
+                 warn: Callable[[str], None] = lambda message: None):
         self.config = config
         self._sampler = Sampler(config, headers)
         # One open file per binary keeps it readable after its process exits.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self._native = NativeSymbolizer()
-        self._processes = ProcessTable(self._native)
-        self._resolver = StackResolver(self._processes, self._native, KernelSymbols())
+        self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
+        self._python = PythonProcesses(self._sampler, self._native, warn) if config.python else None
+        self._processes = ProcessTable(self._native, on_snapshot=self._python.on_snapshot if self._python else None)
+        self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python, PythonSymbolizer())
         self._live_targets = set(config.pids)
         self._stop = False
         self.profile = cpu_profile(config.frequency, time.time_ns())
@@ -90,6 +94,10 @@ class Recorder:
         elif event.kind == "PROCESS_EXIT":
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
+            if self._python:
+                self._python.on_exit(event.pid)
+        elif event.kind == "PYTHON_THREAD_UNKNOWN" and self._python:
+            self._python.on_unknown_thread(event.pid, event.tid)
 
     def _drain(self) -> None:
         self._sampler.poll(0)  # snapshots first, so every sample finds its process
@@ -97,7 +105,10 @@ class Recorder:
         for sample in self._sampler.drain():
             stack, labels = self._resolver.resolve(sample)
             self.profile.add(stack, labels, [sample.count, sample.count * period])
-        self._processes.end_drain()
+        for pid in self._processes.end_drain():
+            self._resolver.forget(pid)
+        if self._python:
+            self._python.end_drain()
 
     def request_stop(self, *_args) -> None:
         self._stop = True
@@ -139,6 +150,8 @@ class Recorder:
         finally:
             self._sampler.close()
             self._native.close()
+            if self._python:
+                self._python.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.profile.duration_ns = int((time.monotonic() - start) * 1e9)

@@ -36,6 +36,9 @@ def _enum_names(header: str, enum: str) -> Dict[str, int]:
 LOSS_REASONS = _enum_names(HEADER, "loss_reason")
 NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
 EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
+PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
+PYTHON_THREAD_KEYS = _enum_names(HEADER, "python_thread_key_kind")
+PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
 
 
 _MADV_PAGEOUT = 21
@@ -69,6 +72,9 @@ class SamplerConfig:
     map_size: int = 65536
     target_entries: int = 65536
     event_pages: int = 64  # ring buffer pages, a power of two
+    python: bool = True  # walk CPython frames
+    task_fsbase: int = -1  # offset of thread.fsbase in task_struct, from BTF (for Python <= 3.10)
+    python_processes: int = 4096
 
     def cflags(self) -> List[str]:
         return [
@@ -80,6 +86,12 @@ class SamplerConfig:
             f"-DFILTER_PIDS={int(bool(self.pids) or self.follow_children)}",
             f"-DFOLLOW_CHILDREN={int(self.follow_children)}",
             f"-DKERNEL_STACKS={int(self.kernel_stacks)}",
+            f"-DPYTHON_STACKS={int(self.python)}",
+            f"-DPYTHON_PROCESSES={self.python_processes}",
+            f"-DPYTHON_THREADS={self.target_entries}",
+            # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
+            f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
+            f"-DTASK_FSBASE={self.task_fsbase}",
         ]
 
 
@@ -91,12 +103,23 @@ class RawSample:
     kernel_stack: Tuple[int, ...]  # addresses, leaf first
     user_stack: Tuple[int, ...]
     count: int
+    python_stack: Tuple["RawPythonFrame", ...] = ()  # leaf first
+    python_truncated: bool = False  # root-most Python frames were left out
+
+
+@dataclass(frozen=True)
+class RawPythonFrame:
+    code: int  # PyCodeObject address
+    instr: int  # as struct python_frame says, per version
+    check: int  # hash of code fields taken in BPF
+    entry: bool  # the eval loop was entered at this frame
 
 
 @dataclass(frozen=True)
 class ProcessEvent:
     kind: str  # a name from EVENT_KINDS
     pid: int
+    tid: int
     comm: str
 
 
@@ -130,7 +153,7 @@ class Sampler:
 
         def deliver(_ctx, data, _size):
             event = self._bpf["events"].event(data)
-            on_event(ProcessEvent(self._kind_names.get(event.kind, "?"), event.pid, _text(event.comm)))
+            on_event(ProcessEvent(self._kind_names.get(event.kind, "?"), event.pid, event.tid, _text(event.comm)))
 
         self._bpf["events"].open_ring_buffer(deliver)
         try:
@@ -176,6 +199,7 @@ class Sampler:
                     resolved[stack_id] = ()
             return resolved[stack_id]
 
+        python = self._python_stacks(drained)
         samples = [
             RawSample(
                 pid=k.pid,
@@ -184,6 +208,8 @@ class Sampler:
                 kernel_stack=stack(k.kernel_stack_id),
                 user_stack=stack(k.user_stack_id),
                 count=v,
+                python_stack=python.get(k.python_stack, ((), False))[0],
+                python_truncated=python.get(k.python_stack, ((), False))[1],
             )
             for k, v in entries
         ]
@@ -191,6 +217,44 @@ class Sampler:
         for key in list(stacks.keys()):
             del stacks[key]
         return samples
+
+    def _python_stacks(self, buffer: int) -> Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]:
+        """Read and clear one buffer's Python stacks: hash -> (frames leaf first, truncated)."""
+        if not self.config.python:
+            return {}
+        table = self._bpf[f"python_stacks_{buffer}"]
+        stacks = {}
+        for key, value in table.items():
+            frames = tuple(
+                RawPythonFrame(f.code, f.instr, f.check, bool(f.flags & PYTHON_FRAME_ENTRY))
+                for f in value.frames[: min(value.depth, len(value.frames))]
+            )
+            stacks[key.value] = (frames, bool(value.truncated))
+        for key in list(table.keys()):
+            del table[key]
+        return stacks
+
+    def set_python_process(self, pid: int, fields: Dict[str, int]) -> None:
+        """Start walking a CPython process: fields of struct python_process."""
+        table = self._bpf["python_processes"]
+        leaf = table.Leaf()
+        for name, value in fields.items():
+            setattr(leaf, name, value)
+        table[table.Key(pid)] = leaf
+
+    def set_python_threads(self, pid: int, threads: Dict[int, int], gone: Iterable[int] = ()) -> None:
+        """Thread key (tid or pthread_t) -> PyThreadState address for one process."""
+        table = self._bpf["python_threads"]
+        for thread in gone:
+            table.pop(table.Key(pid, 0, thread), None)
+        for thread, tstate in threads.items():
+            table[table.Key(pid, 0, thread)] = table.Leaf(tstate)
+
+    def ask_again(self, tids: Iterable[int]) -> None:
+        """Let these threads be reported unknown again (they were not found yet)."""
+        table = self._bpf["python_asked"]
+        for tid in tids:
+            table.pop(table.Key(tid), None)
 
     def losses(self) -> Dict[str, int]:
         """Cumulative losses per reason (LOSS_* names from profile.h)."""

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from bpfprof.collector.processes import ProcessTable
 from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Stack
+from bpfprof.collector.python_processes import PythonProcesses
 from bpfprof.collector.sampler import RawSample
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.symbolizer.python_frames import PythonSymbolizer
+
+# The eval loop: each call of it runs one group of Python frames.
+EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
+TRUNCATED = Frame(FrameKind.PYTHON, "[more Python frames]")
 
 
 def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
@@ -18,11 +24,53 @@ def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
         yield address if i == 0 else address - 1
 
 
+def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpreter: str) -> List[Frame]:
+    """One user stack, leaf first, from native frames and Python frames (leaf first, each
+    with whether the eval loop was entered there). Each eval-loop frame is replaced by
+    the Python frames it ran; where native unwinding did not reach the eval loop (no
+    frame pointers in the interpreter), Python frames take the place of the interpreter
+    and what it called sits on top of them."""
+    groups: List[List[Frame]] = []  # root first, each group root first
+    for frame, entry in reversed(python):
+        if entry or not groups:
+            groups.append([])
+        groups[-1].append(frame)
+    python_root_first = [f for group in groups for f in group]
+    root_first = native[::-1]
+    evals = [i for i, f in enumerate(root_first) if f.name in EVAL_FUNCTIONS]
+    if evals and len(evals) == len(groups):
+        remaining = iter(groups)
+        merged = [g for f in root_first for g in (next(remaining) if f.name in EVAL_FUNCTIONS else [f])]
+    elif evals:
+        merged = root_first[: evals[0]] + python_root_first + root_first[evals[-1] + 1:]
+    else:
+        called: List[Frame] = []  # leaf first, down to the first interpreter frame
+        for f in native:
+            if f.module is None:
+                break  # unwinding went astray
+            if f.module.path == interpreter:
+                if f.name not in EVAL_FUNCTIONS:
+                    called.append(f)
+                break
+            called.append(f)
+        merged = python_root_first + called[::-1]
+    return merged[::-1]
+
+
 class StackResolver:
-    def __init__(self, processes: ProcessTable, native: NativeSymbolizer, kernel: KernelSymbols):
+    def __init__(self, processes: ProcessTable, native: NativeSymbolizer, kernel: KernelSymbols,
+                 python: Optional[PythonProcesses] = None, python_symbols: Optional[PythonSymbolizer] = None):
         self._processes = processes
         self._native = native
         self._kernel = kernel
+        self._python = python
+        self._python_symbols = python_symbols
+
+    def forget(self, pid: int) -> None:
+        """The process is gone and its last samples are in."""
+        if self._python is not None:
+            self._python.forget(pid)
+            self._python_symbols.forget(pid)
 
     def resolve(self, sample: RawSample) -> Tuple[Stack, Labels]:
         process = self._processes.get(sample.pid, sample.thread_name)
@@ -30,8 +78,19 @@ class StackResolver:
         if sample.user_stack and not process.readable:
             name = f"[{process.comm or sample.pid}: process exited before it could be read]"
             frames.append(Frame(FrameKind.NATIVE, name))
-        elif sample.user_stack:
-            frames.extend(self._user_frame(sample.pid, a) for a in _lookup_addresses(sample.user_stack))
+        elif sample.user_stack or sample.python_stack:
+            user = [self._user_frame(sample.pid, a) for a in _lookup_addresses(sample.user_stack)]
+            interpreter = self._python.interpreters.get(sample.pid) if self._python else None
+            if sample.python_stack and interpreter is not None:
+                python = [
+                    (self._python_symbols.get_frame(interpreter.memory, interpreter.layout, f.code, f.instr, f.check),
+                     f.entry)
+                    for f in sample.python_stack
+                ]
+                if sample.python_truncated:
+                    python.append((TRUNCATED, True))
+                user = merge_python(user, python, interpreter.module_path)
+            frames.extend(user)
         labels = Labels(sample.pid, sample.tid, process.comm or sample.thread_name, sample.thread_name)
         return tuple(frames), labels
 

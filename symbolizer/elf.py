@@ -12,7 +12,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -20,6 +20,7 @@ from elftools.elf.elffile import ELFFile
 from bpfprof.symbolizer.demangle import demangle
 from bpfprof.symbolizer.errors import SymbolizerError
 
+STT_OBJECT = 1
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
 STB_GLOBAL = 1
@@ -70,29 +71,35 @@ def _preference(entry: Tuple[int, int, str, int]) -> Tuple[int, int, int]:
     return rank, len(name) - len(name.lstrip("_")), len(name)
 
 
-def _function_symbols(elf: ELFFile) -> List[Tuple[int, int, str, int]]:
-    """(address, size, name, binding) of every defined function in .symtab and .dynsym."""
+def _read_symbols(elf: ELFFile, data_names: FrozenSet[str]) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int]]:
+    """(address, size, name, binding) of every defined function in .symtab and .dynsym,
+    and the addresses of the data objects named in data_names."""
     entries = []
+    data: Dict[str, int] = {}
     for section_name in (".symtab", ".dynsym"):
         section = elf.get_section_by_name(section_name)
         if section is None or section["sh_type"] == "SHT_NOBITS" or section["sh_entsize"] == 0:
             continue
         strings = elf.get_section(section["sh_link"]).data()
-        data = section.data()
+        table = section.data()
         order = "<" if elf.little_endian else ">"
         if elf.elfclass == 64:
             layout = struct.Struct(order + "IBBHQQ")  # name, info, other, shndx, value, size
-            rows = ((n, i, x, v, s) for n, i, _, x, v, s in layout.iter_unpack(data[: len(data) // 24 * 24]))
+            rows = ((n, i, x, v, s) for n, i, _, x, v, s in layout.iter_unpack(table[: len(table) // 24 * 24]))
         else:
             layout = struct.Struct(order + "IIIBBH")  # name, value, size, info, other, shndx
-            rows = ((n, i, x, v, s) for n, v, s, i, _, x in layout.iter_unpack(data[: len(data) // 16 * 16]))
+            rows = ((n, i, x, v, s) for n, v, s, i, _, x in layout.iter_unpack(table[: len(table) // 16 * 16]))
         for name_offset, info, shndx, value, size in rows:
-            if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == 0 or value == 0:
+            kind = info & 0xF
+            if shndx == 0 or value == 0 or kind not in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT):
                 continue
             end = strings.find(b"\0", name_offset)
-            name = strings[name_offset:end].decode(errors="replace")
-            entries.append((value, size, name.split("@", 1)[0], info >> 4))
-    return entries
+            name = strings[name_offset:end].decode(errors="replace").split("@", 1)[0]
+            if kind != STT_OBJECT:
+                entries.append((value, size, name, info >> 4))
+            elif name in data_names:
+                data[name] = value
+    return entries, data
 
 
 def _build_id(elf: ELFFile) -> str:
@@ -234,8 +241,9 @@ class ElfSymbols:
     """Names for file offsets of one binary (plus its debug file, if any)."""
 
     def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
-                 lines: Optional[_Lines]) -> None:
+                 lines: Optional[_Lines], data: Dict[str, int]) -> None:
         self.build_id = build_id
+        self.data = data  # link-time addresses of the data objects asked for
         self._segments = segments  # (file offset, file size, virtual address) of each PT_LOAD
         self._symbols = symbols
         self._lines = lines
@@ -276,28 +284,31 @@ def _open(path: str) -> Tuple[BinaryIO, ELFFile]:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
 
 
-def _debug_symbols(debug_path: str, want_lines: bool) -> Tuple[List[Tuple[int, int, str, int]], Optional[_Lines]]:
-    """Function symbols, and lines if wanted, of a separate debug file; nothing from one
-    that cannot be used, so the binary's own symbols still stand."""
+def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
+                   ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines]]:
+    """Function symbols, data addresses and lines if wanted, of a separate debug file;
+    nothing from one that cannot be used, so the binary's own symbols still stand."""
     try:
         stream, elf = _open(debug_path)
     except SymbolizerError:
-        return [], None
-    entries, lines = [], None
+        return [], {}, None
+    entries, data, lines = [], {}, None
     try:
-        entries = _function_symbols(elf)
+        entries, data = _read_symbols(elf, data_names)
         if want_lines and _has_lines(elf):
             lines = _Lines(elf, stream)
     except (ELFError, struct.error, ValueError):
         pass
     if lines is None:
         stream.close()
-    return entries, lines
+    return entries, data, lines
 
 
-def open_elf_symbols(open_path: str, path: str = "", root: str = "/") -> ElfSymbols:
+def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names: Iterable[str] = ()) -> ElfSymbols:
     """Reads the binary at open_path. `path` is its name as its process sees it and
-    `root` that process's filesystem root: both locate a separate debug file."""
+    `root` that process's filesystem root: both locate a separate debug file. The
+    addresses of data objects named in data_names are kept too."""
+    data_names = frozenset(data_names)
     stream, elf = _open(open_path)
     lines = None
     try:
@@ -305,17 +316,18 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/") -> ElfSymb
         segments = [
             (s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
         ]
-        entries = _function_symbols(elf)
+        entries, data = _read_symbols(elf, data_names)
         own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_path = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_path:
-                debug_entries, debug_lines = _debug_symbols(debug_path, want_lines=lines is None)
+                debug_entries, debug_data, debug_lines = _debug_symbols(debug_path, data_names, lines is None)
                 entries += debug_entries
+                data = {**debug_data, **data}
                 lines = lines or debug_lines
         if own_lines is None:
             stream.close()  # nothing reads the binary lazily
-        return ElfSymbols(build_id, segments, _Symbols(entries), lines)
+        return ElfSymbols(build_id, segments, _Symbols(entries), lines, data)
     except (ELFError, struct.error, ValueError) as e:
         stream.close()
         if lines is not None:

@@ -46,7 +46,8 @@ class NativeSymbolizer:
     """Names native frames. Call keep_reachable() when a mapping is first seen: the
     binary stays readable after its process exits or its file is replaced."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_names: Tuple[str, ...] = ()) -> None:
+        self._data_names = data_names  # data objects whose addresses callers need
         self._fds: Dict[FileId, int] = {}
         self._roots: Dict[FileId, str] = {}
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
@@ -63,7 +64,7 @@ class NativeSymbolizer:
                 self._fds[obj.file_id] = fd
                 self._roots[obj.file_id] = obj.root
 
-    def _get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
+    def get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
         self.keep_reachable(obj)
@@ -73,7 +74,7 @@ class NativeSymbolizer:
             self.unreadable[obj.path] = "gone before it could be opened"
         else:
             try:
-                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", obj.path, self._roots[obj.file_id])
+                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", obj.path, self._roots[obj.file_id], self._data_names)
             except SymbolizerError as e:
                 self.unreadable[obj.path] = str(e)
             else:
@@ -92,7 +93,7 @@ class NativeSymbolizer:
         key = (obj.file_id, file_offset)
         frame = self._frames.get(key)
         if frame is None:
-            symbols = self._get_symbols(obj)
+            symbols = self.get_symbols(obj)
             module = self._modules[obj.file_id]
             info = symbols.get_function(file_offset) if symbols else None
             if info is None:
