@@ -1,0 +1,294 @@
+"""Where things are inside a running CPython, for reading its stacks from another process.
+
+A profiler that walks a Python process's interpreter state from the outside follows
+pointers: `_PyRuntime` -> interpreters -> thread states -> frames -> code objects -> str
+and bytes objects. The byte offsets it needs depend on the CPython minor version.
+
+* 3.8 to 3.12: kept here as data, one `PythonLayout` per minor version (`LAYOUTS`),
+  measured from each version's headers (tests/unit/test_python_layouts.py recompiles them).
+* 3.13 and later: `_PyRuntime` opens with `_Py_DebugOffsets`, a table of offsets that
+  CPython itself fills in for out-of-process tools. `parse_debug_offsets` decodes it from
+  the first `DEBUG_OFFSETS_SIZE` bytes of `_PyRuntime` read out of the target.
+
+All numbers are for x86-64 Linux release builds (no Py_DEBUG, no Py_TRACE_REFS).
+A field that does not exist in a version holds -1 (`ABSENT`).
+
+How the frame fields are meant to be read:
+
+* <= 3.10: `tstate_frame` points at the current `PyFrameObject`; `frame_previous` is its
+  `f_back`; `frame_instr` is the int `f_lasti`, a byte offset into the bytecode in 3.8 and
+  3.9 but a count of 2-byte code units in 3.10.
+* 3.11 and 3.12: `tstate_frame` points at a `_PyCFrame`, whose `cframe_current_frame` points
+  at the `_PyInterpreterFrame`; `frame_instr` is a `_Py_CODEUNIT *` into the code object's
+  `co_code_adaptive` (at `code_adaptive` inside the code object). In 3.11 `frame_is_entry`
+  flags the first frame of each C-level call of the evaluation loop; in 3.12 that job falls
+  to entry shim frames, whose `frame_owner` is 3 (FRAME_OWNED_BY_CSTACK).
+* 3.13+: `tstate_frame` is `current_frame` and points at the `_PyInterpreterFrame`
+  directly; `frame_code` is `f_executable` (a code object, or something else for frames
+  that do not run Python code, so check its type); `frame_instr` is `instr_ptr`.
+  Entry shim frames still have `frame_owner` 3 (FRAME_OWNED_BY_CSTACK), as in 3.12.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+ABSENT = -1
+
+
+@dataclass(frozen=True)
+class PythonLayout:
+    """Byte offsets (and a few sizes) inside one CPython minor version's structures."""
+
+    version: Tuple[int, int]                 # (3, 11)
+    # _PyRuntimeState
+    runtime_interpreters_head: int           # offsetof(_PyRuntimeState, interpreters.head)
+    # PyInterpreterState
+    interp_next: int                         # interp->next
+    interp_threads_head: int                 # tstate_head (<=3.10) / threads.head (3.11+)
+    # PyThreadState
+    tstate_next: int
+    tstate_interp: int
+    tstate_thread_id: int                    # pthread_t thread_id
+    tstate_native_thread_id: int             # -1 where the field does not exist (<=3.10)
+    tstate_frame: int                        # <=3.10: frame (PyFrameObject*); 3.11-3.12: cframe (_PyCFrame*); 3.13+: current_frame
+    cframe_current_frame: int                # 3.11-3.12: offsetof(_PyCFrame, current_frame); -1 otherwise
+    # frames: PyFrameObject (<=3.10) / _PyInterpreterFrame (3.11+)
+    frame_previous: int                      # f_back (<=3.10) / previous
+    frame_code: int                          # f_code (<=3.12) / f_executable (3.13+)
+    frame_instr: int                         # f_lasti (int, <=3.10) / prev_instr (3.11-3.12) / instr_ptr (3.13+)
+    frame_owner: int                         # _PyInterpreterFrame.owner (char, 3.11+); -1 before
+    frame_is_entry: int                      # 3.11 only: _PyInterpreterFrame.is_entry (bool); -1 otherwise
+    # PyCodeObject
+    code_filename: int
+    code_name: int
+    code_qualname: int                       # -1 before 3.11
+    code_firstlineno: int                    # int
+    code_linetable: int                      # co_lnotab (3.8, 3.9) / co_linetable (3.10+); a bytes object
+    code_adaptive: int                       # 3.11+: offsetof(PyCodeObject, co_code_adaptive); -1 before
+    # str and bytes objects
+    unicode_state: int                       # offsetof(PyASCIIObject, state)
+    unicode_length: int                      # offsetof(PyASCIIObject, length)
+    unicode_ascii_data: int                  # sizeof(PyASCIIObject): where compact ASCII data starts
+    unicode_compact_data: int                # sizeof(PyCompactUnicodeObject): where compact non-ASCII data starts
+    bytes_size: int                          # offsetof(PyVarObject, ob_size)
+    bytes_data: int                          # offsetof(PyBytesObject, ob_sval)
+
+
+LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
+    # 3.8: internal/pycore_pystate.h (_PyRuntimeState, PyInterpreterState),
+    # cpython/pystate.h (PyThreadState), frameobject.h, code.h,
+    # cpython/unicodeobject.h (PyASCIIObject still carries wstr), bytesobject.h.
+    (3, 8): PythonLayout(
+        version=(3, 8),
+        runtime_interpreters_head=32,
+        interp_next=0, interp_threads_head=8,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
+        tstate_frame=24, cframe_current_frame=ABSENT,
+        frame_previous=24, frame_code=32, frame_instr=104, frame_owner=ABSENT, frame_is_entry=ABSENT,
+        code_filename=104, code_name=112, code_qualname=ABSENT, code_firstlineno=40,
+        code_linetable=120, code_adaptive=ABSENT,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+    ),
+    # 3.9: internal/pycore_runtime.h, internal/pycore_interp.h, cpython/pystate.h,
+    # cpython/frameobject.h, cpython/code.h, cpython/unicodeobject.h, cpython/bytesobject.h.
+    (3, 9): PythonLayout(
+        version=(3, 9),
+        runtime_interpreters_head=32,
+        interp_next=0, interp_threads_head=8,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
+        tstate_frame=24, cframe_current_frame=ABSENT,
+        frame_previous=24, frame_code=32, frame_instr=104, frame_owner=ABSENT, frame_is_entry=ABSENT,
+        code_filename=104, code_name=112, code_qualname=ABSENT, code_firstlineno=40,
+        code_linetable=120, code_adaptive=ABSENT,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+    ),
+    # 3.10: the same headers as 3.9; co_lnotab gives way to co_linetable (PEP 626) and
+    # f_lasti moves up a slot (and counts code units rather than bytes).
+    (3, 10): PythonLayout(
+        version=(3, 10),
+        runtime_interpreters_head=32,
+        interp_next=0, interp_threads_head=8,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
+        tstate_frame=24, cframe_current_frame=ABSENT,
+        frame_previous=24, frame_code=32, frame_instr=96, frame_owner=ABSENT, frame_is_entry=ABSENT,
+        code_filename=104, code_name=112, code_qualname=ABSENT, code_firstlineno=40,
+        code_linetable=120, code_adaptive=ABSENT,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+    ),
+    # 3.11: internal/pycore_runtime.h, internal/pycore_interp.h (threads.head),
+    # cpython/pystate.h (PyThreadState, _PyCFrame), internal/pycore_frame.h
+    # (_PyInterpreterFrame), cpython/code.h, cpython/unicodeobject.h, cpython/bytesobject.h.
+    (3, 11): PythonLayout(
+        version=(3, 11),
+        runtime_interpreters_head=40,
+        interp_next=0, interp_threads_head=16,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=152, tstate_native_thread_id=160,
+        tstate_frame=56, cframe_current_frame=8,
+        frame_previous=48, frame_code=32, frame_instr=56, frame_owner=69, frame_is_entry=68,
+        code_filename=112, code_name=120, code_qualname=128, code_firstlineno=72,
+        code_linetable=136, code_adaptive=184,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+    ),
+    # 3.12: the same headers as 3.11; _PyInterpreterFrame reordered (f_code first, no
+    # is_entry), and PyASCIIObject/PyCompactUnicodeObject lose their wstr members.
+    (3, 12): PythonLayout(
+        version=(3, 12),
+        runtime_interpreters_head=40,
+        interp_next=0, interp_threads_head=72,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=136, tstate_native_thread_id=144,
+        tstate_frame=56, cframe_current_frame=0,
+        frame_previous=8, frame_code=0, frame_instr=56, frame_owner=70, frame_is_entry=ABSENT,
+        code_filename=112, code_name=120, code_qualname=128, code_firstlineno=68,
+        code_linetable=136, code_adaptive=192,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=40, unicode_compact_data=56,
+        bytes_size=16, bytes_data=32,
+    ),
+}
+
+
+def layout_for(version: Tuple[int, int]) -> Optional[PythonLayout]:
+    """The tabled layout of a CPython (major, minor), or None (3.13+ use parse_debug_offsets)."""
+    return LAYOUTS.get(tuple(version))
+
+
+# ---------------------------------------------------------------------------------------
+# _Py_DebugOffsets (3.13+)
+
+DEBUG_OFFSETS_COOKIE = b"xdebugpy"
+# How many bytes from the start of _PyRuntime a caller should read and hand to
+# parse_debug_offsets. 3.13's struct takes 584; the rest is room for later, longer ones.
+DEBUG_OFFSETS_SIZE = 1024
+
+# The struct opens with char cookie[8], uint64 version (PY_VERSION_HEX) and uint64
+# free_threaded; then come nested structs made only of uint64 members, so each member's
+# position follows from the order below. The struct is not kept compatible between minor
+# versions, so each minor version needs its own list (and an unknown one is refused).
+_DEBUG_OFFSETS_HEADER = 24
+_DebugOffsetsLayout = Sequence[Tuple[str, Sequence[str]]]
+
+# From include/python3.13/internal/pycore_runtime.h (3.13.0).
+_DEBUG_OFFSETS_3_13: _DebugOffsetsLayout = (
+    ("runtime_state", ("size", "finalizing", "interpreters_head")),
+    ("interpreter_state", ("size", "id", "next", "threads_head", "gc", "imports_modules", "sysdict",
+                           "builtins", "ceval_gil", "gil_runtime_state", "gil_runtime_state_enabled",
+                           "gil_runtime_state_locked", "gil_runtime_state_holder")),
+    ("thread_state", ("size", "prev", "next", "interp", "current_frame", "thread_id",
+                      "native_thread_id", "datastack_chunk", "status")),
+    ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner")),
+    ("code_object", ("size", "filename", "name", "qualname", "linetable", "firstlineno", "argcount",
+                     "localsplusnames", "localspluskinds", "co_code_adaptive")),
+    ("pyobject", ("size", "ob_type")),
+    ("type_object", ("size", "tp_name", "tp_repr", "tp_flags")),
+    ("tuple_object", ("size", "ob_item", "ob_size")),
+    ("list_object", ("size", "ob_item", "ob_size")),
+    ("dict_object", ("size", "ma_keys", "ma_values")),
+    ("float_object", ("size", "ob_fval")),
+    ("long_object", ("size", "lv_tag", "ob_digit")),
+    ("bytes_object", ("size", "ob_size", "ob_sval")),
+    ("unicode_object", ("size", "state", "length", "asciiobject_size")),
+    ("gc", ("size", "collecting")),
+)
+
+_DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], _DebugOffsetsLayout] = {
+    (3, 13): _DEBUG_OFFSETS_3_13,
+}
+
+# The members of the debug offsets that PythonLayout takes, "struct.member" -> field.
+_FROM_DEBUG_OFFSETS = {
+    "runtime_interpreters_head": "runtime_state.interpreters_head",
+    "interp_next": "interpreter_state.next",
+    "interp_threads_head": "interpreter_state.threads_head",
+    "tstate_next": "thread_state.next",
+    "tstate_interp": "thread_state.interp",
+    "tstate_thread_id": "thread_state.thread_id",
+    "tstate_native_thread_id": "thread_state.native_thread_id",
+    "tstate_frame": "thread_state.current_frame",
+    "frame_previous": "interpreter_frame.previous",
+    "frame_code": "interpreter_frame.executable",
+    "frame_instr": "interpreter_frame.instr_ptr",
+    "frame_owner": "interpreter_frame.owner",
+    "code_filename": "code_object.filename",
+    "code_name": "code_object.name",
+    "code_qualname": "code_object.qualname",
+    "code_firstlineno": "code_object.firstlineno",
+    "code_linetable": "code_object.linetable",
+    "code_adaptive": "code_object.co_code_adaptive",
+    "unicode_state": "unicode_object.state",
+    "unicode_length": "unicode_object.length",
+    "unicode_ascii_data": "unicode_object.asciiobject_size",
+    "bytes_size": "bytes_object.ob_size",
+    "bytes_data": "bytes_object.ob_sval",
+}
+
+# The one PythonLayout value the debug offsets do not carry: sizeof(PyCompactUnicodeObject).
+# Since 3.12 that struct is a PyASCIIObject followed by Py_ssize_t utf8_length and
+# char *utf8 and nothing else (3.13's cpython/unicodeobject.h; 3.14 keeps it), so it is
+# asciiobject_size plus two 8-byte members.
+_COMPACT_UNICODE_EXTRA = 16
+
+
+def _positions(layout: _DebugOffsetsLayout) -> Tuple[Dict[str, int], int]:
+    """Byte position of each "struct.member" inside _Py_DebugOffsets, and its total size."""
+    positions: Dict[str, int] = {}
+    at = _DEBUG_OFFSETS_HEADER
+    for group, members in layout:
+        for member in members:
+            positions[f"{group}.{member}"] = at
+            at += 8
+    return positions, at
+
+
+def parse_debug_offsets(data: bytes) -> PythonLayout:
+    """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
+    (at least DEBUG_OFFSETS_SIZE bytes are best; fewer will do if they cover the struct).
+
+    Raises ValueError when the bytes are not debug offsets (wrong cookie), come from a
+    version before 3.13, from a minor version whose struct layout is not known here, or
+    hold offsets that cannot be right."""
+    data = bytes(data)
+    if len(data) < 16:
+        raise ValueError(f"_Py_DebugOffsets: got {len(data)} bytes, need at least 16 for cookie and version")
+    cookie = data[:8]
+    if cookie != DEBUG_OFFSETS_COOKIE:
+        raise ValueError(f"_Py_DebugOffsets: cookie is {cookie!r}, expected {DEBUG_OFFSETS_COOKIE!r} "
+                         "(not the start of _PyRuntime of a CPython 3.13+)")
+    (version_hex,) = struct.unpack_from("<Q", data, 8)
+    version = (version_hex >> 24, (version_hex >> 16) & 0xFF)
+    version_text = f"{version[0]}.{version[1]}"
+    if version < (3, 13):
+        raise ValueError(f"_Py_DebugOffsets: version field says CPython {version_text} "
+                         f"(PY_VERSION_HEX {version_hex:#x}); debug offsets exist from 3.13 on")
+    layout = _DEBUG_OFFSETS_LAYOUTS.get(version)
+    if layout is None:
+        known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
+        raise ValueError(f"_Py_DebugOffsets: no known layout of the struct for CPython {version_text} "
+                         f"(it changes between minor versions; known: {known})")
+    positions, size = _positions(layout)
+    if len(data) < size:
+        raise ValueError(f"_Py_DebugOffsets: CPython {version_text}'s struct takes {size} bytes, got {len(data)}")
+
+    def member(name: str) -> int:
+        return struct.unpack_from("<Q", data, positions[name])[0]
+
+    values = {field: member(name) for field, name in _FROM_DEBUG_OFFSETS.items()}
+    for field, name in _FROM_DEBUG_OFFSETS.items():
+        # Every offset must fall inside its structure, whose size the struct also gives.
+        # (For asciiobject_size, a size itself, that holds as well: PyUnicodeObject is larger.)
+        limit = member(name.split(".")[0] + ".size")
+        if not values[field] < limit:
+            raise ValueError(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
+                             f"is not below the structure's size {limit}")
+    return PythonLayout(
+        version=version,
+        cframe_current_frame=ABSENT,      # no _PyCFrame from 3.13 on
+        frame_is_entry=ABSENT,            # entry frames are marked by owner instead
+        unicode_compact_data=values["unicode_ascii_data"] + _COMPACT_UNICODE_EXTRA,
+        **values,
+    )
