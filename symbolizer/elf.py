@@ -172,21 +172,28 @@ class _Lines:
         self._stream = stream  # kept open: compilation units are read lazily
         self._dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
         self._aranges = self._dwarf.get_aranges()
+        self._spans: Optional[Tuple[List[int], List[Tuple[int, int]]]] = None  # without .debug_aranges
         self._tables: Dict[int, Tuple[List[int], list]] = {}
-        self._all: Optional[Tuple[List[int], list]] = None
+
+    def _cu_offset(self, vaddr: int) -> Optional[int]:
+        if self._aranges:
+            return self._aranges.cu_offset_at_addr(vaddr)
+        if self._spans is None:
+            spans = sorted(_cu_spans(self._dwarf))
+            self._spans = [s[0] for s in spans], [(s[1], s[2]) for s in spans]
+        starts, rest = self._spans
+        i = bisect.bisect_right(starts, vaddr) - 1
+        return rest[i][1] if i >= 0 and vaddr < rest[i][0] else None
 
     def find(self, vaddr: int) -> Optional[Tuple[str, int]]:
         try:
-            cu_offset = self._aranges.cu_offset_at_addr(vaddr) if self._aranges else None
-            if cu_offset is not None:
-                table = self._tables.get(cu_offset)
-                if table is None:
-                    table = self._tables[cu_offset] = _line_table([self._dwarf.get_CU_at(cu_offset)], self._dwarf)
-            else:
-                if self._all is None:
-                    self._all = _line_table(self._dwarf.iter_CUs(), self._dwarf)
-                table = self._all
-        except (ELFError, ValueError, KeyError, IndexError, struct.error):
+            cu_offset = self._cu_offset(vaddr)
+            if cu_offset is None:
+                return None
+            table = self._tables.get(cu_offset)
+            if table is None:
+                table = self._tables[cu_offset] = _line_table([self._dwarf.get_CU_at(cu_offset)], self._dwarf)
+        except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
             return None  # malformed DWARF: names still come from the symbol tables
         addresses, rows = table
         i = bisect.bisect_right(addresses, vaddr) - 1
@@ -196,6 +203,30 @@ class _Lines:
 
     def close(self) -> None:
         self._stream.close()
+
+
+def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
+    """(start, end, CU offset) of each compilation unit's code, from its top DIE: what
+    .debug_aranges says when a compiler leaves that section out (clang does)."""
+    spans = []
+    for cu in dwarf.iter_CUs():
+        attributes = cu.get_top_DIE().attributes
+        low = attributes.get("DW_AT_low_pc")
+        high = attributes.get("DW_AT_high_pc")
+        ranges = attributes.get("DW_AT_ranges")
+        base = low.value if low else 0
+        if ranges is not None and ranges.form == "DW_FORM_sec_offset" and dwarf.range_lists():
+            for entry in dwarf.range_lists().get_range_list_at_offset(ranges.value, cu=cu):
+                if hasattr(entry, "base_address"):
+                    base = entry.base_address
+                elif entry.is_absolute:
+                    spans.append((entry.begin_offset, entry.end_offset, cu.cu_offset))
+                else:
+                    spans.append((base + entry.begin_offset, base + entry.end_offset, cu.cu_offset))
+        elif low is not None and high is not None:
+            end = high.value if high.form == "DW_FORM_addr" else low.value + high.value
+            spans.append((low.value, end, cu.cu_offset))
+    return spans
 
 
 def _line_table(cus, dwarf) -> Tuple[List[int], list]:
