@@ -69,6 +69,21 @@ def _read(path: str) -> str:
         return f.read()
 
 
+@dataclass(frozen=True)
+class ProcFiles:
+    """A process's comm and maps as read at one moment."""
+
+    comm: str
+    maps: str
+
+
+def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
+    try:
+        return ProcFiles(_read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps"))
+    except OSError:
+        return None
+
+
 class ProcessTable:
     """Snapshots of every profiled process, refreshed on exec and dropped after exit."""
 
@@ -82,16 +97,17 @@ class ProcessTable:
         self.num_seen = 0
         self.unreadable: Set[int] = set()
 
-    def snapshot(self, pid: int, comm: str = "") -> Process:
+    def snapshot(self, pid: int, comm: str = "", early: Optional[ProcFiles] = None) -> Process:
         """Read the process now and keep its binaries reachable. If it can no longer be
-        read, an earlier snapshot stands; without one it is marked unreadable."""
+        read, what was read early (when its event arrived) or an earlier snapshot stands;
+        without either it is marked unreadable."""
         earlier = self._processes.get(pid)
-        try:
-            comm = _read(f"{self._proc}/{pid}/comm").strip() or comm
-            process = Process(pid, comm, parse_maps(pid, _read(f"{self._proc}/{pid}/maps")))
-        except OSError:
-            if earlier is not None:
-                return earlier
+        files = read_proc_files(pid, self._proc) or early
+        if files is not None:
+            process = Process(pid, files.comm or comm, parse_maps(pid, files.maps))
+        elif earlier is not None:
+            return earlier
+        else:
             process = Process(pid, comm, readable=False)
             self.unreadable.add(pid)
         for m in process.mappings:
@@ -104,10 +120,10 @@ class ProcessTable:
             self._on_snapshot(process)
         return process
 
-    def on_exec(self, pid: int, comm: str) -> None:
+    def on_exec(self, pid: int, comm: str, early: Optional[ProcFiles] = None) -> None:
         # The new image's libraries are not mapped yet; the next sample snapshots it.
         self._processes.pop(pid, None)
-        self.snapshot(pid, comm)
+        self.snapshot(pid, comm, early)
 
     def on_exit(self, pid: int) -> None:
         process = self._processes.get(pid)

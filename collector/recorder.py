@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+from bpfprof.collector.events import Arrival, EventReader
 from bpfprof.collector.kernel_headers import KernelHeaders
-from bpfprof.collector.processes import ProcessTable
+from bpfprof.collector.processes import ProcFiles, ProcessTable
 from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.profile import Profile, cpu_profile
 from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
@@ -20,7 +21,7 @@ from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.python_frames import PythonSymbolizer
 
 DRAIN_INTERVAL_S = 1.0
-POLL_MS = 100
+EVENT_WAIT_S = 0.1
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Recorder:
                  warn: Callable[[str], None] = lambda message: None):
         self.config = config
         self._sampler = Sampler(config, headers)
+        self._events = EventReader(self._sampler)
         # One open file per binary keeps it readable after its process exits.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -86,11 +88,15 @@ class Recorder:
         self._stop = False
         self.profile = cpu_profile(config.frequency, time.time_ns())
 
-    def _on_event(self, event: ProcessEvent) -> None:
+    def _apply(self, arrivals: List[Arrival]) -> None:
+        for event, early in arrivals:
+            self._on_event(event, early)
+
+    def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
-            self._processes.snapshot(event.pid, event.comm)
+            self._processes.snapshot(event.pid, event.comm, early)
         elif event.kind == "PROCESS_EXEC":
-            self._processes.on_exec(event.pid, event.comm)
+            self._processes.on_exec(event.pid, event.comm, early)
         elif event.kind == "PROCESS_EXIT":
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
@@ -100,7 +106,7 @@ class Recorder:
             self._python.on_unknown_thread(event.pid, event.tid)
 
     def _drain(self) -> None:
-        self._sampler.poll(0)  # snapshots first, so every sample finds its process
+        self._apply(self._events.take(0))  # snapshots first, so every sample finds its process
         period = self.profile.period
         for sample in self._sampler.drain():
             stack, labels = self._resolver.resolve(sample)
@@ -125,14 +131,15 @@ class Recorder:
         child = None
         start = time.monotonic()
         try:
-            self._sampler.start(self._on_event)
+            self._sampler.start(self._events.on_event)
+            self._events.start()
             if command:
                 child = Command(command)
                 self._sampler.add_targets([child.pid])
                 child.release()
             next_drain = start + DRAIN_INTERVAL_S
             while not self._stop:
-                self._sampler.poll(POLL_MS)
+                self._apply(self._events.take(EVENT_WAIT_S))
                 now = time.monotonic()
                 if duration is not None and now - start >= duration:
                     break
@@ -145,9 +152,11 @@ class Recorder:
                     next_drain = now + DRAIN_INTERVAL_S
                     if on_progress:
                         on_progress(self.profile.num_samples())
+            self._events.stop()
             self._drain()
             losses = {reason: n for reason, n in self._sampler.losses().items() if n}
         finally:
+            self._events.stop()
             self._sampler.close()
             self._native.close()
             if self._python:

@@ -1,0 +1,64 @@
+"""Process events read on a thread of their own.
+
+A process that lives 30 ms is gone before a busy drain ends, so the sampler's ring
+buffer is polled on a separate thread, which reads the process's /proc files as each
+event arrives. The recorder applies the events, in order, on its own thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import List, Optional, Tuple
+
+from bpfprof.collector.processes import ProcFiles, read_proc_files
+from bpfprof.collector.sampler import ProcessEvent, Sampler
+
+_POLL_MS = 50
+# Events after which the process's maps are worth reading at once.
+_READ_EARLY = frozenset({"PROCESS_SEEN", "PROCESS_EXEC"})
+
+Arrival = Tuple[ProcessEvent, Optional[ProcFiles]]
+
+
+class EventReader:
+    """Start the sampler with `on_event` as its callback, then start() this; take()
+    returns what arrived, each event with the /proc files read when it came."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+        self._arrived: "queue.Queue[Arrival]" = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def on_event(self, event: ProcessEvent) -> None:
+        early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
+        self._arrived.put((event, early))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bpfprof-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._sampler.poll(_POLL_MS)
+
+    def take(self, timeout: float) -> List[Arrival]:
+        """What arrived so far, waiting up to timeout seconds for the first."""
+        try:
+            arrivals = [self._arrived.get(timeout=timeout) if timeout > 0 else self._arrived.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                arrivals.append(self._arrived.get_nowait())
+            except queue.Empty:
+                return arrivals
+
+    def stop(self) -> None:
+        """Stop the thread; events still in the ring buffer are read on this one."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._thread.join()
+            self._thread = None
+            self._sampler.poll(0)
