@@ -72,7 +72,7 @@ static __always_inline void count_stack_error(s32 id, int collision, int failed)
 
 #if PYTHON_STACKS
 /* Reads without branches (a failed read leaves 0), so that the verifier has few
- * paths to follow through the frame loop. Absent fields (offset < 0) are not read. */
+ * paths to follow through the frame loop. */
 static __always_inline u64 read_pointer(u64 base, s32 offset)
 {
     u64 value = 0;
@@ -112,56 +112,48 @@ static __always_inline u64 python_thread_state(struct python_process *py, u32 pi
 }
 
 /* Walks the thread's Python frames, leaf first, into the per-CPU scratch stack and
- * returns its hash (0: no Python frames). */
+ * returns its hash (0: no Python frames). Slot i holds the i-th frame, shim frames
+ * included (the collector drops them), so that every path through the loop is at the
+ * same slot and the verifier can prune them: the loop body has no branch that decides
+ * where the next frame goes. */
 static __always_inline u64 walk_python(struct python_process *py, struct python_stack *stack, u64 tstate)
 {
     u64 frame = read_pointer(tstate, py->tstate_frame);
     if (py->frame_chain == PYTHON_CFRAME)
         frame = read_pointer(frame, py->cframe_current_frame);
-    /* Per-version choices, made once: inside the loop they would multiply paths. */
-    int objects = py->frame_chain == PYTHON_FRAME_OBJECTS;
-    s32 owner_offset = py->frame_owner, entry_offset = py->frame_is_entry;
+    /* <= 3.10 every frame object is an entry of the eval loop and f_lasti an int;
+     * later the instruction is an address inside the code object. */
+    u64 objects = py->frame_chain == PYTHON_FRAME_OBJECTS;
     u64 hash = 14695981039346656037ULL;  /* FNV-1a */
     u32 depth = 0;
-    stack->truncated = 0;
 #pragma clang loop unroll(disable)
-    for (int i = 0; i < PYTHON_STACK_DEPTH + 8; i++) {  /* a few shim frames on top */
+    for (u32 i = 0; i < PYTHON_STACK_DEPTH; i++) {
         if (!frame)
             break;
-        if (depth >= PYTHON_STACK_DEPTH) {
-            stack->truncated = 1;
-            break;
-        }
+        struct python_frame *f = &stack->frames[i];
         u64 code = read_pointer(frame, py->frame_code);
-        u8 owner = 0, entry = 0;
-        if (owner_offset >= 0)
-            bpf_probe_read_user(&owner, 1, (void *)(frame + owner_offset));
-        if (entry_offset >= 0)
-            bpf_probe_read_user(&entry, 1, (void *)(frame + entry_offset));
-        if (owner == PYTHON_OWNED_BY_CSTACK) {
-            /* 3.12+: the frame above this shim is where the eval loop was entered. */
-            if (depth > 0)
-                stack->frames[(depth - 1) & (PYTHON_STACK_DEPTH - 1)].flags |= PYTHON_FRAME_ENTRY;
-            frame = read_pointer(frame, py->frame_previous);
-            continue;
-        }
-        struct python_frame *f = &stack->frames[depth & (PYTHON_STACK_DEPTH - 1)];
-        f->code = code;
         u64 instr = read_pointer(frame, py->frame_instr);
-        /* <= 3.10: f_lasti, an int; later: the instruction's address */
-        f->instr = objects ? (s32)instr : (s32)(instr - code);
         u64 name = read_pointer(code, py->code_name);
+        u8 owner = 0, entry = 0;
+        if (py->frame_owner >= 0)
+            bpf_probe_read_user(&owner, 1, (void *)(frame + py->frame_owner));
+        if (py->frame_is_entry >= 0)
+            bpf_probe_read_user(&entry, 1, (void *)(frame + py->frame_is_entry));
+        f->code = code;
+        f->instr = objects ? (s32)instr : (s32)(instr - code);
         f->check = (u16)(read_s32(code, py->code_firstlineno) ^ (name >> 4) ^ (name >> 20));
-        f->flags = (objects || entry) ? PYTHON_FRAME_ENTRY : 0;
+        f->flags = (u16)((owner == PYTHON_OWNED_BY_CSTACK) * PYTHON_FRAME_SHIM |
+                         (objects | entry) * PYTHON_FRAME_ENTRY);
         hash = (hash ^ code) * 1099511628211ULL;
         hash = (hash ^ (u32)f->instr) * 1099511628211ULL;
-        depth++;
+        depth = i + 1;
         frame = read_pointer(frame, py->frame_previous);
     }
     stack->depth = depth;
+    stack->truncated = frame != 0;
     if (depth == 0)
         return 0;
-    if (stack->truncated)
+    if (frame)
         count_loss(LOSS_PYTHON_TRUNCATED);
     return hash | 1;
 }

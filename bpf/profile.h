@@ -3,7 +3,7 @@
 #define BPFPROF_PROFILE_H
 
 #define THREAD_NAME_LEN 16
-#define PYTHON_STACK_DEPTH 128  /* a power of two */
+#define PYTHON_STACK_DEPTH 128  /* frames walked, shim frames included */
 
 /* One aggregation key per distinct (thread, stacks) seen by the sampler. */
 struct sample_key {
@@ -65,6 +65,7 @@ struct python_thread {
 
 #define PYTHON_OWNED_BY_CSTACK 3   /* 3.12+: a shim frame where the eval loop was entered */
 #define PYTHON_FRAME_ENTRY 1       /* flag: the eval loop was entered at this frame */
+#define PYTHON_FRAME_SHIM 2        /* flag: a shim frame (3.12+), not Python code */
 
 struct python_frame {
     u64 code;                  /* PyCodeObject address */

@@ -7,7 +7,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from bpfprof.collector.processes import Mapping, Process
 from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, PYTHON_THREAD_KEYS, Sampler
@@ -42,11 +42,14 @@ class Interpreter:
     last_scan: float = 0.0
 
 
-def _candidate(process: Process) -> Optional[Mapping]:
+def _candidates(process: Process) -> List[Mapping]:
+    """The first mapping of each binary named like an interpreter: the executable of a
+    static build, or libpython (the executable of a shared build has no _PyRuntime)."""
+    found: Dict[str, Mapping] = {}
     for m in process.mappings:
         if m.obj is not None and _INTERPRETER_NAME.match(os.path.basename(m.obj.path)):
-            return m
-    return None
+            found.setdefault(m.obj.path, m)
+    return list(found.values())
 
 
 def _layout(memory: ProcessMemory, runtime: int, version_address: Optional[int], path: str) -> Optional[PythonLayout]:
@@ -77,11 +80,11 @@ class PythonProcesses:
         """A process was (re)read: start walking it if it runs a CPython we know."""
         if process.pid in self.interpreters or not process.readable:
             return
-        mapping = _candidate(process)
-        if mapping is None:
-            return
-        symbols = self._native.get_symbols(mapping.obj)
-        if symbols is None or "_PyRuntime" not in symbols.data:
+        for mapping in _candidates(process):
+            symbols = self._native.get_symbols(mapping.obj)
+            if symbols is not None and "_PyRuntime" in symbols.data:
+                break
+        else:
             return
         text_vaddr = symbols.vaddr(mapping.offset)
         if text_vaddr is None:

@@ -39,6 +39,7 @@ EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
 PYTHON_THREAD_KEYS = _enum_names(HEADER, "python_thread_key_kind")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
+PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
 
 
 _MADV_PAGEOUT = 21
@@ -121,6 +122,19 @@ class ProcessEvent:
     pid: int
     tid: int
     comm: str
+
+
+def _python_frames(stack) -> Tuple[RawPythonFrame, ...]:
+    """The Python frames of a struct python_stack, leaf first. A shim frame (3.12+) is
+    not code: it marks the frame above it, toward the leaf, as an eval loop entry."""
+    frames: List[RawPythonFrame] = []
+    for f in stack.frames[: min(stack.depth, len(stack.frames))]:
+        if f.flags & PYTHON_FRAME_SHIM:
+            if frames:
+                frames[-1] = RawPythonFrame(frames[-1].code, frames[-1].instr, frames[-1].check, True)
+        else:
+            frames.append(RawPythonFrame(f.code, f.instr, f.check, bool(f.flags & PYTHON_FRAME_ENTRY)))
+    return tuple(frames)
 
 
 def _text(raw: bytes) -> str:
@@ -225,11 +239,7 @@ class Sampler:
         table = self._bpf[f"python_stacks_{buffer}"]
         stacks = {}
         for key, value in table.items():
-            frames = tuple(
-                RawPythonFrame(f.code, f.instr, f.check, bool(f.flags & PYTHON_FRAME_ENTRY))
-                for f in value.frames[: min(value.depth, len(value.frames))]
-            )
-            stacks[key.value] = (frames, bool(value.truncated))
+            stacks[key.value] = (_python_frames(value), bool(value.truncated))
         for key in list(table.keys()):
             del table[key]
         return stacks

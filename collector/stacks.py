@@ -15,6 +15,9 @@ from bpfprof.symbolizer.python_frames import PythonSymbolizer
 # The eval loop: each call of it runs one group of Python frames.
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 TRUNCATED = Frame(FrameKind.PYTHON, "[more Python frames]")
+# Where every thread's native stack begins; a stack that does not end in one of these
+# lost its way (frame-pointer unwinding through code built without them).
+STACK_ROOTS = frozenset({"_start", "__libc_start_main", "__libc_start_call_main", "start_thread", "clone", "clone3"})
 
 
 def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
@@ -29,7 +32,7 @@ def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpre
     with whether the eval loop was entered there). Each eval-loop frame is replaced by
     the Python frames it ran; where native unwinding did not reach the eval loop (no
     frame pointers in the interpreter), Python frames take the place of the interpreter
-    and what it called sits on top of them."""
+    and what it called sits on top of them; the rest of such a native stack is noise."""
     groups: List[List[Frame]] = []  # root first, each group root first
     for frame, entry in reversed(python):
         if entry or not groups:
@@ -37,7 +40,8 @@ def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpre
         groups[-1].append(frame)
     python_root_first = [f for group in groups for f in group]
     root_first = native[::-1]
-    evals = [i for i, f in enumerate(root_first) if f.name in EVAL_FUNCTIONS]
+    complete = bool(native) and native[-1].name in STACK_ROOTS
+    evals = [i for i, f in enumerate(root_first) if f.name in EVAL_FUNCTIONS] if complete else []
     if evals and len(evals) == len(groups):
         remaining = iter(groups)
         merged = [g for f in root_first for g in (next(remaining) if f.name in EVAL_FUNCTIONS else [f])]
