@@ -131,7 +131,8 @@ static __always_inline u64 walk_python(struct python_process *py, struct python_
         if (!frame)
             break;
         struct python_frame *f = &stack->frames[i];
-        u64 code = read_pointer(frame, py->frame_code);
+        /* 3.14 tags the low bits of f_executable (a _PyStackRef); objects are aligned. */
+        u64 code = read_pointer(frame, py->frame_code) & ~3ULL;
         u64 instr = read_pointer(frame, py->frame_instr);
         u64 name = read_pointer(code, py->code_name);
         u8 owner = 0, entry = 0;
@@ -142,7 +143,7 @@ static __always_inline u64 walk_python(struct python_process *py, struct python_
         f->code = code;
         f->instr = objects ? (s32)instr : (s32)(instr - code);
         f->check = (u16)(read_s32(code, py->code_firstlineno) ^ (name >> 4) ^ (name >> 20));
-        f->flags = (u16)((owner == PYTHON_OWNED_BY_CSTACK) * PYTHON_FRAME_SHIM |
+        f->flags = (u16)((owner >= PYTHON_OWNED_BY_SHIM) * PYTHON_FRAME_SHIM |
                          (objects | entry) * PYTHON_FRAME_ENTRY);
         hash = (hash ^ code) * 1099511628211ULL;
         hash = (hash ^ (u32)f->instr) * 1099511628211ULL;

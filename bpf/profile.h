@@ -63,7 +63,9 @@ struct python_thread {
     u64 thread;                /* tid or pthread_t, as python_process.thread_key says */
 };
 
-#define PYTHON_OWNED_BY_CSTACK 3   /* 3.12+: a shim frame where the eval loop was entered */
+/* _PyInterpreterFrame.owner from here up: a shim frame where the eval loop was entered
+ * (FRAME_OWNED_BY_CSTACK in 3.12 and 3.13; FRAME_OWNED_BY_INTERPRETER or _CSTACK from 3.14). */
+#define PYTHON_OWNED_BY_SHIM 3
 #define PYTHON_FRAME_ENTRY 1       /* flag: the eval loop was entered at this frame */
 #define PYTHON_FRAME_SHIM 2        /* flag: a shim frame (3.12+), not Python code */
 

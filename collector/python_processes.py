@@ -80,11 +80,14 @@ class PythonProcesses:
         """A process was (re)read: start walking it if it runs a CPython we know."""
         if process.pid in self.interpreters or not process.readable:
             return
-        for mapping in _candidates(process):
+        candidates = _candidates(process)
+        for mapping in candidates:
             symbols = self._native.get_symbols(mapping.obj)
             if symbols is not None and "_PyRuntime" in symbols.data:
                 break
         else:
+            if candidates:  # an interpreter from before 3.7 has no _PyRuntime
+                self._cannot_read(candidates[-1].obj.path, "no _PyRuntime symbol")
             return
         text_vaddr = symbols.vaddr(mapping.offset)
         if text_vaddr is None:
@@ -98,23 +101,25 @@ class PythonProcesses:
         try:
             runtime = bias + symbols.data["_PyRuntime"]
             layout = _layout(memory, runtime, bias + version if version else None, mapping.obj.path)
+            reason = "no known layout"
         except (UnreadableMemory, ValueError) as e:
             layout, reason = None, str(e)
-        else:
-            reason = "unknown CPython version"
         if layout is None:
             memory.close()
-            self._warn_once(mapping.obj.path, f"{mapping.obj.path}: {reason}; its processes get native frames only")
+            self._cannot_read(mapping.obj.path, reason)
             return
         interpreter = Interpreter(process.pid, layout, runtime, mapping.obj.path, memory)
         self.interpreters[process.pid] = interpreter
         self._sampler.set_python_process(process.pid, self._walker_fields(layout))
         self.scan_threads(interpreter)
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self._warn(message)
+    def _cannot_read(self, path: str, reason: str) -> None:
+        """One warning per interpreter binary, naming its version."""
+        if path not in self._warned:
+            self._warned.add(path)
+            major, minor = _INTERPRETER_NAME.match(os.path.basename(path)).groups()
+            self._warn(f"CPython {major}.{minor} ({path}) cannot be read ({reason}); "
+                       "its processes get native frames only")
 
     @staticmethod
     def _walker_fields(layout: PythonLayout) -> Dict[str, int]:

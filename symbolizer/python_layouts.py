@@ -27,6 +27,10 @@ How the frame fields are meant to be read:
   directly; `frame_code` is `f_executable` (a code object, or something else for frames
   that do not run Python code, so check its type); `frame_instr` is `instr_ptr`.
   Entry shim frames still have `frame_owner` 3 (FRAME_OWNED_BY_CSTACK), as in 3.12.
+* 3.14: as 3.13, except that `f_executable` is a `_PyStackRef`, a tagged pointer whose
+  low bits (mask 3 in default builds) must be cleared before it is followed, and that
+  the owner enum gained FRAME_OWNED_BY_INTERPRETER = 3 (the entry shim frames now use
+  it, so their owner is still 3) with FRAME_OWNED_BY_CSTACK moved to 4.
 """
 
 from __future__ import annotations
@@ -163,13 +167,17 @@ def layout_for(version: Tuple[int, int]) -> Optional[PythonLayout]:
 
 DEBUG_OFFSETS_COOKIE = b"xdebugpy"
 # How many bytes from the start of _PyRuntime a caller should read and hand to
-# parse_debug_offsets. 3.13's struct takes 584; the rest is room for later, longer ones.
+# parse_debug_offsets. 3.13's struct takes 584 and 3.14's 760; the rest is room for
+# later, longer ones.
 DEBUG_OFFSETS_SIZE = 1024
 
 # The struct opens with char cookie[8], uint64 version (PY_VERSION_HEX) and uint64
-# free_threaded; then come nested structs made only of uint64 members, so each member's
-# position follows from the order below. The struct is not kept compatible between minor
-# versions, so each minor version needs its own list (and an unknown one is refused).
+# free_threaded (the same three in 3.13 and 3.14); then come nested structs made only of
+# uint64 members, so each member's position follows from the order below. The struct is
+# not kept compatible between minor versions, so each minor version needs its own list
+# (and an unknown one is refused). Within a minor version it only holds still from the
+# first release candidate on: alphas and betas added and moved members, so those are
+# refused too (a pre-release is only safe to read with headers of that very build).
 _DEBUG_OFFSETS_HEADER = 24
 _DebugOffsetsLayout = Sequence[Tuple[str, Sequence[str]]]
 
@@ -196,9 +204,61 @@ _DEBUG_OFFSETS_3_13: _DebugOffsetsLayout = (
     ("gc", ("size", "collecting")),
 )
 
+# From include/python3.14/internal/pycore_debug_offsets.h: the same header and, after
+# it, 3.13's groups with members appended (interpreter_state: threads_main after
+# threads_head, then code_object_generation and tlbc_generation at the end;
+# interpreter_frame: stackpointer, tlbc_index; code_object: co_tlbc), a set_object
+# group between list_object and dict_object, and gen_object, llist_node and
+# debugger_support after gc. llist_node and debugger_support have no size member.
+# Checked to be identical in 3.14.0 and 3.14.10 (the values differ between patch
+# releases, e.g. PyInterpreterState grew, but not the struct that carries them).
+_DEBUG_OFFSETS_3_14: _DebugOffsetsLayout = (
+    ("runtime_state", ("size", "finalizing", "interpreters_head")),
+    ("interpreter_state", ("size", "id", "next", "threads_head", "threads_main", "gc", "imports_modules",
+                           "sysdict", "builtins", "ceval_gil", "gil_runtime_state", "gil_runtime_state_enabled",
+                           "gil_runtime_state_locked", "gil_runtime_state_holder", "code_object_generation",
+                           "tlbc_generation")),
+    ("thread_state", ("size", "prev", "next", "interp", "current_frame", "thread_id",
+                      "native_thread_id", "datastack_chunk", "status")),
+    ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner",
+                           "stackpointer", "tlbc_index")),
+    ("code_object", ("size", "filename", "name", "qualname", "linetable", "firstlineno", "argcount",
+                     "localsplusnames", "localspluskinds", "co_code_adaptive", "co_tlbc")),
+    ("pyobject", ("size", "ob_type")),
+    ("type_object", ("size", "tp_name", "tp_repr", "tp_flags")),
+    ("tuple_object", ("size", "ob_item", "ob_size")),
+    ("list_object", ("size", "ob_item", "ob_size")),
+    ("set_object", ("size", "used", "table", "mask")),
+    ("dict_object", ("size", "ma_keys", "ma_values")),
+    ("float_object", ("size", "ob_fval")),
+    ("long_object", ("size", "lv_tag", "ob_digit")),
+    ("bytes_object", ("size", "ob_size", "ob_sval")),
+    ("unicode_object", ("size", "state", "length", "asciiobject_size")),
+    ("gc", ("size", "collecting")),
+    ("gen_object", ("size", "gi_name", "gi_iframe", "gi_frame_state")),
+    ("llist_node", ("next", "prev")),
+    ("debugger_support", ("eval_breaker", "remote_debugger_support", "remote_debugging_enabled",
+                          "debugger_pending_call", "debugger_script_path", "debugger_script_path_size")),
+)
+
 _DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], _DebugOffsetsLayout] = {
     (3, 13): _DEBUG_OFFSETS_3_13,
+    (3, 14): _DEBUG_OFFSETS_3_14,
 }
+
+# PY_VERSION_HEX's release level (bits 4-7): 0xA alpha, 0xB beta, 0xC candidate, 0xF final.
+_RELEASE_CANDIDATE = 0xC
+_RELEASE_NAMES = {0xA: "a", 0xB: "b", 0xC: "rc"}
+
+
+def _version_text(version_hex: int) -> str:
+    """PY_VERSION_HEX as CPython writes the version: 3.14.0, 3.14.0b2, 3.14.0rc1."""
+    major, minor, micro = version_hex >> 24, (version_hex >> 16) & 0xFF, (version_hex >> 8) & 0xFF
+    level, serial = (version_hex >> 4) & 0xF, version_hex & 0xF
+    text = f"{major}.{minor}.{micro}"
+    if level in _RELEASE_NAMES:
+        text += f"{_RELEASE_NAMES[level]}{serial}"
+    return text
 
 # The members of the debug offsets that PythonLayout takes, "struct.member" -> field.
 _FROM_DEBUG_OFFSETS = {
@@ -269,7 +329,14 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     if layout is None:
         known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
         raise ValueError(f"_Py_DebugOffsets: no known layout of the struct for CPython {version_text} "
-                         f"(it changes between minor versions; known: {known})")
+                         f"(PY_VERSION_HEX {version_hex:#x}; it changes between minor versions; known: {known})")
+    if (version_hex >> 4) & 0xF < _RELEASE_CANDIDATE:
+        raise ValueError(f"_Py_DebugOffsets: CPython {_version_text(version_hex)} is an alpha or beta, "
+                         f"whose struct may differ from {version_text}'s releases (known from {version_text}.0rc1 on)")
+    (free_threaded,) = struct.unpack_from("<Q", data, 16)
+    if free_threaded:
+        # Threads run bytecode from copies of their own (tlbc), not co_code_adaptive.
+        raise ValueError(f"_Py_DebugOffsets: CPython {version_text} is a free-threaded build, not read yet")
     positions, size = _positions(layout)
     if len(data) < size:
         raise ValueError(f"_Py_DebugOffsets: CPython {version_text}'s struct takes {size} bytes, got {len(data)}")

@@ -8,11 +8,20 @@ from typing import Dict, List, Union
 from bpfprof.collector.pprof import read_pprof
 
 
+@dataclass(frozen=True)
+class SourceFrame:
+    function: str
+    filename: str
+    start_line: int  # of the function
+    line: int  # being run
+
+
 @dataclass
 class Sample:
     functions: List[str]  # leaf first
     labels: Dict[str, Union[str, int]]
     count: int
+    frames: List[SourceFrame]  # leaf first, the same frames with their source
 
     def has_chain(self, *callers_to_callee: str) -> bool:
         """True when these functions appear root to leaf, adjacent and in this order."""
@@ -24,13 +33,20 @@ class Sample:
 def read_samples(path) -> List[Sample]:
     profile = read_pprof(str(path))
     strings = profile.string_table
-    functions = {f.id: strings[f.name] for f in profile.function}
-    locations = {loc.id: [functions[line.function_id] for line in loc.line] for loc in profile.location}
+    functions = {f.id: f for f in profile.function}
+    locations = {
+        loc.id: [
+            SourceFrame(strings[functions[line.function_id].name], strings[functions[line.function_id].filename],
+                        functions[line.function_id].start_line, line.line)
+            for line in loc.line
+        ]
+        for loc in profile.location
+    }
     samples = []
     for s in profile.sample:
-        names = [name for location_id in s.location_id for name in locations[location_id]]
+        frames = [frame for location_id in s.location_id for frame in locations[location_id]]
         labels = {strings[l.key]: (strings[l.str] if l.str else l.num) for l in s.label}
-        samples.append(Sample(names, labels, s.value[0]))
+        samples.append(Sample([f.function for f in frames], labels, s.value[0], frames))
     return samples
 
 

@@ -1,8 +1,10 @@
 """The CPython layout table checked against the headers of each CPython that pyenv has
 installed: a small C program per version prints offsetof()/sizeof() for every field of
-PythonLayout, and the table must agree. For 3.13 the offsets come from `_Py_DebugOffsets`
+PythonLayout, and the table must agree. For 3.13+ the offsets come from `_Py_DebugOffsets`
 instead, so its test reads the start of `_PyRuntime` out of the installed libpython and
-compares what `parse_debug_offsets` makes of it with the same header measurements."""
+compares what `parse_debug_offsets` makes of it with the same header measurements.
+Where no 3.14 is installed, a `_PyRuntime` prefix written out here member by member
+(with the values of a real 3.14.10 build) stands in for it."""
 
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ from bpfprof.symbolizer.python_layouts import (
     DEBUG_OFFSETS_SIZE,
     LAYOUTS,
     PythonLayout,
+    _DEBUG_OFFSETS_LAYOUTS,
     layout_for,
     parse_debug_offsets,
 )
 
 TABLE_MINORS = (8, 9, 10, 11, 12)
-DEBUG_OFFSETS_MINORS = (13,)
+DEBUG_OFFSETS_MINORS = (13,)  # 3.14 has no installed headers here: its synthetic test is below
 LAYOUT_FIELDS = [f.name for f in dataclasses.fields(PythonLayout) if f.name != "version"]
 PT_LOAD = "PT_LOAD"
 
@@ -278,3 +281,119 @@ def test_debug_offsets_rejects_unknown_minor_versions():
 def test_debug_offsets_rejects_offsets_outside_their_structures():
     with pytest.raises(ValueError, match="size"):
         parse_debug_offsets(fake_debug_offsets(0x030D00F0))     # every member zero
+
+
+# ---------------------------------------------------------------------------------------
+# 3.14 without an installed 3.14: a synthetic start of _PyRuntime
+
+# _Py_DebugOffsets of 3.14 after its 24-byte header, group by group in the order of
+# include/python3.14/internal/pycore_debug_offsets.h, written out here independently of
+# the parser's own list. The values are those of Debian's 3.14.10 (x86-64, GIL build),
+# which the parser was checked against together with that build's headers.
+DEBUG_OFFSETS_3_14_10 = (
+    ("runtime_state", (("size", 316616), ("finalizing", 784), ("interpreters_head", 808))),
+    ("interpreter_state", (("size", 225864), ("id", 7280), ("next", 7272), ("threads_head", 7344),
+                           ("threads_main", 7360), ("gc", 7408), ("imports_modules", 7688), ("sysdict", 7672),
+                           ("builtins", 7680), ("ceval_gil", 16), ("gil_runtime_state", 7784),
+                           ("gil_runtime_state_enabled", 0), ("gil_runtime_state_locked", 7800),
+                           ("gil_runtime_state_holder", 7792), ("code_object_generation", 7992),
+                           ("tlbc_generation", 0))),
+    ("thread_state", (("size", 832), ("prev", 0), ("next", 8), ("interp", 16), ("current_frame", 72),
+                      ("thread_id", 152), ("native_thread_id", 160), ("datastack_chunk", 232), ("status", 32))),
+    ("interpreter_frame", (("size", 88), ("previous", 8), ("executable", 0), ("instr_ptr", 56),
+                           ("localsplus", 80), ("owner", 74), ("stackpointer", 64), ("tlbc_index", 0))),
+    ("code_object", (("size", 216), ("filename", 112), ("name", 120), ("qualname", 128), ("linetable", 136),
+                     ("firstlineno", 68), ("argcount", 52), ("localsplusnames", 96), ("localspluskinds", 104),
+                     ("co_code_adaptive", 208), ("co_tlbc", 0))),
+    ("pyobject", (("size", 16), ("ob_type", 8))),
+    ("type_object", (("size", 416), ("tp_name", 24), ("tp_repr", 88), ("tp_flags", 168))),
+    ("tuple_object", (("size", 40), ("ob_item", 32), ("ob_size", 16))),
+    ("list_object", (("size", 40), ("ob_item", 24), ("ob_size", 16))),
+    ("set_object", (("size", 200), ("used", 24), ("table", 40), ("mask", 32))),
+    ("dict_object", (("size", 48), ("ma_keys", 32), ("ma_values", 40))),
+    ("float_object", (("size", 24), ("ob_fval", 16))),
+    ("long_object", (("size", 32), ("lv_tag", 16), ("ob_digit", 24))),
+    ("bytes_object", (("size", 40), ("ob_size", 16), ("ob_sval", 32))),
+    ("unicode_object", (("size", 64), ("state", 32), ("length", 16), ("asciiobject_size", 40))),
+    ("gc", (("size", 264), ("collecting", 192))),
+    ("gen_object", (("size", 160), ("gi_name", 24), ("gi_iframe", 72), ("gi_frame_state", 67))),
+    ("llist_node", (("next", 0), ("prev", 8))),
+    ("debugger_support", (("eval_breaker", 24), ("remote_debugger_support", 304),
+                          ("remote_debugging_enabled", 8076), ("debugger_pending_call", 0),
+                          ("debugger_script_path", 4), ("debugger_script_path_size", 512))),
+)
+SIZEOF_DEBUG_OFFSETS_3_14 = 760   # sizeof(_Py_DebugOffsets) compiled against 3.14.10's headers
+
+# What parse_debug_offsets must make of it: offsetof()/sizeof() as measured with gcc
+# against the same 3.14.10 headers (c_program(14)).
+LAYOUT_3_14_10 = PythonLayout(
+    version=(3, 14),
+    runtime_interpreters_head=808,
+    interp_next=7272, interp_threads_head=7344,
+    tstate_next=8, tstate_interp=16, tstate_thread_id=152, tstate_native_thread_id=160,
+    tstate_frame=72, cframe_current_frame=-1,
+    frame_previous=8, frame_code=0, frame_instr=56, frame_owner=74, frame_is_entry=-1,
+    code_filename=112, code_name=120, code_qualname=128, code_firstlineno=68,
+    code_linetable=136, code_adaptive=208,
+    unicode_state=32, unicode_length=16, unicode_ascii_data=40, unicode_compact_data=56,
+    bytes_size=16, bytes_data=32,
+)
+
+
+def synthetic_runtime_3_14(version_hex: int = 0x030E0AF0, size: int = DEBUG_OFFSETS_SIZE) -> bytes:
+    """The first `size` bytes of a 3.14 `_PyRuntime`: cookie, version, free_threaded = 0,
+    the members above, then bytes that belong to _PyRuntimeState proper (not zero, so
+    that a parser reading past the struct would notice)."""
+    values = [value for _, members in DEBUG_OFFSETS_3_14_10 for _, value in members]
+    data = DEBUG_OFFSETS_COOKIE + struct.pack("<QQ", version_hex, 0) + struct.pack(f"<{len(values)}Q", *values)
+    assert len(data) == SIZEOF_DEBUG_OFFSETS_3_14
+    return (data + b"\xa5" * DEBUG_OFFSETS_SIZE)[:size]
+
+
+def test_debug_offsets_3_14_synthetic():
+    assert parse_debug_offsets(synthetic_runtime_3_14()) == LAYOUT_3_14_10
+
+
+@pytest.mark.parametrize("version_hex", [0x030E00F0, 0x030E00C1, 0x030E0AF0, 0x030E14F0],
+                         ids=["3.14.0", "3.14.0rc1", "3.14.10", "3.14.20"])
+def test_debug_offsets_3_14_every_release(version_hex):
+    # One struct for the whole 3.14 series: checked identical in 3.14.0 and 3.14.10.
+    assert parse_debug_offsets(synthetic_runtime_3_14(version_hex)) == LAYOUT_3_14_10
+
+
+def test_debug_offsets_3_14_member_order():
+    # Members PythonLayout does not take move no field when swapped, so the order of
+    # every member is compared as well: it decides where later structs' members are.
+    names = [(group, tuple(name for name, _ in members)) for group, members in DEBUG_OFFSETS_3_14_10]
+    assert [(group, tuple(members)) for group, members in _DEBUG_OFFSETS_LAYOUTS[(3, 14)]] == names
+
+
+def test_debug_offsets_3_14_exactly_its_size():
+    assert parse_debug_offsets(synthetic_runtime_3_14(size=SIZEOF_DEBUG_OFFSETS_3_14)) == LAYOUT_3_14_10
+    with pytest.raises(ValueError, match="3.14's struct takes 760 bytes, got 759"):
+        parse_debug_offsets(synthetic_runtime_3_14(size=SIZEOF_DEBUG_OFFSETS_3_14 - 1))
+
+
+@pytest.mark.parametrize("version_hex, text", [(0x030E00A7, "3.14.0a7"), (0x030E00B2, "3.14.0b2"),
+                                               (0x030D00B4, "3.13.0b4")])
+def test_debug_offsets_rejects_alphas_and_betas(version_hex, text):
+    data = synthetic_runtime_3_14(version_hex) if version_hex >> 16 == 0x030E else fake_debug_offsets(version_hex)
+    with pytest.raises(ValueError, match=f"CPython {text} is an alpha or beta") as raised:
+        parse_debug_offsets(data)
+    assert "\n" not in str(raised.value)
+
+
+def test_debug_offsets_unknown_future_version_message():
+    with pytest.raises(ValueError) as raised:
+        parse_debug_offsets(fake_debug_offsets(0x036300F0))     # 3.99.0
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "CPython 3.99 " in message and "0x36300f0" in message
+    assert "known: 3.13, 3.14" in message
+
+
+def test_debug_offsets_refuses_free_threaded_builds():
+    data = bytearray(synthetic_runtime_3_14())
+    struct.pack_into("<Q", data, 16, 1)  # free_threaded
+    with pytest.raises(ValueError, match="free-threaded"):
+        parse_debug_offsets(bytes(data))

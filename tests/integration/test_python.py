@@ -1,0 +1,184 @@
+"""CPython frames through real BPF: scripts with known hot functions under every installed
+interpreter, threads, deep recursion, processes started before the profiler, a private
+mount namespace, and interpreters we cannot read."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, run_bpfprof, skip_or_fail
+from pprof_check import check_with_go
+from samples import read_samples, share
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+SCRIPTS = FIXTURES / "python"
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+STATIC_PYTHON = "/usr/bin/python3"  # Debian's: one static executable, no libpython
+
+
+def pyenv_python(minor: int) -> str:
+    found = sorted(PYENV_VERSIONS.glob(f"3.{minor}.*/bin/python3.{minor}"))
+    if not found:
+        skip_or_fail(f"no CPython 3.{minor} under {PYENV_VERSIONS}")
+    return str(found[-1])
+
+
+INTERPRETERS = [pytest.param(minor, id=f"pyenv-3.{minor}") for minor in range(8, 14)]
+INTERPRETERS.append(pytest.param(None, id="debian-static"))
+
+
+@pytest.fixture(params=INTERPRETERS)
+def python(request) -> str:
+    if request.param is None:
+        if not os.path.exists(STATIC_PYTHON):
+            skip_or_fail(f"no {STATIC_PYTHON}")
+        return STATIC_PYTHON
+    return pyenv_python(request.param)
+
+
+def version_of(python: str):
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True).stdout
+    return tuple(int(n) for n in out.split())
+
+
+def marked_lines(script: Path, mark: str):
+    return {n for n, line in enumerate(script.read_text().splitlines(), 1) if line.rstrip().endswith(mark)}
+
+
+def def_line(script: Path, name: str) -> int:
+    return next(n for n, line in enumerate(script.read_text().splitlines(), 1)
+                if re.match(rf"\s*def {name}\(", line))
+
+
+def python_frames(sample):
+    return [f for f in sample.frames if f.filename.endswith(".py")]
+
+
+def start(python: str, script: str, seconds: float, **kwargs) -> subprocess.Popen:
+    """Start a fixture script and wait until it says it runs."""
+    process = subprocess.Popen([python, str(SCRIPTS / script), str(seconds)], stdout=subprocess.PIPE, text=True,
+                               **kwargs)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_hot_function_file_and_line(python, tmp_path):
+    script = SCRIPTS / "hot.py"
+    qualname = "Shapes.area_sum" if version_of(python) >= (3, 11) else "area_sum"  # co_qualname from 3.11
+    out = tmp_path / "hot.pb.gz"
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), "--", python, str(script), "3")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    samples = read_samples(out)
+    assert sum(s.count for s in samples) >= 3 * 199 * 0.8
+    # Root to leaf: the script's module code, outer(), the hot method.
+    assert share(samples, lambda s: s.has_chain("<module>", "outer", qualname)) >= 0.8
+    hot = [s for s in samples if python_frames(s) and python_frames(s)[0].function == qualname]
+    frame = python_frames(hot[0])[0]
+    assert frame.filename == str(script)
+    assert frame.start_line == def_line(script, "area_sum")
+    assert share(hot, lambda s: python_frames(s)[0].line in marked_lines(script, "# HOT")) >= 0.9
+    check_with_go(out, expect=[qualname])
+
+
+def test_each_thread_has_its_own_stack_and_name(tmp_path):
+    python = pyenv_python(12)
+    out = tmp_path / "threads.pb.gz"
+    process = start(python, "threads.py", 4)
+    try:
+        result = run_bpfprof("record", "-p", str(process.pid), "-d", "2", "-o", str(out))
+    finally:
+        process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    samples = [s for s in read_samples(out) if python_frames(s)]
+    by_function = {}
+    for s in samples:
+        by_function.setdefault(python_frames(s)[0].function, set()).add((s.labels["tid"], s.labels["thread"]))
+    assert by_function.keys() >= {"spin_alpha", "spin_beta"}
+    (alpha_tid, alpha_name), = by_function["spin_alpha"]
+    (beta_tid, beta_name), = by_function["spin_beta"]
+    assert alpha_tid != beta_tid != process.pid
+    assert (alpha_name, beta_name) == ("alpha-worker", "beta-worker")
+    assert share(samples, lambda s: python_frames(s)[-1].function == "<module>") < 0.2  # main thread waits
+
+
+def test_deep_recursion_is_truncated_at_the_root(tmp_path):
+    out = tmp_path / "deep.pb.gz"
+    result = run_bpfprof("record", "-o", str(out), "--", pyenv_python(12), str(SCRIPTS / "recursion.py"), "2")
+    assert result.returncode == 0, result.stderr
+    deep = [s for s in read_samples(out) if s.functions and "spin" in s.functions[:3]]
+    assert sum(s.count for s in deep) >= 2 * 99 * 0.8
+    for s in deep:
+        frames = [f.function for f in python_frames(s)]
+        assert frames[0] == "spin" and frames.count("recurse") == 127  # 128 frames walked, leaf first
+        assert s.functions[s.functions.index("spin") + 128] == "[more Python frames]"
+    assert "deeper than 128 frames" in result.stderr
+
+
+def test_process_started_before_the_profiler_in_a_private_mount_namespace(tmp_path):
+    """The static interpreter copied into a tmpfs that only its own mount namespace sees."""
+    if not os.path.exists(STATIC_PYTHON) or not shutil.which("unshare"):
+        skip_or_fail("needs /usr/bin/python3 and unshare")
+    private = tmp_path / "private"
+    private.mkdir()
+    setup = (f"mount -t tmpfs tmpfs {private} && cp {os.path.realpath(STATIC_PYTHON)} {SCRIPTS / 'hot.py'} {private} && "
+             f"exec {private}/{os.path.basename(os.path.realpath(STATIC_PYTHON))} {private}/hot.py 5")
+    process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup],
+                               stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "pre.pb.gz"
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        assert not (private / "hot.py").exists()  # not in our namespace
+        result = run_bpfprof("record", "-p", str(process.pid), "-d", "2", "-o", str(out))
+    finally:
+        process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    assert share(samples, lambda s: s.has_chain("<module>", "outer", "Shapes.area_sum")) >= 0.8
+    assert python_frames(samples[0])[0].filename == f"{private}/hot.py"
+
+
+def test_venv_interpreter(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([pyenv_python(11), "-m", "venv", "--without-pip", str(venv)], check=True)
+    out = tmp_path / "venv.folded"
+    result = run_bpfprof("record", "-o", str(out), "--", str(venv / "bin/python"), str(SCRIPTS / "hot.py"), "2")
+    assert result.returncode == 0, result.stderr
+    assert "<module> (hot.py);outer (hot.py);Shapes.area_sum (hot.py)" in out.read_text()
+
+
+def test_no_python_leaves_python_frames_out(tmp_path):
+    out = tmp_path / "native.folded"
+    result = run_bpfprof("record", "--no-python", "-o", str(out), "--", pyenv_python(12), str(SCRIPTS / "hot.py"), "2")
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert text and "(hot.py)" not in text and "_PyEval_EvalFrameDefault" in text
+
+
+def test_unsupported_interpreter_gets_native_frames_and_one_warning(tmp_path):
+    old = sorted(PYENV_VERSIONS.glob("3.7.*/bin/python3.7"))
+    if not old:
+        skip_or_fail(f"no CPython 3.7 under {PYENV_VERSIONS}")
+    out = tmp_path / "old.folded"
+    process = start(str(old[-1]), "hot.py", 4)
+    other = start(pyenv_python(12), "hot.py", 4)
+    try:
+        result = run_bpfprof("record", "-p", f"{process.pid},{other.pid}", "-d", "2", "-o", str(out))
+    finally:
+        process.wait(timeout=30)
+        other.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "CPython 3.7" in warnings[0], result.stderr
+    lines = out.read_text().splitlines()
+    assert any(line.startswith("python3.7;") for line in lines)
+    assert not any(line.startswith("python3.7;") and "(hot.py)" in line for line in lines)
+    assert any(line.startswith("python3.12;") and "Shapes.area_sum (hot.py)" in line for line in lines), lines
