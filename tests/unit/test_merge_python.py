@@ -1,0 +1,65 @@
+"""Joining native and Python frames into one stack (collector/stacks.py merge_python)."""
+
+from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.collector.stacks import merge_python
+
+PYTHON = Module("/usr/lib/libpython3.12.so.1.0")
+EXE = Module("/usr/bin/python3.12")
+LIBC = Module("/usr/lib/x86_64-linux-gnu/libc.so.6")
+EXTENSION = Module("/usr/lib/python3.12/lib-dynload/zlib.cpython-312.so")
+
+
+def native(name, module):
+    return Frame(FrameKind.NATIVE, name, module)
+
+
+def py(name):
+    return Frame(FrameKind.PYTHON, name, None, 0, "app.py", 1, 1)
+
+
+def names(frames):
+    return [f.name for f in frames]
+
+
+ROOT = [native("_PyEval_EvalFrameDefault", PYTHON), native("Py_RunMain", PYTHON), native("main", EXE),
+        native("__libc_start_call_main", LIBC)]  # leaf first, as unwound with frame pointers
+
+
+def test_each_eval_loop_frame_runs_its_group_of_python_frames():
+    # main -> eval loop (<module>, handler) -> C callback -> eval loop (key) -> compress
+    stack = ([native("deflate", EXTENSION), native("zlib_compress", EXTENSION),
+              native("_PyEval_EvalFrameDefault", PYTHON), native("PyObject_Call", PYTHON)] + ROOT)
+    python = [(py("key"), True), (py("handler"), False), (py("<module>"), True)]  # leaf first
+    merged = merge_python(stack, python, PYTHON.path)
+    assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "<module>", "handler",
+                                   "PyObject_Call", "key", "zlib_compress", "deflate"]
+
+
+def test_group_count_mismatch_puts_all_python_frames_between_the_outer_and_inner_eval_loops():
+    stack = [native("PyLong_FromLong", PYTHON)] + ROOT
+    python = [(py("key"), True), (py("<module>"), True)]  # two groups, one eval frame seen
+    merged = merge_python(stack, python, PYTHON.path)
+    assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "<module>", "key",
+                                   "PyLong_FromLong"]
+
+
+def test_without_a_complete_native_stack_python_frames_stand_in_for_the_interpreter():
+    # No frame pointers in libpython: after the leaf the unwinder went astray.
+    # What the extension was called through in the interpreter is kept; below that, noise.
+    stack = [native("zlib_compress", EXTENSION), native("cfunction_vectorcall_O", PYTHON),
+             native("garbage", LIBC), Frame(FrameKind.NATIVE, "[unmapped 0x7f00]")]
+    python = [(py("compress"), False), (py("<module>"), True)]
+    merged = merge_python(stack, python, PYTHON.path)
+    assert names(merged[::-1]) == ["<module>", "compress", "cfunction_vectorcall_O", "zlib_compress"]
+
+
+def test_leaf_in_the_interpreter_is_kept_above_the_python_frames():
+    stack = [native("_PyObject_Malloc", PYTHON), native("garbage", LIBC)]
+    merged = merge_python(stack, [(py("area_sum"), True)], PYTHON.path)
+    assert names(merged[::-1]) == ["area_sum", "_PyObject_Malloc"]
+
+
+def test_leaf_in_the_eval_loop_itself_leaves_only_python_frames():
+    stack = [native("_PyEval_EvalFrameDefault", PYTHON), Frame(FrameKind.NATIVE, "[unmapped 0x1]")]
+    merged = merge_python(stack, [(py("area_sum"), False), (py("<module>"), True)], PYTHON.path)
+    assert names(merged[::-1]) == ["<module>", "area_sum"]
