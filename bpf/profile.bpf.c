@@ -7,7 +7,6 @@
  *   KERNEL_STACKS   capture kernel stacks
  *   PYTHON_STACKS   walk CPython frames of processes in `python_processes`
  *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES   their map sizes
- *   TASK_FSBASE     offset of thread.fsbase in task_struct (from BTF), for pthread keys
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -89,17 +88,9 @@ static __always_inline s32 read_s32(u64 base, s32 offset)
 
 /* The current thread's PyThreadState, or 0. An unknown thread is reported once, so
  * that the collector looks for it in the interpreter's thread list. */
-static __always_inline u64 python_thread_state(struct python_process *py, u32 pid, u32 tid)
+static __always_inline u64 python_thread_state(u32 pid, u32 tid)
 {
-    struct python_thread thread = {.pid = pid, .thread = tid};
-    if (py->thread_key == PYTHON_KEY_PTHREAD) {
-#if TASK_FSBASE >= 0
-        u64 task = bpf_get_current_task();
-        bpf_probe_read_kernel(&thread.thread, sizeof(thread.thread), (void *)(task + TASK_FSBASE));
-#else
-        return 0;  /* no BTF: pthread keys cannot be matched */
-#endif
-    }
+    struct python_thread thread = {.pid = pid, .tid = tid};
     u64 *tstate = python_threads.lookup(&thread);
     if (tstate)
         return *tstate;
@@ -187,7 +178,7 @@ int on_cpu_sample(void *ctx)
     struct python_process *py = python_processes.lookup(&pid);
     struct python_stack *python = python_scratch.lookup(&zero_index);
     if (py && python) {
-        u64 tstate = python_thread_state(py, pid, tid);
+        u64 tstate = python_thread_state(pid, tid);
         if (tstate)
             key.python_stack = walk_python(py, python, tstate);
     }

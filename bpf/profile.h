@@ -38,14 +38,8 @@ enum python_frame_chain {
     PYTHON_CURRENT_FRAME = 2,  /* 3.13+: tstate->current_frame, instr_ptr */
 };
 
-enum python_thread_key_kind {
-    PYTHON_KEY_TID = 0,        /* PyThreadState.native_thread_id (3.11+) */
-    PYTHON_KEY_PTHREAD = 1,    /* PyThreadState.thread_id: pthread_t, the thread's fsbase */
-};
-
 struct python_process {
     u32 frame_chain;           /* enum python_frame_chain */
-    u32 thread_key;            /* enum python_thread_key_kind */
     s32 tstate_frame;
     s32 cframe_current_frame;
     s32 frame_previous;
@@ -59,8 +53,7 @@ struct python_process {
 
 struct python_thread {
     u32 pid;
-    u32 pad;
-    u64 thread;                /* tid or pthread_t, as python_process.thread_key says */
+    u32 tid;
 };
 
 /* _PyInterpreterFrame.owner from here up: a shim frame where the eval loop was entered

@@ -69,17 +69,6 @@ def _warn(message: str) -> None:
     click.echo(f"bpfprof: warning: {message}", err=True)
 
 
-def _task_fsbase() -> int:
-    """Where a thread's pthread pointer is kept, for Python 3.8-3.10 (-1: not known)."""
-    from bpfprof.collector.btf import kernel_offset_of
-
-    try:
-        return kernel_offset_of("task_struct", "thread.fsbase")
-    except CollectorError as e:
-        _warn(f"{e}; Python 3.8-3.10 processes get native frames only")
-        return -1
-
-
 def _progress(samples: int) -> None:
     click.echo(f"\rrecording: {samples} samples", err=True, nl=False)
 
@@ -132,7 +121,7 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_py
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
-        python=not no_python, task_fsbase=_task_fsbase() if not no_python else -1,
+        python=not no_python,
     )
     recorder = Recorder(config, find_kernel_headers(), _warn)
     recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)

@@ -4,7 +4,6 @@ that exit before the profile is written are still named and symbolized."""
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes import Mapping, Process
-from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, PYTHON_THREAD_KEYS, Sampler
+from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, Sampler
 from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import (
@@ -20,13 +21,15 @@ from bpfprof.symbolizer.python_layouts import (
     layout_for,
     parse_debug_offsets,
 )
+from bpfprof.symbolizer.python_thread_names import thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
 PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
 _INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
 _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
-_RESCAN_INTERVAL_S = 0.1
+_RESCAN_INTERVAL_S = 0.01  # a thread that lives 100 ms (one per request) is still found
+_PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
 
 
 @dataclass
@@ -38,7 +41,9 @@ class Interpreter:
     runtime: int  # address of _PyRuntime in the process
     module_path: str  # the binary the interpreter lives in
     memory: ProcessMemory
-    threads: Dict[int, int] = field(default_factory=dict)  # thread key -> PyThreadState
+    threads: Dict[int, int] = field(default_factory=dict)  # tid -> PyThreadState
+    names: Dict[int, str] = field(default_factory=dict)  # tid -> threading.Thread name
+    pthread_tid_offset: Optional[int] = None  # <= 3.10: where the C library keeps a thread's tid
     last_scan: float = 0.0
 
 
@@ -86,8 +91,11 @@ class PythonProcesses:
             if symbols is not None and "_PyRuntime" in symbols.data:
                 break
         else:
-            if candidates:  # an interpreter from before 3.7 has no _PyRuntime
-                self._cannot_read(candidates[-1].obj.path, "no _PyRuntime symbol")
+            # A libpython from before 3.7 has no _PyRuntime. (An executable without it may
+            # just not have mapped its libpython yet.)
+            old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
+            if old:
+                self._cannot_read(old[0].obj.path, "no _PyRuntime symbol")
             return
         text_vaddr = symbols.vaddr(mapping.offset)
         if text_vaddr is None:
@@ -129,10 +137,8 @@ class PythonProcesses:
             chain = "PYTHON_CFRAME"
         else:
             chain = "PYTHON_CURRENT_FRAME"
-        key = "PYTHON_KEY_TID" if layout.tstate_native_thread_id >= 0 else "PYTHON_KEY_PTHREAD"
         return {
             "frame_chain": PYTHON_FRAME_CHAINS[chain],
-            "thread_key": PYTHON_THREAD_KEYS[key],
             "tstate_frame": layout.tstate_frame,
             "cframe_current_frame": layout.cframe_current_frame,
             "frame_previous": layout.frame_previous,
@@ -145,41 +151,72 @@ class PythonProcesses:
         }
 
     def scan_threads(self, interpreter: Interpreter) -> None:
-        """Re-read every interpreter's thread list and replace this process's entries."""
+        """Re-read the thread lists of every interpreter in the process and replace its
+        entries: thread states by tid, and the names threading gave them."""
         layout, memory = interpreter.layout, interpreter.memory
-        key_offset = layout.tstate_native_thread_id
-        if key_offset < 0:
-            key_offset = layout.tstate_thread_id
-        threads: Dict[int, int] = {}
+        states: List[Tuple[int, int, int]] = []  # (PyThreadState, pthread ident, tid or 0)
         try:
             interp = memory.pointer(interpreter.runtime + layout.runtime_interpreters_head)
             for _ in range(_MAX_INTERPRETERS):
                 if not interp:
                     break
                 tstate = memory.pointer(interp + layout.interp_threads_head)
-                while tstate and len(threads) < _MAX_THREADS:
-                    threads[memory.pointer(tstate + key_offset)] = tstate
+                while tstate and len(states) < _MAX_THREADS:
+                    tid = memory.u32(tstate + layout.tstate_native_thread_id) if layout.tstate_native_thread_id >= 0 else 0
+                    states.append((tstate, memory.pointer(tstate + layout.tstate_thread_id), tid))
                     tstate = memory.pointer(tstate + layout.tstate_next)
                 interp = memory.pointer(interp + layout.interp_next)
         except UnreadableMemory:
             pass  # exiting, or a thread list changing under us: what was read stands
+        if layout.tstate_native_thread_id < 0:  # <= 3.10 keeps only the pthread_t
+            states = self._tids_from_pthreads(interpreter, states)
+        threads = {tid: tstate for tstate, _, tid in states if tid}
+        if threads.keys() != interpreter.threads.keys() or not interpreter.last_scan:  # names only for new threads
+            try:
+                by_ident = thread_names(memory, layout, interpreter.runtime)
+            except (UnreadableMemory, ValueError):
+                by_ident = {}
+            interpreter.names = {tid: by_ident[ident] for _, ident, tid in states if tid and ident in by_ident}
         gone = set(interpreter.threads) - set(threads)
-        threads.pop(0, None)  # a thread state not bound to a thread yet
         self._sampler.set_python_threads(interpreter.pid, threads, gone)
         interpreter.threads = threads
         interpreter.last_scan = time.monotonic()
 
+    @staticmethod
+    def _tids_from_pthreads(interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
+        """Kernel tids for thread states known by pthread_t alone. The C library keeps each
+        thread's tid inside its pthread struct; where, is learnt once per process: the
+        offset at which every struct holds a distinct tid of the process, the main
+        thread's being the pid."""
+        memory, pid = interpreter.memory, interpreter.pid
+        try:
+            tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+            structs = [memory.read(ident, _PTHREAD_SEARCH) if ident else b"" for _, ident, _ in states]
+        except (OSError, UnreadableMemory):
+            return states
+        offsets = [interpreter.pthread_tid_offset] if interpreter.pthread_tid_offset is not None else \
+            range(0, _PTHREAD_SEARCH, 4)
+        for offset in offsets:
+            tids = [struct.unpack_from("<i", data, offset)[0] if data else 0 for data in structs]
+            found = [t for t in tids if t]
+            if pid in found and set(found) <= tasks and len(set(found)) == len(found):
+                interpreter.pthread_tid_offset = offset
+                return [(tstate, ident, tid) for (tstate, ident, _), tid in zip(states, tids)]
+        return states
+
     def on_unknown_thread(self, pid: int, tid: int) -> None:
-        """BPF met a thread without a known thread state: look again (at most every 100 ms)."""
+        """BPF met a thread without a known thread state: look again (at most every 10 ms)."""
         interpreter = self.interpreters.get(pid)
         if interpreter is None:
             return
-        self._unknown.setdefault(pid, set()).add(tid)
         if time.monotonic() - interpreter.last_scan >= _RESCAN_INTERVAL_S:
             self.scan_threads(interpreter)
+        if tid not in interpreter.threads:
+            self._unknown.setdefault(pid, set()).add(tid)
 
-    def end_drain(self) -> None:
-        """Threads still unknown may be reported again (they may not have started yet)."""
+    def ask_again(self) -> None:
+        """Threads still unknown may be reported again (their thread state may not have
+        existed yet); called every time events have been handled."""
         for pid, tids in self._unknown.items():
             self._sampler.ask_again(tids)
         self._unknown.clear()

@@ -91,6 +91,8 @@ class Recorder:
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
             self._on_event(event, early)
+        if self._python:
+            self._python.ask_again()
 
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
@@ -113,8 +115,6 @@ class Recorder:
             self.profile.add(stack, labels, [sample.count, sample.count * period])
         for pid in self._processes.end_drain():
             self._resolver.forget(pid)
-        if self._python:
-            self._python.end_drain()
 
     def request_stop(self, *_args) -> None:
         self._stop = True

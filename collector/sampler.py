@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.kernel_headers import KernelHeaders
@@ -37,7 +37,6 @@ LOSS_REASONS = _enum_names(HEADER, "loss_reason")
 NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
 EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
-PYTHON_THREAD_KEYS = _enum_names(HEADER, "python_thread_key_kind")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
 PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
 
@@ -74,7 +73,6 @@ class SamplerConfig:
     target_entries: int = 65536
     event_pages: int = 64  # ring buffer pages, a power of two
     python: bool = True  # walk CPython frames
-    task_fsbase: int = -1  # offset of thread.fsbase in task_struct, from BTF (for Python <= 3.10)
     python_processes: int = 4096
 
     def cflags(self) -> List[str]:
@@ -92,7 +90,6 @@ class SamplerConfig:
             f"-DPYTHON_THREADS={self.target_entries}",
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
             f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
-            f"-DTASK_FSBASE={self.task_fsbase}",
         ]
 
 
@@ -253,12 +250,12 @@ class Sampler:
         table[table.Key(pid)] = leaf
 
     def set_python_threads(self, pid: int, threads: Dict[int, int], gone: Iterable[int] = ()) -> None:
-        """Thread key (tid or pthread_t) -> PyThreadState address for one process."""
+        """Thread id -> PyThreadState address for one process."""
         table = self._bpf["python_threads"]
-        for thread in gone:
-            table.pop(table.Key(pid, 0, thread), None)
-        for thread, tstate in threads.items():
-            table[table.Key(pid, 0, thread)] = table.Leaf(tstate)
+        for tid in gone:
+            table.pop(table.Key(pid, tid), None)
+        for tid, tstate in threads.items():
+            table[table.Key(pid, tid)] = table.Leaf(tstate)
 
     def ask_again(self, tids: Iterable[int]) -> None:
         """Let these threads be reported unknown again (they were not found yet)."""

@@ -78,13 +78,13 @@ class StackResolver:
 
     def resolve(self, sample: RawSample) -> Tuple[Stack, Labels]:
         process = self._processes.get(sample.pid, sample.thread_name)
+        interpreter = self._python.interpreters.get(sample.pid) if self._python else None
         frames: List[Frame] = [self._kernel.get_frame(a) for a in _lookup_addresses(sample.kernel_stack)]
         if sample.user_stack and not process.readable:
             name = f"[{process.comm or sample.pid}: process exited before it could be read]"
             frames.append(Frame(FrameKind.NATIVE, name))
         elif sample.user_stack or sample.python_stack:
             user = [self._user_frame(sample.pid, a) for a in _lookup_addresses(sample.user_stack)]
-            interpreter = self._python.interpreters.get(sample.pid) if self._python else None
             if sample.python_stack and interpreter is not None:
                 python = [
                     (self._python_symbols.get_frame(interpreter.memory, interpreter.layout, f.code, f.instr, f.check),
@@ -95,7 +95,8 @@ class StackResolver:
                     python.append((TRUNCATED, True))
                 user = merge_python(user, python, interpreter.module_path)
             frames.extend(user)
-        labels = Labels(sample.pid, sample.tid, process.comm or sample.thread_name, sample.thread_name)
+        thread = interpreter.names.get(sample.tid, sample.thread_name) if interpreter else sample.thread_name
+        labels = Labels(sample.pid, sample.tid, process.comm or sample.thread_name, thread)
         return tuple(frames), labels
 
     def _user_frame(self, pid: int, address: int) -> Frame:

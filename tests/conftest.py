@@ -58,3 +58,27 @@ def run_bpfprof(*args: str, timeout: float = 120, **kwargs) -> subprocess.Comple
 
 def bpfprof_command() -> List[str]:
     return [sys.executable, "-m", "bpfprof"]
+
+
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+STATIC_PYTHON = "/usr/bin/python3"  # Debian's: one static executable, no libpython
+PYTHON_MINORS = tuple(range(8, 14))  # the CPythons that pyenv installed here
+
+
+def pyenv_python(minor: int) -> str:
+    found = sorted(PYENV_VERSIONS.glob(f"3.{minor}.*/bin/python3.{minor}"))
+    if not found:
+        skip_or_fail(f"no CPython 3.{minor} under {PYENV_VERSIONS}")
+    return str(found[-1])
+
+
+@pytest.fixture(params=[*(pytest.param(m, id=f"pyenv-3.{m}") for m in PYTHON_MINORS),
+                        pytest.param(None, id="debian-static")])
+def python(request) -> str:
+    """Each installed CPython in turn: the pyenv builds (shared libpython) and Debian's
+    static one."""
+    if request.param is None:
+        if not os.path.exists(STATIC_PYTHON):
+            skip_or_fail(f"no {STATIC_PYTHON}")
+        return STATIC_PYTHON
+    return pyenv_python(request.param)

@@ -1,0 +1,448 @@
+"""Thread names read out of live CPython processes: under every installed interpreter a
+script starts named threads and prints what `threading.get_ident()` and the name are in
+each; `thread_names` must find the same from the outside. Also: the offset tables
+against each version's headers, and garbage memory giving a clean error, never a hang."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+from conftest import PYTHON_MINORS, pyenv_python, skip_or_fail
+
+from bpfprof.symbolizer.elf import open_elf_symbols
+from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
+from bpfprof.symbolizer.python_layouts import (
+    DEBUG_OFFSETS_COOKIE,
+    DEBUG_OFFSETS_SIZE,
+    LAYOUTS,
+    PythonLayout,
+    layout_for,
+    parse_debug_offsets,
+)
+from bpfprof.symbolizer.python_thread_names import (
+    _DEBUG_FREE_THREADED,
+    _DEBUG_IMPORTS_MODULES,
+    _OFFSETS,
+    ABSENT,
+    DICT_KEYS_GENERAL,
+    INLINE_VALUES_FLAG,
+    MANAGED_DICT_FLAG,
+    SUPPORTED_VERSIONS,
+    thread_names,
+)
+
+MINORS = PYTHON_MINORS
+INTERPRETER_NAME = re.compile(r"^(?:lib)?python3\.(\d+)")
+
+
+def pyenv_prefix(minor: int) -> Path:
+    return Path(pyenv_python(minor)).parent.parent
+
+
+# ---------------------------------------------------------------------------------------
+# A live process with named threads
+
+# Every thread reports its own ident and name, then waits until stdin closes. Besides
+# plain threads: names whose characters take 1, 2 and 4 bytes in a str, a subclass with
+# __slots__ (no inline values in 3.13), and a thread whose __dict__ was asked for (so the
+# instance's values are turned into a real dict on 3.11+).
+SCRIPT = r"""
+import json, queue, sys, threading
+
+reports = queue.Queue()
+stop = threading.Event()
+
+def work():
+    reports.put((threading.get_ident(), threading.current_thread().name))
+    stop.wait()
+
+class Slotted(threading.Thread):
+    __slots__ = ("extra",)
+
+names = ["worker-a", "db-poller", "gr\u00f6\u00dfe", "\u30b9\u30ec\u30c3\u30c9", "n\u00e4\U0001f9f5"]
+threads = [threading.Thread(target=work, name=name, daemon=True) for name in names]
+threads.append(Slotted(target=work, name="slotted", daemon=True))
+threads.append(threading.Thread(target=work, name="with-dict", daemon=True))
+vars(threads[-1])
+threads.append(threading.Thread(target=work, daemon=True))   # a default name
+for thread in threads:
+    thread.start()
+seen = {threading.get_ident(): threading.current_thread().name}
+for _ in threads:
+    ident, name = reports.get()
+    seen[ident] = name
+print(json.dumps({str(ident): name for ident, name in seen.items()}), flush=True)
+sys.stdin.read()
+"""
+
+NO_THREADING_SCRIPT = r"""
+import sys
+print("threading" in sys.modules, flush=True)
+sys.stdin.read()
+"""
+
+
+def find_runtime(pid: int) -> Tuple[int, str]:
+    """The address of _PyRuntime in a process, and the binary it is in: the first
+    mapping of each file named like an interpreter, its symbols, and the load bias."""
+    seen = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or not fields[5].startswith("/") or fields[5] in seen:
+                continue
+            path = fields[5]
+            seen.add(path)
+            if not INTERPRETER_NAME.match(os.path.basename(path)):
+                continue
+            symbols = open_elf_symbols(path, data_names=("_PyRuntime",))
+            try:
+                if "_PyRuntime" not in symbols.data:
+                    continue
+                start, offset = (int(x, 16) for x in (fields[0].split("-")[0], fields[2]))
+                vaddr = symbols.vaddr(offset)
+                assert vaddr is not None, f"{path}: offset {offset:#x} is in no PT_LOAD segment"
+                return start - vaddr + symbols.data["_PyRuntime"], path
+            finally:
+                symbols.close()
+    raise AssertionError(f"no _PyRuntime in any interpreter binary mapped by {pid}")
+
+
+def process_layout(memory: ProcessMemory, runtime: int, python: str) -> PythonLayout:
+    if memory.read(runtime, len(DEBUG_OFFSETS_COOKIE)) == DEBUG_OFFSETS_COOKIE:
+        return parse_debug_offsets(memory.read(runtime, DEBUG_OFFSETS_SIZE))
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True).stdout
+    layout = layout_for(tuple(int(n) for n in out.split()))
+    assert layout is not None
+    return layout
+
+
+class Running:
+    """A script running under an interpreter until the end of the with block."""
+
+    def __init__(self, python: str, script: str) -> None:
+        self.process = subprocess.Popen([python, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def __enter__(self) -> "Running":
+        self.first_line = self.process.stdout.readline().decode()
+        assert self.first_line, f"the script died: exit status {self.process.wait()}"
+        self.memory = ProcessMemory(self.process.pid)
+        self.runtime, self.binary = find_runtime(self.process.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.memory.close()
+        self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+
+def test_thread_names_of_a_live_process(python):
+    with Running(python, SCRIPT) as running:
+        expected = {int(ident): name for ident, name in json.loads(running.first_line).items()}
+        layout = process_layout(running.memory, running.runtime, python)
+        started = time.monotonic()
+        names = thread_names(running.memory, layout, running.runtime)
+        elapsed = time.monotonic() - started
+    assert len(expected) == 9
+    assert "MainThread" in expected.values() and "gr\u00f6\u00dfe" in expected.values()
+    assert names == expected
+    assert elapsed < 1.0, f"reading the names took {elapsed:.3f}s"
+
+
+def test_the_idents_are_the_thread_states_thread_ids(python):
+    """Joining with the thread list works: each name's ident is some thread state's
+    thread_id, walking the interpreter's thread states as the collector does."""
+    with Running(python, SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, python)
+        names = thread_names(running.memory, layout, running.runtime)
+        memory = running.memory
+        interp = memory.pointer(running.runtime + layout.runtime_interpreters_head)
+        tstate = memory.pointer(interp + layout.interp_threads_head)
+        thread_ids = set()
+        while tstate:
+            thread_ids.add(memory.pointer(tstate + layout.tstate_thread_id))
+            tstate = memory.pointer(tstate + layout.tstate_next)
+    assert set(names) <= thread_ids
+    assert len(names) == 9
+
+
+def test_a_process_without_threading(python):
+    with Running(python, NO_THREADING_SCRIPT) as running:
+        imported = running.first_line.strip() == "True"
+        layout = process_layout(running.memory, running.runtime, python)
+        names = thread_names(running.memory, layout, running.runtime)
+    if imported:  # some builds import threading at startup (a .pth file, say)
+        assert list(names.values()) == ["MainThread"]
+    else:
+        assert names == {}
+
+
+def test_a_process_that_is_gone(python):
+    with Running(python, SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, python)
+        running.process.kill()
+        running.process.wait()
+        with pytest.raises(UnreadableMemory):
+            thread_names(running.memory, layout, running.runtime)
+
+
+# ---------------------------------------------------------------------------------------
+# Garbage
+
+
+class FakeMemory(ProcessMemory):
+    """Memory made of one buffer at `base`; everything else is unreadable."""
+
+    def __init__(self, base: int, data: bytes) -> None:
+        self.pid = 0
+        self._fd = -1
+        self.base, self.data = base, data
+        self.reads = 0
+
+    def read(self, address: int, size: int) -> bytes:
+        self.reads += 1
+        start = address - self.base
+        if size < 0 or start < 0 or start + size > len(self.data):
+            raise UnreadableMemory(f"{size} bytes at {address:#x}")
+        return self.data[start:start + size]
+
+
+def garbage(rng: random.Random, base: int, size: int) -> bytearray:
+    """Words that are mostly pointers into the buffer itself, small numbers or zero:
+    the worst case for a reader that follows pointers and loops over counts."""
+    words = []
+    for _ in range(size // 8):
+        choice = rng.random()
+        if choice < 0.7:
+            words.append((base + rng.randrange(0, size - 8)) & ~rng.choice((0, 7)))
+        elif choice < 0.9:
+            words.append(rng.randrange(0, 64))
+        elif choice < 0.95:
+            words.append(0)
+        else:
+            words.append(rng.getrandbits(64))
+    return bytearray(struct.pack(f"<{len(words)}Q", *words))
+
+
+class CorruptingMemory(ProcessMemory):
+    """A live process's memory, but some reads come back damaged: a word replaced by
+    zero, a large count, a pointer back at itself or random bits."""
+
+    def __init__(self, memory: ProcessMemory, rng: random.Random, rate: float) -> None:
+        self.pid = memory.pid
+        self._fd = -1
+        self.inner, self.rng, self.rate = memory, rng, rate
+
+    def read(self, address: int, size: int) -> bytes:
+        data = self.inner.read(address, size)
+        if not size or self.rng.random() >= self.rate:
+            return data
+        data = bytearray(data)
+        if size < 8:
+            data[self.rng.randrange(size)] = self.rng.getrandbits(8)
+            return bytes(data)
+        at = self.rng.randrange(0, size - 7) & ~7
+        value = self.rng.choice((0, 1 << self.rng.randrange(8, 40), address, address + at, self.rng.getrandbits(64)))
+        struct.pack_into("<Q", data, at, value)
+        return bytes(data)
+
+
+def test_damaged_memory_of_a_live_process_gives_a_clean_result_quickly(python):
+    with Running(python, SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, python)
+        rng = random.Random(1)
+        slowest = 0.0
+        for _ in range(200):
+            memory = CorruptingMemory(running.memory, rng, rate=0.03)
+            started = time.monotonic()
+            try:
+                names = thread_names(memory, layout, running.runtime)
+            except UnreadableMemory:
+                pass
+            else:
+                assert all(isinstance(k, int) and isinstance(v, str) and len(v) <= 256 for k, v in names.items())
+            slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 2.0, f"the slowest reading of damaged memory took {slowest:.2f}s"
+
+
+def layouts_for_garbage() -> List[PythonLayout]:
+    layouts = [LAYOUTS[v] for v in SUPPORTED_VERSIONS if v in LAYOUTS]
+    # 3.13 has no tabled PythonLayout; 3.12's with the version changed serves for walking.
+    layouts.append(dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 13)))
+    return layouts
+
+
+@pytest.mark.parametrize("layout", layouts_for_garbage(), ids=lambda l: f"3.{l.version[1]}")
+def test_garbage_gives_a_clean_error_quickly(layout):
+    base, size = 0x10000000, 1 << 16
+    started = time.monotonic()
+    for seed in range(300):
+        rng = random.Random(seed)
+        data = garbage(rng, base, size)
+        runtime = base + rng.randrange(0, size // 2) & ~7
+        if layout.version == (3, 13):  # get past the debug offsets
+            data[runtime - base:runtime - base + 8] = DEBUG_OFFSETS_COOKIE
+            struct.pack_into("<QQ", data, runtime - base + 16, 0, 0)
+            struct.pack_into("<Q", data, runtime - base + 88, rng.randrange(8, 4096, 8))
+        memory = FakeMemory(base, bytes(data))
+        try:
+            names = thread_names(memory, layout, runtime)
+        except UnreadableMemory:
+            continue
+        assert isinstance(names, dict)
+        assert all(isinstance(k, int) and isinstance(v, str) for k, v in names.items())
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"300 garbage processes took {elapsed:.1f}s"
+
+
+def test_unreadable_runtime():
+    memory = FakeMemory(0x1000, bytes(64))
+    for layout in layouts_for_garbage():
+        with pytest.raises(UnreadableMemory):
+            thread_names(memory, layout, 0x90000)
+
+
+def test_unknown_versions_are_refused():
+    memory = FakeMemory(0x1000, bytes(64))
+    for version in ((3, 7), (3, 14)):
+        with pytest.raises(ValueError):
+            thread_names(memory, dataclasses.replace(LAYOUTS[(3, 12)], version=version), 0x1000)
+
+
+def test_free_threaded_is_refused():
+    data = bytearray(1024)
+    data[:8] = DEBUG_OFFSETS_COOKIE
+    struct.pack_into("<QQ", data, 8, 0x030D00F0, 1)
+    with pytest.raises(ValueError, match="free-threaded"):
+        thread_names(FakeMemory(0x1000, bytes(data)), dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 13)), 0x1000)
+
+
+# ---------------------------------------------------------------------------------------
+# The offset tables against the headers
+
+
+def c_expressions(minor: int) -> Dict[str, Optional[str]]:
+    """For each _Offsets field, the C expression that measures it on 3.<minor>, or None
+    where no installed header has it (3.8-3.10 dict keys, 3.8/3.9 module objects: those
+    the live-process test checks). Constants are measured too."""
+    new_dicts = minor >= 11
+    obj = "((PyObject *)&an_object)"
+    managed_dict = {
+        11: f"(char *)_PyObject_ManagedDictPointer({obj}) - (char *){obj}",
+        12: f"(char *)_PyObject_DictOrValuesPointer({obj}) - (char *){obj}",
+        13: "MANAGED_DICT_OFFSET",
+    }
+    managed_values = {
+        11: f"(char *)_PyObject_ValuesPointer({obj}) - (char *){obj}",
+        13: f"(char *)_PyObject_InlineValues({obj}) - (char *){obj}",
+    }
+    return {
+        "interp_modules": (None if minor >= 13 else
+                           "offsetof(PyInterpreterState, imports.modules)" if minor == 12 else
+                           "offsetof(PyInterpreterState, modules)"),
+        "object_type": "offsetof(PyObject, ob_type)",
+        "module_dict": "offsetof(PyModuleObject, md_dict)" if minor >= 10 else None,
+        "type_flags": "offsetof(PyTypeObject, tp_flags)",
+        "type_dictoffset": "offsetof(PyTypeObject, tp_dictoffset)",
+        "heaptype_cached_keys": "offsetof(PyHeapTypeObject, ht_cached_keys)",
+        "dict_keys": "offsetof(PyDictObject, ma_keys)",
+        "dict_values": "offsetof(PyDictObject, ma_values)",
+        "keys_size": "offsetof(PyDictKeysObject, dk_log2_size)" if new_dicts else None,
+        "keys_log2_index_bytes": "offsetof(PyDictKeysObject, dk_log2_index_bytes)" if new_dicts else None,
+        "keys_kind": "offsetof(PyDictKeysObject, dk_kind)" if new_dicts else None,
+        "keys_nentries": "offsetof(PyDictKeysObject, dk_nentries)" if new_dicts else None,
+        "keys_indices": "offsetof(PyDictKeysObject, dk_indices)" if new_dicts else None,
+        "values_items": "offsetof(PyDictValues, values)" if new_dicts else None,
+        "values_capacity": "offsetof(PyDictValues, capacity)" if minor >= 13 else None,
+        "values_valid": "offsetof(PyDictValues, valid)" if minor >= 13 else None,
+        "managed_dict": managed_dict.get(minor),
+        "managed_values": managed_values.get(minor),
+        "long_size": ("offsetof(PyLongObject, long_value.lv_tag)" if minor >= 12 else
+                      "offsetof(PyVarObject, ob_size)"),
+        "long_digits": ("offsetof(PyLongObject, long_value.ob_digit)" if minor >= 12 else
+                        "offsetof(PyLongObject, ob_digit)"),
+        # constants
+        "PyLong_SHIFT": "PyLong_SHIFT",
+        "_PyLong_NON_SIZE_BITS": "_PyLong_NON_SIZE_BITS" if minor >= 12 else None,
+        "Py_TPFLAGS_MANAGED_DICT": "Py_TPFLAGS_MANAGED_DICT" if minor >= 11 else None,
+        "Py_TPFLAGS_INLINE_VALUES": "Py_TPFLAGS_INLINE_VALUES" if minor >= 13 else None,
+        "DICT_KEYS_GENERAL": "DICT_KEYS_GENERAL" if new_dicts else None,
+        "debug_free_threaded": "offsetof(_Py_DebugOffsets, free_threaded)" if minor >= 13 else None,
+        "debug_imports_modules": ("offsetof(_Py_DebugOffsets, interpreter_state.imports_modules)"
+                                  if minor >= 13 else None),
+    }
+
+
+def c_program(minor: int) -> str:
+    headers = ["Python.h"]
+    if minor <= 10:
+        headers.append("longintrepr.h")
+    headers.append("internal/pycore_pystate.h" if minor == 8 else "internal/pycore_interp.h")
+    if minor >= 10:
+        headers.append("internal/pycore_moduleobject.h")
+    if minor >= 11:
+        headers += ["internal/pycore_dict.h", "internal/pycore_object.h"]
+    if minor >= 13:
+        headers.append("internal/pycore_runtime.h")
+    lines = ["#define Py_BUILD_CORE 1"] + [f'#include "{h}"' for h in headers]
+    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "static PyObject an_object;", "",
+              "int main(void) {"]
+    for name, expr in c_expressions(minor).items():
+        if expr is not None:
+            lines.append(f'    printf("%s %ld\\n", "{name}", (long)({expr}));')
+    lines += ["    return 0;", "}", ""]
+    return "\n".join(lines)
+
+
+def measure(minor: int, work: Path) -> Dict[str, int]:
+    prefix = pyenv_prefix(minor)
+    if shutil.which("gcc") is None:
+        skip_or_fail("gcc is not installed")
+    include = prefix / "include" / f"python3.{minor}"
+    if not (include / "Python.h").is_file():
+        skip_or_fail(f"no headers in {include}")
+    source, binary = work / f"offsets3{minor}.c", work / f"offsets3{minor}"
+    source.write_text(c_program(minor))
+    # NDEBUG: the inline helpers measured above assert on the object's type otherwise.
+    result = subprocess.run(["gcc", "-w", "-DNDEBUG", "-o", str(binary), "-I", str(include),
+                             "-I", str(include / "internal"), str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, f"compiling against 3.{minor} headers failed:\n{result.stderr}"
+    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in output.splitlines())}
+
+
+@pytest.mark.parametrize("minor", MINORS, ids=[f"3.{m}" for m in MINORS])
+def test_offsets_match_headers(minor, tmp_path):
+    measured = measure(minor, tmp_path)
+    offsets = _OFFSETS[(3, minor)]
+    table = {f.name: getattr(offsets, f.name) for f in dataclasses.fields(offsets)}
+    mismatches = {name: (table[name], value) for name, value in measured.items()
+                  if name in table and table[name] != value}
+    assert not mismatches, f"3.{minor} (table, headers): {mismatches}"
+    assert measured["PyLong_SHIFT"] == 30
+    assert measured.get("_PyLong_NON_SIZE_BITS", 3) == 3
+    assert measured.get("Py_TPFLAGS_MANAGED_DICT", MANAGED_DICT_FLAG) == MANAGED_DICT_FLAG
+    assert measured.get("Py_TPFLAGS_INLINE_VALUES", INLINE_VALUES_FLAG) == INLINE_VALUES_FLAG
+    assert measured.get("DICT_KEYS_GENERAL", DICT_KEYS_GENERAL) == DICT_KEYS_GENERAL
+    if minor >= 13:
+        assert offsets.interp_modules == ABSENT
+        assert measured["debug_free_threaded"] == _DEBUG_FREE_THREADED[(3, minor)]
+        assert measured["debug_imports_modules"] == _DEBUG_IMPORTS_MODULES[(3, minor)]
+
+
+def test_every_version_has_offsets():
+    assert SUPPORTED_VERSIONS == tuple((3, m) for m in MINORS)
