@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import cpu_seconds, memory_mb
+
 HERE = Path(__file__).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 WORK_C = r"""
 #include <stdlib.h>
@@ -59,20 +60,8 @@ def run_work(work: Path, n: int) -> float:
     return time.monotonic() - started
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def memory_mb(pid: int, field: str) -> float:
-    """VmRSS: resident now; VmHWM: the peak so far (for bpfprof, while clang compiles)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 PROFILERS = {

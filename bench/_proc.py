@@ -1,0 +1,106 @@
+"""What the benchmarks share: starting the processes they measure, stopping them on
+Ctrl-C or at the end, and reading their CPU time and memory from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Everything started here runs in a session of its own, so Ctrl-C reaches only the
+# benchmark, which then stops them (profilers still write their output).
+running: List[subprocess.Popen] = []
+
+
+def start(argv: List[str], **kwargs) -> subprocess.Popen:
+    p = subprocess.Popen(argv, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+    running.append(p)
+    return p
+
+
+def stop_all() -> None:
+    for p in running:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + 5
+    for p in running:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    running.clear()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime of all its threads
+
+
+def memory_mb(pid: int, field: str) -> float:
+    """VmRSS: resident now; VmHWM: the peak so far (for bpfprof, while clang compiles)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class ToolMissing(Exception):
+    pass
+
+
+def find_py_spy() -> str:
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found:
+        return found
+    print("py-spy not found: installing it into this venv (pip install py-spy)", file=sys.stderr)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"])
+    if pip.returncode == 0 and beside.exists():
+        return str(beside)
+    raise ToolMissing(f"py-spy is missing and could not be installed: try {sys.executable} -m pip install py-spy")
+
+
+def run_main(main, name: str) -> None:
+    """Run a benchmark's main(): Ctrl-C stops what it started, and a missing tool or a
+    failed run is one line on stderr, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        stop_all()
+        print("\ninterrupted: everything started was stopped", file=sys.stderr)
+        sys.exit(130)
+    except ToolMissing as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        stop_all()
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def check_tools(python: str) -> str:
+    """What the Python benchmarks need, or ToolMissing: root, the CPython to run, bpfprof
+    and py-spy (whose path is returned)."""
+    if os.geteuid() != 0:
+        raise ToolMissing("needs root (BPF, and py-spy reading another process): run it with sudo")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise ToolMissing(f"no Python at {python}: pass --python /path/to/python3")
+    if importlib.util.find_spec("bpfprof") is None:
+        raise ToolMissing(f"bpfprof is not importable by {sys.executable}: run scripts/setup first")
+    return find_py_spy()
