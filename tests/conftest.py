@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,16 +61,34 @@ def bpfprof_command() -> List[str]:
     return [sys.executable, "-m", "bpfprof"]
 
 
-PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+def _pyenv_root() -> Path:
+    """PYENV_ROOT, else what `pyenv root` says, else ~/.pyenv."""
+    if os.environ.get("PYENV_ROOT"):
+        return Path(os.environ["PYENV_ROOT"])
+    try:
+        out = subprocess.run(["pyenv", "root"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return Path(out.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return Path.home() / ".pyenv"
+
+
+PYENV_VERSIONS = _pyenv_root() / "versions"
 STATIC_PYTHON = "/usr/bin/python3"  # Debian's: one static executable, no libpython
 PYTHON_MINORS = tuple(range(8, 14))  # the CPythons that pyenv installed here
 
 
 def pyenv_python(minor: int) -> str:
-    found = sorted(PYENV_VERSIONS.glob(f"3.{minor}.*/bin/python3.{minor}"))
+    """The newest pyenv-installed python3.MINOR (a skip, or in CI a failure, without one)."""
+    found = []
+    for binary in PYENV_VERSIONS.glob(f"3.{minor}.*/bin/python3.{minor}"):
+        patch = re.fullmatch(rf"3\.{minor}\.(\d+)", binary.parent.parent.name)
+        if patch:
+            found.append((int(patch.group(1)), str(binary)))
     if not found:
         skip_or_fail(f"no CPython 3.{minor} under {PYENV_VERSIONS}")
-    return str(found[-1])
+    return max(found)[1]
 
 
 @pytest.fixture(params=[*(pytest.param(m, id=f"pyenv-3.{m}") for m in PYTHON_MINORS),

@@ -9,8 +9,6 @@ Where no 3.14 is installed, a `_PyRuntime` prefix written out here member by mem
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import shutil
 import struct
 import subprocess
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-from conftest import skip_or_fail
+from conftest import pyenv_python, skip_or_fail
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.python_layouts import (
@@ -41,37 +39,12 @@ PT_LOAD = "PT_LOAD"
 # Finding the installed interpreters
 
 
-def pyenv_root() -> Optional[Path]:
-    """PYENV_ROOT, else what `pyenv root` says, else ~/.pyenv; None if none of them exists."""
-    candidates: List[str] = []
-    if os.environ.get("PYENV_ROOT"):
-        candidates.append(os.environ["PYENV_ROOT"])
-    if shutil.which("pyenv"):
-        result = subprocess.run(["pyenv", "root"], capture_output=True, text=True)
-        if result.returncode == 0 and result.stdout.strip():
-            candidates.append(result.stdout.strip())
-    candidates.append(os.path.expanduser("~/.pyenv"))
-    for candidate in candidates:
-        if (Path(candidate) / "versions").is_dir():
-            return Path(candidate)
-    return None
-
-
 def installed_version(minor: int) -> Path:
-    """The newest pyenv-installed 3.<minor>.<patch> (default build, not free-threaded)
-    that ships its headers; skips the test when there is none."""
-    root = pyenv_root()
-    if root is None:
-        skip_or_fail("pyenv is not installed (no PYENV_ROOT, `pyenv root` or ~/.pyenv)")
-    pattern = re.compile(rf"3\.{minor}\.(\d+)")
-    found = []
-    for entry in (root / "versions").iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and (entry / "include" / f"python3.{minor}" / "Python.h").is_file():
-            found.append((int(match.group(1)), entry))
-    if not found:
-        pytest.skip(f"CPython 3.{minor} with headers is not installed under {root}/versions")
-    return max(found)[1]
+    """The prefix of the newest pyenv-installed 3.<minor>, which must ship its headers."""
+    prefix = Path(pyenv_python(minor)).parent.parent
+    if not (prefix / "include" / f"python3.{minor}" / "Python.h").is_file():
+        skip_or_fail(f"CPython 3.{minor} under {prefix} has no headers")
+    return prefix
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,50 +4,16 @@ object, its raw table and which line every instruction is on."""
 
 import json
 import os
-import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from bpfprof.symbolizer.python_lines import OPEN_END, line_for_offset, line_table
-from conftest import skip_or_fail
+from conftest import PYTHON_MINORS, STATIC_PYTHON, pyenv_python, skip_or_fail
 
-MINORS = range(8, 14)
-DEBIAN_PYTHON = Path("/usr/bin/python3")
-
-
-def _pyenv_root():
-    if os.environ.get("PYENV_ROOT"):
-        return Path(os.environ["PYENV_ROOT"])
-    try:
-        out = subprocess.run(["pyenv", "root"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return Path(out.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return Path.home() / ".pyenv"
-
-
-def _pyenv_python(root, minor):
-    """The newest versions/3.MINOR.PATCH/bin/python3.MINOR under the pyenv root."""
-    found = []
-    for path in root.glob(f"versions/3.{minor}.*"):
-        match = re.fullmatch(rf"3\.{minor}\.(\d+)", path.name)
-        binary = path / "bin" / f"python3.{minor}"
-        if match and binary.is_file():
-            found.append((int(match.group(1)), binary))
-    return max(found)[1] if found else None
-
-
-def _interpreters():
-    root = _pyenv_root()
-    found = {f"pyenv-3.{minor}": (_pyenv_python(root, minor), (3, minor)) for minor in MINORS}
-    found["debian-3.11"] = (DEBIAN_PYTHON if DEBIAN_PYTHON.is_file() else None, (3, 11))
-    return found
-
-
-INTERPRETERS = _interpreters()
+# name -> (minor of a pyenv build, or None for Debian's static python3, its version)
+INTERPRETERS = {f"pyenv-3.{minor}": (minor, (3, minor)) for minor in PYTHON_MINORS}
+INTERPRETERS["debian-3.11"] = (None, (3, 11))
 
 # Blank stretches long enough for line deltas beyond a signed byte, both ways (the
 # jump back to a loop head), and a line whose bytecode exceeds 255 bytes.
@@ -224,11 +190,13 @@ def _line_spans(ranges):
 
 @pytest.mark.parametrize("name", sorted(INTERPRETERS))
 def test_matches_interpreter(name):
-    python, version = INTERPRETERS[name]
-    if python is None:
-        if not any(path for path, _ in INTERPRETERS.values()):
-            skip_or_fail("no CPython 3.8-3.13 found (pyenv or /usr/bin/python3)")
-        pytest.skip(f"{name} is not installed")
+    minor, version = INTERPRETERS[name]
+    if minor is not None:
+        python = pyenv_python(minor)
+    elif os.path.isfile(STATIC_PYTHON):
+        python = STATIC_PYTHON
+    else:
+        skip_or_fail(f"no {STATIC_PYTHON}")
     result = subprocess.run([str(python), "-I", "-c", DUMPER], input=SOURCE,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
