@@ -97,11 +97,11 @@ class ProcessTable:
         self.unreadable: Set[int] = set()
 
     def snapshot(self, pid: int, comm: str = "", early: Optional[ProcFiles] = None) -> Process:
-        """Read the process now and keep its binaries reachable. If it can no longer be
-        read, what was read early (when its event arrived) or an earlier snapshot stands;
-        without either it is marked unreadable."""
+        """Take the process as read early (when its event arrived, milliseconds ago), else
+        read it now, and keep its binaries reachable. If it can no longer be read, an
+        earlier snapshot stands; without one it is marked unreadable."""
         earlier = self._processes.get(pid)
-        files = read_proc_files(pid, self._proc) or early
+        files = early or read_proc_files(pid, self._proc)
         if files is not None:
             process = Process(pid, files.comm or comm, parse_maps(pid, files.maps))
         elif earlier is not None:
