@@ -211,19 +211,19 @@ class Sampler:
             return resolved[stack_id]
 
         python = self._python_stacks(drained)
-        samples = [
-            RawSample(
+        samples = []
+        for k, v in entries:
+            python_stack, python_truncated = python.get(k.python_stack, ((), False))
+            samples.append(RawSample(
                 pid=k.pid,
                 tid=k.tid,
                 thread_name=_text(k.thread_name),
                 kernel_stack=stack(k.kernel_stack_id),
                 user_stack=stack(k.user_stack_id),
                 count=v,
-                python_stack=python.get(k.python_stack, ((), False))[0],
-                python_truncated=python.get(k.python_stack, ((), False))[1],
-            )
-            for k, v in entries
-        ]
+                python_stack=python_stack,
+                python_truncated=python_truncated,
+            ))
         # Also clears stacks whose sample found the counts map full.
         for key in list(stacks.keys()):
             del stacks[key]
@@ -234,12 +234,8 @@ class Sampler:
         if not self.config.python:
             return {}
         table = self._bpf[f"python_stacks_{buffer}"]
-        stacks = {}
-        for key, value in table.items():
-            stacks[key.value] = (_python_frames(value), bool(value.truncated))
-        for key in list(table.keys()):
-            del table[key]
-        return stacks
+        return {key: (_python_frames(value), bool(value.truncated))
+                for key, value in table.items_lookup_and_delete_batch()}  # keys come as ints
 
     def set_python_process(self, pid: int, fields: Dict[str, int]) -> None:
         """Start walking a CPython process: fields of struct python_process."""
