@@ -6,7 +6,7 @@
  *   FOLLOW_CHILDREN add the children of targets to `targets` as they fork
  *   KERNEL_STACKS   capture kernel stacks
  *   PYTHON_STACKS   walk CPython frames of processes in `python_processes`
- *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES   their map sizes
+ *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES, PYTHON_EVENT_PAGES   their sizes
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -29,10 +29,11 @@ BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 #if PYTHON_STACKS
 BPF_HASH(python_processes, u32, struct python_process, PYTHON_PROCESSES);
 BPF_HASH(python_threads, struct python_thread, u64, PYTHON_THREADS);  /* -> PyThreadState address */
-BPF_TABLE("lru_hash", u32, u8, python_asked, PYTHON_THREADS);       /* tids reported unknown */
-BPF_PERCPU_ARRAY(python_scratch, struct python_stack, 1);
+BPF_TABLE("lru_hash", u32, u64, python_searched, PYTHON_THREADS);   /* tid -> when looked for in vain */
+BPF_PERCPU_ARRAY(python_scratch, struct python_stack_event, 1);
 BPF_HASH(python_stacks_0, u64, struct python_stack, PYTHON_STACK_ENTRIES);
 BPF_HASH(python_stacks_1, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+BPF_RINGBUF_OUTPUT(python_stack_events, PYTHON_EVENT_PAGES);
 #endif
 
 static __always_inline void count_loss(int reason)
@@ -70,6 +71,8 @@ static __always_inline void count_stack_error(s32 id, int collision, int failed)
 }
 
 #if PYTHON_STACKS
+#define PYTHON_SEARCH_INTERVAL_NS 100000000ULL  /* a thread not found is looked for again after this */
+
 /* Reads without branches (a failed read leaves 0), so that the verifier has few
  * paths to follow through the frame loop. */
 static __always_inline u64 read_pointer(u64 base, s32 offset)
@@ -86,20 +89,59 @@ static __always_inline s32 read_s32(u64 base, s32 offset)
     return value;
 }
 
-/* The current thread's PyThreadState, or 0. An unknown thread is reported once, so
- * that the collector looks for it in the interpreter's thread list. */
-static __always_inline u64 python_thread_state(u32 pid, u32 tid)
+/* The thread state whose thread id is tid, in any interpreter of the process, or 0.
+ * The last match wins: a thread state made for a new thread carries its creator's ids
+ * until the new thread runs, and thread states are listed newest first. */
+static __always_inline u64 find_thread_state(struct python_process *py, u32 tid)
+{
+    u64 interp = read_pointer(py->runtime, py->runtime_interpreters_head);
+    u64 tstate = read_pointer(interp, py->interp_threads_head);
+    u64 found = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PYTHON_THREAD_SEARCH; i++) {
+        if (!tstate) {
+            interp = read_pointer(interp, py->interp_next);
+            if (!interp)
+                break;
+            tstate = read_pointer(interp, py->interp_threads_head);
+            continue;
+        }
+        /* <= 3.10 keeps only the pthread_t: the tid is inside the C library's struct. */
+        u64 ids = tstate;
+        s32 tid_offset = py->tstate_native_thread_id;
+        if (tid_offset < 0) {
+            ids = read_pointer(tstate, py->tstate_thread_id);
+            tid_offset = py->pthread_tid;
+        }
+        if (tid_offset >= 0 && (u32)read_s32(ids, tid_offset) == tid)
+            found = tstate;
+        tstate = read_pointer(tstate, py->tstate_next);
+    }
+    return found;
+}
+
+/* The current thread's PyThreadState, or 0. A thread is looked for in the interpreter's
+ * thread lists on its first sample (again every PYTHON_SEARCH_INTERVAL_NS while not
+ * found) and then remembered until it exits. The collector hears of each thread found,
+ * to read its name, and of threads it must first learn pthread_tid for. */
+static __always_inline u64 python_thread_state(struct python_process *py, u32 pid, u32 tid)
 {
     struct python_thread thread = {.pid = pid, .tid = tid};
-    u64 *tstate = python_threads.lookup(&thread);
+    u64 *known = python_threads.lookup(&thread);
+    if (known)
+        return *known;
+    u64 now = bpf_ktime_get_ns();
+    u64 *searched = python_searched.lookup(&tid);
+    if (searched && now - *searched < PYTHON_SEARCH_INTERVAL_NS)
+        return 0;
+    u64 tstate = find_thread_state(py, tid);
     if (tstate)
-        return *tstate;
-    if (python_asked.lookup(&tid) == NULL) {
-        u8 one = 1;
-        python_asked.update(&tid, &one);
-        emit(PYTHON_THREAD_UNKNOWN, pid, tid);
-    }
-    return 0;
+        python_threads.update(&thread, &tstate);
+    else
+        python_searched.update(&tid, &now);
+    if (tstate || (py->tstate_native_thread_id < 0 && py->pthread_tid < 0))
+        emit(PYTHON_THREAD, pid, tid);
+    return tstate;
 }
 
 /* Walks the thread's Python frames, leaf first, into the per-CPU scratch stack and
@@ -176,19 +218,27 @@ int on_cpu_sample(void *ctx)
     u64 zero = 0, *count;
 #if PYTHON_STACKS
     struct python_process *py = python_processes.lookup(&pid);
-    struct python_stack *python = python_scratch.lookup(&zero_index);
+    struct python_stack_event *python = python_scratch.lookup(&zero_index);
     if (py && python) {
-        u64 tstate = python_thread_state(pid, tid);
+        u64 tstate = python_thread_state(py, pid, tid);
         if (tstate)
-            key.python_stack = walk_python(py, python, tstate);
+            key.python_stack = walk_python(py, &python->stack, tstate);
     }
-    if (key.python_stack) {
+    if (key.python_stack && python) {
         int stored;
         if (buffer && *buffer)
-            stored = python_stacks_1.update(&key.python_stack, python);
+            stored = python_stacks_1.insert(&key.python_stack, &python->stack);
         else
-            stored = python_stacks_0.update(&key.python_stack, python);
-        if (stored != 0) {
+            stored = python_stacks_0.insert(&key.python_stack, &python->stack);
+        if (stored == 0) {
+            python->pid = pid;
+            u32 depth = python->stack.depth;
+            if (depth > PYTHON_STACK_DEPTH)
+                depth = PYTHON_STACK_DEPTH;
+            u32 size = __builtin_offsetof(struct python_stack_event, stack.frames) + depth * sizeof(struct python_frame);
+            if (python_stack_events.ringbuf_output(python, size, 0) != 0)
+                count_loss(LOSS_PYTHON_EVENTS_FULL);
+        } else if (stored != -EEXIST) {
             count_loss(LOSS_PYTHON_STACKS_FULL);
             key.python_stack = 0;
         }
@@ -220,6 +270,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     /* Libraries are mapped after exec: the next sample takes the snapshot. */
     seen.delete(&pid);
+#if PYTHON_STACKS
+    /* Only the thread that called exec is left, running a new image. */
+    struct python_thread thread = {.pid = pid, .tid = pid};
+    python_threads.delete(&thread);
+    python_processes.delete(&pid);
+#endif
     emit(PROCESS_EXEC, pid, pid);
     return 0;
 }
@@ -238,7 +294,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         targets.delete(&tid);
 #endif
 #if PYTHON_STACKS
-    python_asked.delete(&tid);
+    struct python_thread thread = {.pid = pid, .tid = tid};
+    python_threads.delete(&thread);
+    python_searched.delete(&tid);
     if (args->group_dead)
         python_processes.delete(&pid);
 #endif

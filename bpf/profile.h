@@ -4,6 +4,7 @@
 
 #define THREAD_NAME_LEN 16
 #define PYTHON_STACK_DEPTH 128  /* frames walked, shim frames included */
+#define PYTHON_THREAD_SEARCH 256  /* thread states looked at to find a thread's own */
 
 /* One aggregation key per distinct (thread, stacks) seen by the sampler. */
 struct sample_key {
@@ -20,7 +21,7 @@ enum process_event_kind {
     PROCESS_SEEN = 1,   /* first sample of a process (or first after exec): snapshot its maps */
     PROCESS_EXEC = 2,   /* the process replaced its image: earlier snapshots are stale */
     PROCESS_EXIT = 3,   /* the whole thread group is gone */
-    PYTHON_THREAD_UNKNOWN = 4,  /* a thread of a CPython process has no known thread state */
+    PYTHON_THREAD = 4,  /* a CPython thread was found (or cannot be looked for yet): read its name */
 };
 
 struct process_event {
@@ -39,6 +40,14 @@ enum python_frame_chain {
 };
 
 struct python_process {
+    u64 runtime;               /* address of _PyRuntime */
+    s32 runtime_interpreters_head;
+    s32 interp_next;
+    s32 interp_threads_head;
+    s32 tstate_next;
+    s32 tstate_thread_id;      /* pthread_t, the address of the C library's thread struct */
+    s32 tstate_native_thread_id;  /* < 0 (<= 3.10): the tid is found through pthread_tid */
+    s32 pthread_tid;           /* where that struct keeps the tid; < 0: not learnt yet */
     u32 frame_chain;           /* enum python_frame_chain */
     s32 tstate_frame;
     s32 cframe_current_frame;
@@ -75,6 +84,14 @@ struct python_stack {
     struct python_frame frames[PYTHON_STACK_DEPTH];  /* leaf first */
 };
 
+/* A Python stack the first time it is stored after a drain, sent at once (only its
+ * `depth` frames) so that the collector reads its code objects while they still exist. */
+struct python_stack_event {
+    u32 pid;
+    u32 reserved;
+    struct python_stack stack;
+};
+
 /* Samples and events that could not be recorded, counted per reason (array index). */
 enum loss_reason {
     LOSS_KERNEL_STACK_COLLISION,
@@ -86,6 +103,7 @@ enum loss_reason {
     LOSS_TARGETS_FULL,
     LOSS_PYTHON_STACKS_FULL,
     LOSS_PYTHON_TRUNCATED,
+    LOSS_PYTHON_EVENTS_FULL,
     LOSS_REASONS,
 };
 

@@ -25,6 +25,8 @@ LOSS_FIXES = {
     "LOSS_PYTHON_STACKS_FULL": ("Python stack map full", "raise --stack-storage-size"),
     "LOSS_PYTHON_TRUNCATED": ("Python stacks deeper than 128 frames",
                               "their root-most frames are left out, the rest is kept"),
+    "LOSS_PYTHON_EVENTS_FULL": ("Python stacks not sent at once",
+                                "frames of a process that exited before the next drain may be unnamed"),
 }
 
 RECORD_EXAMPLES = """

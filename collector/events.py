@@ -1,20 +1,24 @@
 """Process events read on a thread of their own.
 
 A process that lives 30 ms is gone before a busy drain ends, so the sampler's ring
-buffer is polled on a separate thread, which reads the process's /proc files as each
-event arrives. The recorder applies the events, in order, on its own thread.
+buffers are polled on a separate thread, which reads the process's /proc files as each
+event arrives, and for CPython the names of new threads and the code objects of new
+stacks. The recorder applies the events, in order, on its own thread.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import List, Optional, Tuple
 
 from bpfprof.collector.processes import ProcFiles, read_proc_files
+from bpfprof.collector.python_processes import PythonProcesses
 from bpfprof.collector.sampler import ProcessEvent, Sampler
 
 _POLL_MS = 50
+_SWITCH_INTERVAL_S = 0.001
 # Events after which the process's maps are worth reading at once.
 _READ_EARLY = frozenset({"PROCESS_SEEN", "PROCESS_EXEC"})
 
@@ -25,23 +29,36 @@ class EventReader:
     """Start the sampler with `on_event` as its callback, then start() this; take()
     returns what arrived, each event with the /proc files read when it came."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler, python: Optional[PythonProcesses] = None) -> None:
         self._sampler = sampler
+        self._python = python
         self._arrived: "queue.Queue[Arrival]" = queue.Queue()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def on_event(self, event: ProcessEvent) -> None:
+        if event.kind == "PYTHON_THREAD":
+            if self._python:
+                self._python.on_python_thread(event.pid)
+            return
         early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
         self._arrived.put((event, early))
 
     def start(self) -> None:
+        # A drain keeps the recorder's thread busy for up to a second; let this thread
+        # have the interpreter within a millisecond of an event rather than five.
+        sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="bpfprof-events", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._sampler.poll(_POLL_MS)
+            self._poll(_POLL_MS)
+
+    def _poll(self, timeout_ms: int) -> None:
+        self._sampler.poll(timeout_ms)
+        if self._python:
+            self._python.scan_new_threads()
 
     def take(self, timeout: float) -> List[Arrival]:
         """What arrived so far, waiting up to timeout seconds for the first."""
@@ -61,4 +78,4 @@ class EventReader:
             self._stopping.set()
             self._thread.join()
             self._thread = None
-            self._sampler.poll(0)
+            self._poll(0)

@@ -143,11 +143,16 @@ class ProcessTable:
             mapping = self.snapshot(pid, process.comm).get_mapping(address)
         return mapping
 
-    def end_drain(self) -> List[int]:
-        """After a drain nothing more can arrive from exited processes: forget them, and
-        say which they were."""
+    def exited(self) -> List[int]:
+        """Processes whose exit has been seen. Their last samples are in the buffer the
+        next drain reads: pass these to end_drain after it."""
+        return [pid for pid, p in self._processes.items() if p.exited]
+
+    def end_drain(self, exited: List[int]) -> List[int]:
+        """Forget the processes that had exited before the drain began (unless the pid
+        has since been taken by a new process), and say which were forgotten."""
         self._refreshed.clear()
-        gone = [pid for pid, p in self._processes.items() if p.exited]
+        gone = [pid for pid in exited if pid in self._processes and self._processes[pid].exited]
         for pid in gone:
             del self._processes[pid]
         return gone

@@ -1,17 +1,17 @@
-"""CPython processes: recognising the interpreter in a process, and telling the BPF walker
-where its thread states are, kept current as threads come and go."""
+"""CPython processes: recognising the interpreter in a process, telling the BPF walker
+where to find its thread states, and naming its threads and frames."""
 
 from __future__ import annotations
 
 import os
 import re
 import struct
-import time
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes import Mapping, Process
-from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, Sampler
+from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, RawPythonFrame, Sampler
 from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import (
@@ -21,6 +21,7 @@ from bpfprof.symbolizer.python_layouts import (
     layout_for,
     parse_debug_offsets,
 )
+from bpfprof.symbolizer.python_frames import PythonSymbolizer
 from bpfprof.symbolizer.python_thread_names import thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
@@ -28,8 +29,9 @@ PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
 _INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
 _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
-_RESCAN_INTERVAL_S = 0.01  # a thread that lives 100 ms (one per request) is still found
 _PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
+_NAME_SCANS = 3  # scans of a process with new threads, while some have no name
+_MAX_LOOKS = 50  # snapshots of a Python executable waiting for its libpython to be mapped
 
 
 @dataclass
@@ -41,10 +43,11 @@ class Interpreter:
     runtime: int  # address of _PyRuntime in the process
     module_path: str  # the binary the interpreter lives in
     memory: ProcessMemory
-    threads: Dict[int, int] = field(default_factory=dict)  # tid -> PyThreadState
-    names: Dict[int, str] = field(default_factory=dict)  # tid -> threading.Thread name
+    threads: Set[int] = field(default_factory=set)  # tids with a thread state at the last scan
+    names: Dict[int, str] = field(default_factory=dict)  # tid -> threading.Thread name, till the drain after it ends
+    ended: Set[int] = field(default_factory=set)  # tids that left the thread list since ended_threads()
     pthread_tid_offset: Optional[int] = None  # <= 3.10: where the C library keeps a thread's tid
-    last_scan: float = 0.0
+    scanned: bool = False
 
 
 def _candidates(process: Process) -> List[Mapping]:
@@ -70,7 +73,10 @@ def _layout(memory: ProcessMemory, runtime: int, version_address: Optional[int],
 
 
 class PythonProcesses:
-    """Finds CPython in processes and keeps the BPF maps of interpreters and threads current."""
+    """Finds CPython in processes, tells the walker where to look, and names threads and
+    frames. What must be read while a thread or process still runs is read on the event
+    thread (on_python_thread, scan_new_threads, on_python_stack); the rest on the
+    recorder's."""
 
     def __init__(self, sampler: Sampler, native: NativeSymbolizer,
                  warn: Callable[[str], None] = lambda message: None) -> None:
@@ -78,8 +84,11 @@ class PythonProcesses:
         self._native = native
         self._warn = warn
         self.interpreters: Dict[int, Interpreter] = {}
-        self._unknown: Dict[int, Set[int]] = {}  # pid -> tids reported without a thread state
+        self.symbols = PythonSymbolizer()
         self._warned: Set[str] = set()
+        self._looks: Dict[int, int] = {}  # pid -> snapshots taken waiting for libpython
+        self._new_threads: Dict[int, int] = {}  # pid -> scans left; event thread only
+        self._scan_lock = threading.Lock()  # scans and name pruning, on either thread
 
     def on_snapshot(self, process: Process) -> None:
         """A process was (re)read: start walking it if it runs a CPython we know."""
@@ -91,11 +100,14 @@ class PythonProcesses:
             if symbols is not None and "_PyRuntime" in symbols.data:
                 break
         else:
-            # A libpython from before 3.7 has no _PyRuntime. (An executable without it may
-            # just not have mapped its libpython yet.)
+            # A libpython from before 3.7 has no _PyRuntime. An executable without it may
+            # just not have mapped its libpython yet: look at its next sample again.
             old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
             if old:
                 self._cannot_read(old[0].obj.path, "no _PyRuntime symbol")
+            elif candidates and self._looks.get(process.pid, 0) < _MAX_LOOKS:
+                self._looks[process.pid] = self._looks.get(process.pid, 0) + 1
+                self._sampler.see_again(process.pid)
             return
         text_vaddr = symbols.vaddr(mapping.offset)
         if text_vaddr is None:
@@ -117,9 +129,9 @@ class PythonProcesses:
             self._cannot_read(mapping.obj.path, reason)
             return
         interpreter = Interpreter(process.pid, layout, runtime, mapping.obj.path, memory)
-        self.interpreters[process.pid] = interpreter
-        self._sampler.set_python_process(process.pid, self._walker_fields(layout))
         self.scan_threads(interpreter)
+        self.interpreters[process.pid] = interpreter
+        self._sampler.set_python_process(process.pid, self._walker_fields(interpreter))
 
     def _cannot_read(self, path: str, reason: str) -> None:
         """One warning per interpreter binary, naming its version."""
@@ -130,7 +142,8 @@ class PythonProcesses:
                        "its processes get native frames only")
 
     @staticmethod
-    def _walker_fields(layout: PythonLayout) -> Dict[str, int]:
+    def _walker_fields(interpreter: Interpreter) -> Dict[str, int]:
+        layout = interpreter.layout
         if layout.version <= (3, 10):
             chain = "PYTHON_FRAME_OBJECTS"
         elif layout.cframe_current_frame >= 0:
@@ -138,6 +151,14 @@ class PythonProcesses:
         else:
             chain = "PYTHON_CURRENT_FRAME"
         return {
+            "runtime": interpreter.runtime,
+            "runtime_interpreters_head": layout.runtime_interpreters_head,
+            "interp_next": layout.interp_next,
+            "interp_threads_head": layout.interp_threads_head,
+            "tstate_next": layout.tstate_next,
+            "tstate_thread_id": layout.tstate_thread_id,
+            "tstate_native_thread_id": layout.tstate_native_thread_id,
+            "pthread_tid": -1 if interpreter.pthread_tid_offset is None else interpreter.pthread_tid_offset,
             "frame_chain": PYTHON_FRAME_CHAINS[chain],
             "tstate_frame": layout.tstate_frame,
             "cframe_current_frame": layout.cframe_current_frame,
@@ -151,10 +172,33 @@ class PythonProcesses:
         }
 
     def scan_threads(self, interpreter: Interpreter) -> None:
-        """Re-read the thread lists of every interpreter in the process and replace its
-        entries: thread states by tid, and the names threading gave them."""
+        """Re-read the thread lists of every interpreter in the process: which threads
+        have a thread state, and the names threading gave them. (The walker finds thread
+        states itself; for <= 3.10 it needs the pthread tid offset learnt here.)"""
+        with self._scan_lock:
+            self._scan_threads(interpreter)
+
+    def _scan_threads(self, interpreter: Interpreter) -> None:
+        threads = self._thread_ids(interpreter)  # tid -> pthread_t
+        if set(threads) - interpreter.names.keys():  # names are read for unnamed threads only
+            try:
+                by_ident = thread_names(interpreter.memory, interpreter.layout, interpreter.runtime)
+            except (UnreadableMemory, ValueError):
+                by_ident = {}
+            # A thread may end and another take its pthread_t while the names are read:
+            # a name counts for the threads that are the same before and after.
+            again = self._thread_ids(interpreter)
+            interpreter.names.update({tid: by_ident[ident] for tid, ident in threads.items()
+                                      if again.get(tid) == ident and ident in by_ident})
+            threads = again
+        interpreter.ended |= interpreter.threads - threads.keys()
+        interpreter.threads = set(threads)
+        interpreter.scanned = True
+
+    def _thread_ids(self, interpreter: Interpreter) -> Dict[int, int]:
+        """tid -> pthread_t of each thread state in every interpreter of the process."""
         layout, memory = interpreter.layout, interpreter.memory
-        states: List[Tuple[int, int, int]] = []  # (PyThreadState, pthread ident, tid or 0)
+        states: List[Tuple[int, int, int]] = []  # (PyThreadState, pthread_t, tid or 0)
         try:
             interp = memory.pointer(interpreter.runtime + layout.runtime_interpreters_head)
             for _ in range(_MAX_INTERPRETERS):
@@ -169,69 +213,95 @@ class PythonProcesses:
         except UnreadableMemory:
             pass  # exiting, or a thread list changing under us: what was read stands
         if layout.tstate_native_thread_id < 0:  # <= 3.10 keeps only the pthread_t
+            learnt = interpreter.pthread_tid_offset
             states = self._tids_from_pthreads(interpreter, states)
-        threads = {tid: tstate for tstate, _, tid in states if tid}
-        if threads.keys() != interpreter.threads.keys() or not interpreter.last_scan:  # names only for new threads
-            try:
-                by_ident = thread_names(memory, layout, interpreter.runtime)
-            except (UnreadableMemory, ValueError):
-                by_ident = {}
-            interpreter.names = {tid: by_ident[ident] for _, ident, tid in states if tid and ident in by_ident}
-        gone = set(interpreter.threads) - set(threads)
-        self._sampler.set_python_threads(interpreter.pid, threads, gone)
-        interpreter.threads = threads
-        interpreter.last_scan = time.monotonic()
+            if interpreter.scanned and interpreter.pthread_tid_offset != learnt:  # the walker waits for it
+                self._sampler.set_python_process(interpreter.pid, self._walker_fields(interpreter))
+        # Newest first: a thread state made for a new thread carries its creator's ids
+        # until the thread runs, so the oldest with a tid is that thread's own.
+        return {tid: ident for _, ident, tid in states if tid}
 
     @staticmethod
     def _tids_from_pthreads(interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
         """Kernel tids for thread states known by pthread_t alone. The C library keeps each
         thread's tid inside its pthread struct; where, is learnt once per process: the
         offset at which every struct holds a distinct tid of the process, the main
-        thread's being the pid."""
+        thread's being the pid. (A thread state made for a new thread holds its creator's
+        pthread_t until the thread runs, so pthread_t values are taken once each.)"""
         memory, pid = interpreter.memory, interpreter.pid
+        idents = sorted({ident for _, ident, _ in states if ident})
+        known = interpreter.pthread_tid_offset
         try:
-            tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-            structs = [memory.read(ident, _PTHREAD_SEARCH) if ident else b"" for _, ident, _ in states]
+            if known is not None:
+                by_ident = {ident: memory.u32(ident + known) for ident in idents}
+            else:
+                tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+                structs = [memory.read(ident, _PTHREAD_SEARCH) for ident in idents]
+                for offset in range(0, _PTHREAD_SEARCH, 4):
+                    tids = [struct.unpack_from("<i", data, offset)[0] for data in structs]
+                    if pid in tids and set(tids) <= tasks and len(set(tids)) == len(tids):
+                        interpreter.pthread_tid_offset = offset
+                        break
+                else:
+                    return states
+                by_ident = dict(zip(idents, tids))
         except (OSError, UnreadableMemory):
             return states
-        offsets = [interpreter.pthread_tid_offset] if interpreter.pthread_tid_offset is not None else \
-            range(0, _PTHREAD_SEARCH, 4)
-        for offset in offsets:
-            tids = [struct.unpack_from("<i", data, offset)[0] if data else 0 for data in structs]
-            found = [t for t in tids if t]
-            if pid in found and set(found) <= tasks and len(set(found)) == len(found):
-                interpreter.pthread_tid_offset = offset
-                return [(tstate, ident, tid) for (tstate, ident, _), tid in zip(states, tids)]
-        return states
+        return [(tstate, ident, by_ident.get(ident, 0)) for tstate, ident, _ in states]
 
-    def on_unknown_thread(self, pid: int, tid: int) -> None:
-        """BPF met a thread without a known thread state: look again (at most every 10 ms)."""
-        interpreter = self.interpreters.get(pid)
-        if interpreter is None:
-            return
-        if time.monotonic() - interpreter.last_scan >= _RESCAN_INTERVAL_S:
-            self.scan_threads(interpreter)
-        if tid not in interpreter.threads:
-            self._unknown.setdefault(pid, set()).add(tid)
+    def on_python_thread(self, pid: int) -> None:
+        """The walker found a thread (or needs the pthread tid offset). Event thread."""
+        self._new_threads[pid] = _NAME_SCANS
 
-    def ask_again(self) -> None:
-        """Threads still unknown may be reported again (their thread state may not have
-        existed yet); called every time events have been handled."""
-        for pid, tids in self._unknown.items():
-            self._sampler.ask_again(tids)
-        self._unknown.clear()
+    def scan_new_threads(self) -> None:
+        """Name the threads found since the last call, while they run. Event thread,
+        after each batch of events. A thread that has only just started may not be in
+        threading's list yet: a process with unnamed threads is scanned again, a few
+        times, after the next batches."""
+        for pid, scans in list(self._new_threads.items()):
+            interpreter = self.interpreters.get(pid)
+            if interpreter is not None:
+                self.scan_threads(interpreter)
+            if interpreter is None or scans <= 1 or interpreter.threads <= interpreter.names.keys():
+                del self._new_threads[pid]
+            else:
+                self._new_threads[pid] = scans - 1
 
-    def on_exit(self, pid: int) -> None:
+    def on_python_stack(self, pid: int, frames: Tuple[RawPythonFrame, ...]) -> None:
+        """A stack the walker stored for the first time since a drain: read its code
+        objects now, in case the process exits before the drain. Runs on the event thread."""
         interpreter = self.interpreters.get(pid)
         if interpreter is not None:
-            self._sampler.set_python_threads(pid, {}, interpreter.threads)
-            interpreter.threads = {}
+            for frame in frames:
+                self.symbols.learn(interpreter.memory, interpreter.layout, frame.code, frame.check)
+
+    def ended_threads(self) -> Dict[int, Set[int]]:
+        """pid -> tids seen to end since the last call. Called before a drain, whose
+        samples are the last these threads can have, so that drop_names can follow it."""
+        with self._scan_lock:
+            ended = {pid: i.ended for pid, i in self.interpreters.items() if i.ended}
+            for interpreter in self.interpreters.values():
+                interpreter.ended = set()
+        return ended
+
+    def drop_names(self, ended: Dict[int, Set[int]]) -> None:
+        with self._scan_lock:
+            for pid, tids in ended.items():
+                interpreter = self.interpreters.get(pid)
+                if interpreter is not None:
+                    interpreter.names = {t: name for t, name in interpreter.names.items() if t not in tids}
+
+    def on_exec(self, pid: int) -> None:
+        """A new image: the walker dropped the process, and so does this."""
+        self.forget(pid)
 
     def forget(self, pid: int) -> None:
         """After the last drain that can hold the process's samples."""
         interpreter = self.interpreters.pop(pid, None)
         if interpreter is not None:
             interpreter.memory.close()
+        self.symbols.forget(pid)
+        self._looks.pop(pid, None)
 
     def close(self) -> None:
         for pid in list(self.interpreters):

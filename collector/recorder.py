@@ -18,10 +18,10 @@ from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
 from bpfprof.collector.stacks import StackResolver
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native import NativeSymbolizer
-from bpfprof.symbolizer.python_frames import PythonSymbolizer
 
 DRAIN_INTERVAL_S = 1.0
 EVENT_WAIT_S = 0.1
+EVENTS_IN_DRAIN_S = 0.01  # a slow drain stops this often to take in new processes
 
 
 @dataclass
@@ -76,14 +76,14 @@ class Recorder:
                  warn: Callable[[str], None] = lambda message: None):
         self.config = config
         self._sampler = Sampler(config, headers)
-        self._events = EventReader(self._sampler)
         # One open file per binary keeps it readable after its process exits.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
         self._python = PythonProcesses(self._sampler, self._native, warn) if config.python else None
+        self._events = EventReader(self._sampler, self._python)
         self._processes = ProcessTable(self._native, on_snapshot=self._python.on_snapshot if self._python else None)
-        self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python, PythonSymbolizer())
+        self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False
         self.profile = cpu_profile(config.frequency, time.time_ns())
@@ -91,29 +91,34 @@ class Recorder:
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
             self._on_event(event, early)
-        if self._python:
-            self._python.ask_again()
 
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
             self._processes.snapshot(event.pid, event.comm, early)
         elif event.kind == "PROCESS_EXEC":
+            if self._python:
+                self._python.on_exec(event.pid)
             self._processes.on_exec(event.pid, event.comm, early)
         elif event.kind == "PROCESS_EXIT":
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
-            if self._python:
-                self._python.on_exit(event.pid)
-        elif event.kind == "PYTHON_THREAD_UNKNOWN" and self._python:
-            self._python.on_unknown_thread(event.pid, event.tid)
+
 
     def _drain(self) -> None:
         self._apply(self._events.take(0))  # snapshots first, so every sample finds its process
+        exited = self._processes.exited()
+        ended_threads = self._python.ended_threads() if self._python else {}
         period = self.profile.period
+        next_events = time.monotonic() + EVENTS_IN_DRAIN_S
         for sample in self._sampler.drain():
             stack, labels = self._resolver.resolve(sample)
             self.profile.add(stack, labels, [sample.count, sample.count * period])
-        for pid in self._processes.end_drain():
+            if time.monotonic() >= next_events:
+                self._apply(self._events.take(0))
+                next_events = time.monotonic() + EVENTS_IN_DRAIN_S
+        if self._python:
+            self._python.drop_names(ended_threads)
+        for pid in self._processes.end_drain(exited):
             self._resolver.forget(pid)
 
     def request_stop(self, *_args) -> None:
@@ -131,7 +136,7 @@ class Recorder:
         child = None
         start = time.monotonic()
         try:
-            self._sampler.start(self._events.on_event)
+            self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
             self._events.start()
             if command:
                 child = Command(command)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.kernel_headers import KernelHeaders
@@ -47,8 +48,6 @@ _MADV_PAGEOUT = 21
 def _release_compiler_memory() -> None:
     """Once the program is loaded, clang and LLVM are not needed again: give back the
     heap they freed and page out the code pages they touched (about 100 MB)."""
-    import ctypes
-
     libc = ctypes.CDLL(None)
     libc.malloc_trim(0)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -74,6 +73,7 @@ class SamplerConfig:
     event_pages: int = 64  # ring buffer pages, a power of two
     python: bool = True  # walk CPython frames
     python_processes: int = 4096
+    python_event_pages: int = 256  # ring buffer for new Python stacks (2 KiB at most each)
 
     def cflags(self) -> List[str]:
         return [
@@ -88,6 +88,7 @@ class SamplerConfig:
             f"-DPYTHON_STACKS={int(self.python)}",
             f"-DPYTHON_PROCESSES={self.python_processes}",
             f"-DPYTHON_THREADS={self.target_entries}",
+            f"-DPYTHON_EVENT_PAGES={self.python_event_pages}",
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
             f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
         ]
@@ -149,7 +150,10 @@ class Sampler:
         self._loss_totals = dict.fromkeys(LOSS_REASONS, 0)
         self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
 
-    def start(self, on_event: Callable[[ProcessEvent], None]) -> None:
+    def start(self, on_event: Callable[[ProcessEvent], None],
+              on_python_stack: Optional[Callable[[int, Tuple[RawPythonFrame, ...]], None]] = None) -> None:
+        """Load and attach. Both callbacks run in poll(): on_event for process events,
+        on_python_stack for each Python stack the first time it is stored after a drain."""
         from bcc import BPF, PerfSWConfig, PerfType
 
         if self.headers.source:
@@ -167,6 +171,16 @@ class Sampler:
             on_event(ProcessEvent(self._kind_names.get(event.kind, "?"), event.pid, event.tid, _text(event.comm)))
 
         self._bpf["events"].open_ring_buffer(deliver)
+        if self.config.python and on_python_stack is not None:
+            # bcc cannot make the event's type from the C source (a struct in a struct);
+            # the per-CPU scratch map holds the same struct, one per CPU.
+            event_type = ctypes.POINTER(self._bpf["python_scratch"].Leaf._type_)
+
+            def deliver_python(_ctx, data, _size):
+                event = ctypes.cast(data, event_type).contents
+                on_python_stack(event.pid, _python_frames(event.stack))
+
+            self._bpf["python_stack_events"].open_ring_buffer(deliver_python)
         try:
             self._bpf.attach_perf_event(
                 ev_type=PerfType.SOFTWARE,
@@ -183,8 +197,16 @@ class Sampler:
         for pid in pids:
             targets[targets.Key(pid)] = targets.Leaf(1)
 
+    def see_again(self, pid: int) -> None:
+        """Report the process's next sample as PROCESS_SEEN again, to read it again."""
+        table = self._bpf["seen"]
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            pass
+
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending process events to the callback given to start()."""
+        """Deliver pending events to the callbacks given to start()."""
         self._bpf.ring_buffer_poll(timeout_ms)
 
     def drain(self) -> List[RawSample]:
@@ -244,20 +266,6 @@ class Sampler:
         for name, value in fields.items():
             setattr(leaf, name, value)
         table[table.Key(pid)] = leaf
-
-    def set_python_threads(self, pid: int, threads: Dict[int, int], gone: Iterable[int] = ()) -> None:
-        """Thread id -> PyThreadState address for one process."""
-        table = self._bpf["python_threads"]
-        for tid in gone:
-            table.pop(table.Key(pid, tid), None)
-        for tid, tstate in threads.items():
-            table[table.Key(pid, tid)] = table.Leaf(tstate)
-
-    def ask_again(self, tids: Iterable[int]) -> None:
-        """Let these threads be reported unknown again (they were not found yet)."""
-        table = self._bpf["python_asked"]
-        for tid in tids:
-            table.pop(table.Key(tid), None)
 
     def losses(self) -> Dict[str, int]:
         """Cumulative losses per reason (LOSS_* names from profile.h)."""

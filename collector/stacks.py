@@ -10,7 +10,6 @@ from bpfprof.collector.python_processes import PythonProcesses
 from bpfprof.collector.sampler import RawSample
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native import NativeSymbolizer
-from bpfprof.symbolizer.python_frames import PythonSymbolizer
 
 # The eval loop: each call of it runs one group of Python frames.
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
@@ -63,18 +62,16 @@ def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpre
 
 class StackResolver:
     def __init__(self, processes: ProcessTable, native: NativeSymbolizer, kernel: KernelSymbols,
-                 python: Optional[PythonProcesses] = None, python_symbols: Optional[PythonSymbolizer] = None):
+                 python: Optional[PythonProcesses] = None):
         self._processes = processes
         self._native = native
         self._kernel = kernel
         self._python = python
-        self._python_symbols = python_symbols
 
     def forget(self, pid: int) -> None:
         """The process is gone and its last samples are in."""
         if self._python is not None:
             self._python.forget(pid)
-            self._python_symbols.forget(pid)
 
     def resolve(self, sample: RawSample) -> Tuple[Stack, Labels]:
         process = self._processes.get(sample.pid, sample.thread_name)
@@ -87,7 +84,7 @@ class StackResolver:
             user = [self._user_frame(sample.pid, a) for a in _lookup_addresses(sample.user_stack)]
             if sample.python_stack and interpreter is not None:
                 python = [
-                    (self._python_symbols.get_frame(interpreter.memory, interpreter.layout, f.code, f.instr, f.check),
+                    (self._python.symbols.get_frame(interpreter.memory, interpreter.layout, f.code, f.instr, f.check),
                      f.entry)
                     for f in sample.python_stack
                 ]

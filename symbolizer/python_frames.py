@@ -73,24 +73,31 @@ def instruction_offset(layout: PythonLayout, instr: int) -> int:
 
 
 class PythonSymbolizer:
-    """Frames for (process, code object, instruction), cached per process and code object."""
+    """Frames for (process, code object, instruction), cached per process and code object.
+
+    Code objects are best read as soon as the walker has seen them (`learn`, from the
+    thread that hears of new stacks), while their process still runs; `get_frame` reads
+    any it was not told of. Each cache entry is set whole, so the two may run at once."""
 
     def __init__(self) -> None:
         self._code: Dict[int, Dict[Tuple[int, int], Optional[CodeInfo]]] = {}
         self._frames: Dict[int, Dict[Tuple[int, int, int], Frame]] = {}
 
-    def get_frame(self, memory: ProcessMemory, layout: PythonLayout, code: int, instr: int, check: int) -> Frame:
-        frames = self._frames.setdefault(memory.pid, {})
-        frame = frames.get((code, check, instr))
-        if frame is not None:
-            return frame
+    def learn(self, memory: ProcessMemory, layout: PythonLayout, code: int, check: int) -> Optional[CodeInfo]:
         codes = self._code.setdefault(memory.pid, {})
         if (code, check) not in codes:
             try:
                 codes[(code, check)] = read_code(memory, layout, code, check)
             except UnreadableMemory:
                 codes[(code, check)] = None
-        info = codes[(code, check)]
+        return codes[(code, check)]
+
+    def get_frame(self, memory: ProcessMemory, layout: PythonLayout, code: int, instr: int, check: int) -> Frame:
+        frames = self._frames.setdefault(memory.pid, {})
+        frame = frames.get((code, check, instr))
+        if frame is not None:
+            return frame
+        info = self.learn(memory, layout, code, check)
         if info is None:
             # The process exited, or the code object was freed, before it could be read.
             frame = Frame(FrameKind.PYTHON, "[unknown Python code]")

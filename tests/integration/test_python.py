@@ -160,3 +160,15 @@ def test_unsupported_interpreter_gets_native_frames_and_one_warning(tmp_path):
     assert any(line.startswith("python3.7;") for line in lines)
     assert not any(line.startswith("python3.7;") and "(hot.py)" in line for line in lines)
     assert any(line.startswith("python3.12;") and "Shapes.area_sum (hot.py)" in line for line in lines), lines
+
+
+def test_short_threads_have_python_frames_from_their_first_sample(python, tmp_path):
+    """A thread that lives 100 ms is walked from its first sample and named."""
+    out = tmp_path / "short_threads.pb.gz"
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), "--", python, str(SCRIPTS / "short_threads.py"), "15")
+    assert result.returncode == 0, result.stderr
+    workers = [s for s in read_samples(out) if s.labels["tid"] != s.labels["pid"]]
+    assert sum(s.count for s in workers) >= 15 * 0.1 * 199 * 0.5
+    assert share(workers, lambda s: "burst" in [f.function for f in python_frames(s)]) >= 0.95
+    assert share(workers, lambda s: str(s.labels["thread"]).startswith("request-")) >= 0.9
+

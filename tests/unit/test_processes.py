@@ -41,7 +41,7 @@ def test_snapshot_outlives_the_process(tmp_path):
     # Re-reading fails now; the earlier snapshot stands.
     assert table.get_mapping(7, 0x55D0C0A01010).name == "/usr/bin/prog"
     table.on_exit(7)
-    table.end_drain()
+    assert table.end_drain(table.exited()) == [7]
     assert table.get(7, "gone").readable is False
     assert table.num_seen == 2 and table.unreadable == {7}
 
