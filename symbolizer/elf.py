@@ -18,6 +18,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.demangle import demangle
+from bpfprof.symbolizer.dwarf_lines import run_line_program
 from bpfprof.symbolizer.errors import SymbolizerError
 
 STT_OBJECT = 1
@@ -236,18 +237,17 @@ def _line_table(cus, dwarf) -> Tuple[List[int], list]:
         program = dwarf.line_program_for_CU(cu)
         if program is None:
             continue
+        program.stream.seek(program.program_start_offset)
+        code = program.stream.read(program.program_end_offset - program.program_start_offset)
         names: Dict[int, str] = {}
-        for entry in program.get_entries():
-            state = entry.state
-            if state is None:
+        for address, file, line in run_line_program(code, program.header):
+            if line is None:
+                rows.append((address, 0, None))
                 continue
-            if state.end_sequence:
-                rows.append((state.address, 0, None))
-                continue
-            name = names.get(state.file)
+            name = names.get(file)
             if name is None:
-                name = names[state.file] = _file_name(program, state.file)
-            rows.append((state.address, 1, (name, state.line)))
+                name = names[file] = _file_name(program, file)
+            rows.append((address, 1, (name, line)))
     rows.sort(key=lambda r: (r[0], r[1]))
     return [r[0] for r in rows], [r[2] for r in rows]
 

@@ -172,3 +172,18 @@ def test_short_threads_have_python_frames_from_their_first_sample(python, tmp_pa
     assert share(workers, lambda s: "burst" in [f.function for f in python_frames(s)]) >= 0.95
     assert share(workers, lambda s: str(s.labels["thread"]).startswith("request-")) >= 0.9
 
+
+def test_processes_that_exit_before_a_drain_keep_their_python_frames(tmp_path):
+    out = tmp_path / "short_processes.pb.gz"
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), "--",
+                         pyenv_python(12), str(SCRIPTS / "short_processes.py"), "8")
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    children = [s for s in samples if s.labels["pid"] != min(s.labels["pid"] for s in samples)]
+    assert len({s.labels["pid"] for s in children}) == 8
+    assert sum(s.count for s in children) >= 8 * 0.2 * 199 * 0.5
+    # Each child spends about a tenth of its life starting up, before outer() runs.
+    assert share(children, lambda s: s.has_chain("<module>", "outer")) >= 0.75
+    # Only code freed within milliseconds of running (an imported module's body) is
+    # gone before it is read.
+    assert share(samples, lambda s: "[unknown Python code]" in s.functions) <= 0.02
