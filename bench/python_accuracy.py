@@ -10,12 +10,14 @@ share of those samples is compared with its share of the CPU measured in that sa
 Then the same again with the script's two-thread variant: each thread calls one function
 of its own, one of them sleeping between calls, so their shares differ (about 85/15).
 
-Printed: one table per script (truth %, each profiler's %, each profiler's |error| in
-percentage points), then PASS/FAIL for "every function within 3 points of truth" per
-profiler and "bpfprof's largest error no worse than py-spy's". It exits 0 whatever the
+Each run is repeated --rounds times, since one run's sampling noise is about as large
+as the errors compared. Printed: one table per script (truth %, each profiler's %, each
+profiler's |error| in percentage points, all means over the rounds), then PASS/FAIL for
+"every function within 3 points of truth in every round" per profiler and "bpfprof's
+largest error no worse than py-spy's" (each round's largest error, averaged). It exits 0 whatever the
 verdicts; only a crash or a missing tool makes it fail.
 
-    sudo .venv/bin/python bench/python_accuracy.py [--seconds 20] [--python /path/to/python3]
+    sudo .venv/bin/python bench/python_accuracy.py [--seconds 20] [--rounds 3] [--python /path/to/python3]
                                                    [--no-threads] [--keep DIR]
 """
 
@@ -27,6 +29,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,47 +184,61 @@ def attribute(folded: Path, functions: List[str]) -> Counter:
 
 
 def compare(title: str, mode: str, args, tmp: Path, commands) -> None:
-    """Run the script under each profiler; print the table and the verdicts."""
-    truth: Dict[str, Dict[str, float]] = {}  # profiler -> function -> share of CPU in that run
-    found: Dict[str, Dict[str, float]] = {}  # profiler -> function -> share of its samples
-    counts: Dict[str, Counter] = {}
-    python_version = "?"
-    for name, command in commands.items():
-        truth_file, out = tmp / f"truth-{mode}-{name}.json", tmp / f"{name}-{mode}.folded"
-        argv = command(str(out), [args.python, str(tmp / WORKLOAD_NAME), mode, str(args.seconds), str(truth_file)])
-        run_profiled(name, argv, out, tmp / f"{name}-{mode}.log", timeout=args.seconds + 120)
-        measured = json.loads(truth_file.read_text())
-        python_version = measured["python"]
-        truth[name] = shares(measured["cpu_ns"])
-        counts[name] = attribute(out, list(measured["cpu_ns"]))
-        found[name] = shares({fn: counts[name][fn] for fn in measured["cpu_ns"]})
-
+    """Run the script under each profiler, args.rounds times; print the table (means over
+    the rounds) and the verdicts."""
     names = list(commands)
-    functions = sorted(truth[names[0]], key=truth[names[0]].get, reverse=True)
-    errors = {n: {fn: 100 * abs(found[n].get(fn, 0) - truth[n][fn]) for fn in functions} for n in names}
-    print(f"\n{title}: {args.seconds:.0f} s per run, {RATE} Hz, CPython {python_version}")
-    print(f"{'function':<14} {'truth % (' + '/'.join(names) + ' run)':>26}"
+    truth: Dict[str, List[Dict[str, float]]] = {n: [] for n in names}  # per round: function -> share of CPU
+    found: Dict[str, List[Dict[str, float]]] = {n: [] for n in names}  # per round: function -> share of samples
+    counts: Dict[str, Counter] = {n: Counter() for n in names}  # summed over the rounds
+    python_version = "?"
+    for round_ in range(args.rounds):
+        for name, command in commands.items():
+            stem = f"{name}-{mode}-{round_}"
+            truth_file, out = tmp / f"truth-{stem}.json", tmp / f"{stem}.folded"
+            argv = command(str(out), [args.python, str(tmp / WORKLOAD_NAME), mode, str(args.seconds), str(truth_file)])
+            run_profiled(name, argv, out, tmp / f"{stem}.log", timeout=args.seconds + 120)
+            measured = json.loads(truth_file.read_text())
+            python_version = measured["python"]
+            truth[name].append(shares(measured["cpu_ns"]))
+            run_counts = attribute(out, list(measured["cpu_ns"]))
+            counts[name] += run_counts
+            found[name].append(shares({fn: run_counts[fn] for fn in measured["cpu_ns"]}))
+
+    functions = sorted(truth[names[0]][0], key=truth[names[0]][0].get, reverse=True)
+    # errors[profiler][round][function], in percentage points
+    errors = {n: [{fn: 100 * abs(f.get(fn, 0) - t[fn]) for fn in functions} for t, f in zip(truth[n], found[n])]
+              for n in names}
+    worst = {n: [max(e.values()) for e in errors[n]] for n in names}  # per round
+
+    def mean(values) -> float:
+        return statistics.mean(values)
+
+    print(f"\n{title}: {args.rounds} rounds of {args.seconds:.0f} s per profiler, {RATE} Hz, "
+          f"CPython {python_version}; means over the rounds")
+    print(f"{'function':<14} {'truth % (' + '/'.join(names) + ' runs)':>27}"
           + "".join(f" {n + ' %':>10}" for n in names) + "".join(f" {'|err| ' + n:>14}" for n in names))
     for fn in functions:
-        print(f"{fn:<14} {' / '.join(f'{100 * truth[n][fn]:.1f}' for n in names):>26}"
-              + "".join(f" {100 * found[n].get(fn, 0):10.1f}" for n in names)
-              + "".join(f" {errors[n][fn]:14.1f}" for n in names))
-    print(f"{'max |err|':<14} {'':>26}" + " " * 11 * len(names)
-          + "".join(f" {max(errors[n].values()):14.1f}" for n in names))
+        print(f"{fn:<14} {' / '.join(f'{100 * mean(t[fn] for t in truth[n]):.1f}' for n in names):>27}"
+              + "".join(f" {100 * mean(f.get(fn, 0) for f in found[n]):10.1f}" for n in names)
+              + "".join(f" {mean(e[fn] for e in errors[n]):14.1f}" for n in names))
+    label = "(mean of each round's)"
+    print(f"{'max |err|':<14} {label:>27}" + " " * 11 * len(names)
+          + "".join(f" {mean(worst[n]):14.1f}" for n in names))
     for n in names:
         named = sum(counts[n][fn] for fn in functions)
         print(f"  {n}: {counts[n]['total']} samples, {named} in these functions, "
-              f"{counts[n]['no python']} with no Python frame at all")
-    fewest = min(sum(counts[n][fn] for fn in functions) for n in names)
-    top = truth[names[0]][functions[0]]
-    print(f"  sampling noise alone (1 s.d.) for a {100 * top:.0f} % share over {fewest} samples: "
+              f"{counts[n]['no python']} with no Python frame at all; largest error per round: "
+              + ", ".join(f"{w:.1f}" for w in worst[n]) + " pp")
+    fewest = min(sum(counts[n][fn] for fn in functions) for n in names) // args.rounds
+    top = mean(t[functions[0]] for t in truth[names[0]])
+    print(f"  sampling noise alone (1 s.d.) for a {100 * top:.0f} % share over the {fewest} samples of one run: "
           f"{100 * math.sqrt(top * (1 - top) / max(fewest, 1)):.1f} pp")
     for n in names:
-        worst = max(errors[n].values())
-        print(f"{'PASS' if worst <= TOLERANCE_PP else 'FAIL'}  {n}: every function within "
-              f"{TOLERANCE_PP:.0f} pp of truth (largest error {worst:.1f} pp)")
-    b, s = max(errors["bpfprof"].values()), max(errors["py-spy"].values())
-    print(f"{'PASS' if b <= s else 'FAIL'}  bpfprof's largest error ({b:.1f} pp) no worse than py-spy's ({s:.1f} pp)")
+        print(f"{'PASS' if max(worst[n]) <= TOLERANCE_PP else 'FAIL'}  {n}: every function within "
+              f"{TOLERANCE_PP:.0f} pp of truth in every round (largest error {max(worst[n]):.1f} pp)")
+    b, s = mean(worst["bpfprof"]), mean(worst["py-spy"])
+    print(f"{'PASS' if b <= s else 'FAIL'}  bpfprof's largest error ({b:.1f} pp, mean over rounds) "
+          f"no worse than py-spy's ({s:.1f} pp)")
 
 
 def shares(amounts: Dict[str, float]) -> Dict[str, float]:
@@ -232,6 +249,7 @@ def shares(amounts: Dict[str, float]) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20, help="length of each profiled run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per profiler and script")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="the CPython that runs the workload")
     parser.add_argument("--no-threads", action="store_true", help="skip the two-thread script")
     parser.add_argument("--keep", metavar="DIR", help="keep the script, profiles and truths in DIR")
