@@ -87,12 +87,13 @@ class PythonProcesses:
         self.symbols = PythonSymbolizer()
         self._warned: Set[str] = set()
         self._looks: Dict[int, int] = {}  # pid -> snapshots taken waiting for libpython
+        self._unreadable: Set[int] = set()  # pids running a CPython that cannot be read
         self._new_threads: Dict[int, int] = {}  # pid -> scans left; event thread only
         self._scan_lock = threading.Lock()  # scans and name pruning, on either thread
 
     def on_snapshot(self, process: Process) -> None:
         """A process was (re)read: start walking it if it runs a CPython we know."""
-        if process.pid in self.interpreters or not process.readable:
+        if process.pid in self.interpreters or process.pid in self._unreadable or not process.readable:
             return
         candidates = _candidates(process)
         for mapping in candidates:
@@ -126,6 +127,7 @@ class PythonProcesses:
             layout, reason = None, str(e)
         if layout is None:
             memory.close()
+            self._unreadable.add(process.pid)  # not looked at again until it execs
             self._cannot_read(mapping.obj.path, reason)
             return
         interpreter = Interpreter(process.pid, layout, runtime, mapping.obj.path, memory)
@@ -302,6 +304,7 @@ class PythonProcesses:
             interpreter.memory.close()
         self.symbols.forget(pid)
         self._looks.pop(pid, None)
+        self._unreadable.discard(pid)
 
     def close(self) -> None:
         for pid in list(self.interpreters):
