@@ -71,7 +71,7 @@ static __always_inline void count_stack_error(s32 id, int collision, int failed)
 }
 
 #if PYTHON_STACKS
-#define PYTHON_SEARCH_INTERVAL_NS 100000000ULL  /* a thread not found is looked for again after this */
+#define PYTHON_SEARCH_INTERVAL_NS 10000000ULL  /* a thread not found is looked for again after this */
 
 /* Reads without branches (a failed read leaves 0), so that the verifier has few
  * paths to follow through the frame loop. */
