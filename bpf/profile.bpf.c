@@ -7,6 +7,7 @@
  *   KERNEL_STACKS   capture kernel stacks
  *   PYTHON_STACKS   walk CPython frames of processes in `python_processes`
  *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES, PYTHON_EVENT_PAGES   their sizes
+ *   OFFCPU          also record blocking delay (sched_switch); MIN_BLOCK_NS, OFFCPU_THREADS
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -34,6 +35,17 @@ BPF_PERCPU_ARRAY(python_scratch, struct python_stack_event, 1);
 BPF_HASH(python_stacks_0, u64, struct python_stack, PYTHON_STACK_ENTRIES);
 BPF_HASH(python_stacks_1, u64, struct python_stack, PYTHON_STACK_ENTRIES);
 BPF_RINGBUF_OUTPUT(python_stack_events, PYTHON_EVENT_PAGES);
+#endif
+#if OFFCPU
+BPF_STACK_TRACE(offcpu_stacks, STACK_ENTRIES);  /* not double-buffered: see struct offcpu_start */
+BPF_HASH(offcpu_starts, u32, struct offcpu_start, OFFCPU_THREADS);  /* tid -> how it left */
+BPF_PERCPU_ARRAY(offcpu_scratch, struct offcpu_start, 1);
+BPF_HASH(block_0, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
+BPF_HASH(block_1, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
+BPF_PERCPU_ARRAY(offcpu_stats, u64, OFFCPU_STATS);
+#if PYTHON_STACKS
+BPF_HASH(offcpu_python_stacks, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+#endif
 #endif
 
 static __always_inline void count_loss(int reason)
@@ -193,6 +205,52 @@ static __always_inline u64 walk_python(struct python_process *py, struct python_
 }
 #endif
 
+static __always_inline void note_seen(u32 pid, u32 tid)
+{
+    if (seen.lookup(&pid) == NULL) {
+        u8 one = 1;
+        seen.update(&pid, &one);
+        emit(PROCESS_SEEN, pid, tid);
+    }
+}
+
+#if PYTHON_STACKS
+/* Walks the current thread's Python frames into the per-CPU scratch (*out) and returns
+ * the stack's hash; 0 when the thread runs no Python. */
+static __always_inline u64 take_python_stack(u32 pid, u32 tid, struct python_stack_event **out)
+{
+    int zero = 0;
+    struct python_process *py = python_processes.lookup(&pid);
+    struct python_stack_event *python = python_scratch.lookup(&zero);
+    *out = python;
+    if (!py || !python)
+        return 0;
+    u64 tstate = python_thread_state(py, pid, tid);
+    return tstate ? walk_python(py, &python->stack, tstate) : 0;
+}
+
+/* After a Python stack was inserted into a stack map (`stored`: the insert's result):
+ * a new one is sent to the collector at once. Returns the hash to keep in the sample
+ * key, 0 if the stack could not be stored. */
+static __always_inline u64 kept_python_stack(int stored, struct python_stack_event *python, u32 pid, u64 hash)
+{
+    if (stored == -EEXIST)
+        return hash;
+    if (stored != 0) {
+        count_loss(LOSS_PYTHON_STACKS_FULL);
+        return 0;
+    }
+    python->pid = pid;
+    u32 depth = python->stack.depth;
+    if (depth > PYTHON_STACK_DEPTH)
+        depth = PYTHON_STACK_DEPTH;
+    u32 size = __builtin_offsetof(struct python_stack_event, stack.frames) + depth * sizeof(struct python_frame);
+    if (python_stack_events.ringbuf_output(python, size, 0) != 0)
+        count_loss(LOSS_PYTHON_EVENTS_FULL);
+    return hash;
+}
+#endif
+
 int on_cpu_sample(void *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -201,47 +259,26 @@ int on_cpu_sample(void *ctx)
 
     if (pid == 0 || !is_target(pid))  /* pid 0: the idle task */
         return 0;
-
-    if (seen.lookup(&pid) == NULL) {
-        u8 one = 1;
-        seen.update(&pid, &one);
-        emit(PROCESS_SEEN, pid, tid);
-    }
+    note_seen(pid, tid);
 
     struct sample_key key = {.pid = pid, .tid = tid};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
 
     /* bcc rewrites map calls only where they are written out, not in a macro or
-     * through a pointer, so each buffer gets its own three lines. */
+     * through a pointer, so each buffer gets its own lines. */
     int zero_index = 0;
     u32 *buffer = control.lookup(&zero_index);
     u64 zero = 0, *count;
 #if PYTHON_STACKS
-    struct python_process *py = python_processes.lookup(&pid);
-    struct python_stack_event *python = python_scratch.lookup(&zero_index);
-    if (py && python) {
-        u64 tstate = python_thread_state(py, pid, tid);
-        if (tstate)
-            key.python_stack = walk_python(py, &python->stack, tstate);
-    }
-    if (key.python_stack && python) {
+    struct python_stack_event *python = NULL;
+    u64 hash = take_python_stack(pid, tid, &python);
+    if (hash && python) {
         int stored;
         if (buffer && *buffer)
-            stored = python_stacks_1.insert(&key.python_stack, &python->stack);
+            stored = python_stacks_1.insert(&hash, &python->stack);
         else
-            stored = python_stacks_0.insert(&key.python_stack, &python->stack);
-        if (stored == 0) {
-            python->pid = pid;
-            u32 depth = python->stack.depth;
-            if (depth > PYTHON_STACK_DEPTH)
-                depth = PYTHON_STACK_DEPTH;
-            u32 size = __builtin_offsetof(struct python_stack_event, stack.frames) + depth * sizeof(struct python_frame);
-            if (python_stack_events.ringbuf_output(python, size, 0) != 0)
-                count_loss(LOSS_PYTHON_EVENTS_FULL);
-        } else if (stored != -EEXIST) {
-            count_loss(LOSS_PYTHON_STACKS_FULL);
-            key.python_stack = 0;
-        }
+            stored = python_stacks_0.insert(&hash, &python->stack);
+        key.python_stack = kept_python_stack(stored, python, pid, hash);
     }
 #endif
     if (buffer && *buffer) {
@@ -262,6 +299,75 @@ int on_cpu_sample(void *ctx)
     count_stack_error(key.user_stack_id, LOSS_USER_STACK_COLLISION, LOSS_USER_STACK_FAILED);
     return 0;
 }
+
+#if OFFCPU
+static __always_inline void count_offcpu(int stat)
+{
+    u64 *n = offcpu_stats.lookup(&stat);
+    if (n)
+        (*n)++;
+}
+
+/* Blocking delay, exactly: when a target thread leaves the CPU blocked, its stacks and
+ * the time are kept by tid (threads migrate between CPUs); when it runs again, the time
+ * it was away is added to those stacks. The current task here is the one leaving. */
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
+    u32 tid = (u32)pid_tgid;
+    int zero = 0;
+
+    struct offcpu_start *start = offcpu_scratch.lookup(&zero);
+    if (start && tid != 0 && (args->prev_state & OFFCPU_BLOCKED_STATES) && is_target(pid)) {
+        note_seen(pid, tid);
+        count_offcpu(OFFCPU_BLOCKED);
+        __builtin_memset(&start->key, 0, sizeof(start->key));
+        start->start_ns = now;
+        start->key.pid = pid;
+        start->key.tid = tid;
+        bpf_get_current_comm(&start->key.thread_name, sizeof(start->key.thread_name));
+        start->key.kernel_stack_id = KERNEL_STACKS ? offcpu_stacks.get_stackid(args, 0) : -EFAULT;
+        start->key.user_stack_id = offcpu_stacks.get_stackid(args, BPF_F_USER_STACK);
+        count_stack_error(start->key.kernel_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_KERNEL_STACK_FAILED);
+        count_stack_error(start->key.user_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_USER_STACK_FAILED);
+#if PYTHON_STACKS
+        struct python_stack_event *python = NULL;
+        u64 hash = take_python_stack(pid, tid, &python);
+        if (hash && python)
+            start->key.python_stack = kept_python_stack(offcpu_python_stacks.insert(&hash, &python->stack),
+                                                        python, pid, hash);
+#endif
+        if (offcpu_starts.update(&tid, start) != 0)
+            count_loss(LOSS_OFFCPU_THREADS_FULL);
+    }
+
+    u32 next = args->next_pid;
+    struct offcpu_start *away = offcpu_starts.lookup(&next);
+    if (away) {
+        u64 delta = now - away->start_ns;
+        if (delta >= MIN_BLOCK_NS) {
+            u32 *buffer = control.lookup(&zero);
+            struct offcpu_value none = {}, *value;
+            if (buffer && *buffer)
+                value = block_1.lookup_or_try_init(&away->key, &none);
+            else
+                value = block_0.lookup_or_try_init(&away->key, &none);
+            if (value) {
+                __sync_fetch_and_add(&value->count, 1);
+                __sync_fetch_and_add(&value->ns, delta);
+            } else {
+                count_loss(LOSS_BLOCK_FULL);
+            }
+        } else {
+            count_offcpu(OFFCPU_BELOW_MIN);
+        }
+        offcpu_starts.delete(&next);
+    }
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {

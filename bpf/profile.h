@@ -92,6 +92,31 @@ struct python_stack_event {
     struct python_stack stack;
 };
 
+/* Off-CPU time of one stack (block profile): times it left the CPU, and for how long. */
+struct offcpu_value {
+    u64 count;
+    u64 ns;
+};
+
+/* A thread that left the CPU blocked: since when, and its stacks as it left (stack ids
+ * in offcpu_stacks, which is not double-buffered: a thread may stay off-CPU across
+ * drains). */
+struct offcpu_start {
+    u64 start_ns;
+    struct sample_key key;
+};
+
+/* sched_switch's prev_state: the task states that mean blocked. Running is 0, and a
+ * preempted task reports TASK_REPORT_MAX (0x100); X and Z (0x10, 0x20) are its exit. */
+#define OFFCPU_BLOCKED_STATES 0xCF
+
+/* Off-CPU switches counted per kind (array index). */
+enum offcpu_stat {
+    OFFCPU_BLOCKED,    /* a target thread left the CPU blocked */
+    OFFCPU_BELOW_MIN,  /* it ran again sooner than the minimum block time: not recorded */
+    OFFCPU_STATS,
+};
+
 /* Samples and events that could not be recorded, counted per reason (array index). */
 enum loss_reason {
     LOSS_KERNEL_STACK_COLLISION,
@@ -104,6 +129,9 @@ enum loss_reason {
     LOSS_PYTHON_STACKS_FULL,
     LOSS_PYTHON_TRUNCATED,
     LOSS_PYTHON_EVENTS_FULL,
+    LOSS_OFFCPU_THREADS_FULL,
+    LOSS_BLOCK_FULL,
+    LOSS_OFFCPU_STACK_COLLISION,
     LOSS_REASONS,
 };
 

@@ -12,6 +12,7 @@ import click
 
 from bpfprof.collector.errors import CollectorError, UsageError
 
+PROFILE_TYPES = ("cpu", "block")
 MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
 
 LOSS_FIXES = {
@@ -27,6 +28,9 @@ LOSS_FIXES = {
                               "their root-most frames are left out, the rest is kept"),
     "LOSS_PYTHON_EVENTS_FULL": ("Python stacks not sent at once",
                                 "frames of a process that exited before the next drain may be unnamed"),
+    "LOSS_OFFCPU_THREADS_FULL": ("blocked threads not followed", "raise --map-size"),
+    "LOSS_BLOCK_FULL": ("blocking events, block map full", "raise --map-size or --min-block"),
+    "LOSS_OFFCPU_STACK_COLLISION": ("blocking stacks, stack collisions", "raise --stack-storage-size"),
 }
 
 RECORD_EXAMPLES = """
@@ -89,7 +93,12 @@ def cli() -> None:
               type=click.IntRange(1, MAX_FREQUENCY), help="Samples per second on each CPU.")
 @click.option("-d", "--duration", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
               help="Stop after this long (default: Ctrl-C, or when the command or processes exit).")
-@click.option("-o", "--output", metavar="FILE", help="Where to write: .pb.gz (pprof) or .folded.")
+@click.option("-o", "--output", metavar="FILE",
+              help="Where to write: .pb.gz (pprof) or .folded; with several -t, one file per type (out.cpu.pb.gz).")
+@click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
+              help="What to record, repeatable: cpu (default) or block (time blocked off-CPU, every event counted).")
+@click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0), metavar="MICROSECONDS",
+              help="With -t block: leave out blocks shorter than this.")
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
 @click.option("--no-python", is_flag=True, help="Leave out CPython frames (native frames only).")
 @click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
@@ -99,12 +108,12 @@ def cli() -> None:
 @click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
               help="Distinct (thread, stack) keys per drain interval, and followed processes.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_python, top,
+def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
            stack_storage_size, map_size, command) -> None:
-    """Sample CPU stacks of the whole system, some processes, or a command."""
+    """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
     from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
     from bpfprof.collector.kernel_headers import find_kernel_headers
-    from bpfprof.collector.output import get_writer
+    from bpfprof.collector.output import get_writer, path_for_type
     from bpfprof.collector.recorder import Recorder
     from bpfprof.collector.sampler import SamplerConfig
     from bpfprof.collector.top import format_top
@@ -114,8 +123,10 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_py
     pids = _parse_pids(pid_args)
     if command:
         _check_command(command)
+    types = tuple(dict.fromkeys(types or ("cpu",)))
     output = output or _default_output(pids, command)
-    write = get_writer(output)
+    outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
+    writers = {t: get_writer(path) for t, path in outputs.items()}
     if not has_privileges():
         raise UsageError("profiling needs root: run sudo bpfprof record ... (or grant CAP_BPF and CAP_PERFMON)")
     require_kernel_support()
@@ -123,21 +134,29 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_py
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
-        python=not no_python,
+        python=not no_python, cpu="cpu" in types, offcpu="block" in types, min_block_ns=int(min_block * 1000),
     )
     recorder = Recorder(config, find_kernel_headers(), _warn)
     recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         click.echo("\r", err=True, nl=False)
-    try:
-        write(recording.profile, output)
-    except OSError as e:
-        raise CollectorError(f"cannot write {output}: {e.strerror or e}") from e
+    for t, path in outputs.items():
+        try:
+            writers[t](recording.profiles[t], path)
+        except OSError as e:
+            raise CollectorError(f"cannot write {path}: {e.strerror or e}") from e
 
     lost = sum(recording.losses.values())
-    seconds = recording.profile.duration_ns / 1e9
-    click.echo(f"bpfprof: {recording.profile.num_samples()} samples, {lost} lost, "
-               f"{recording.num_processes} processes, {seconds:.1f} s -> {output}", err=True)
+    for t, path in outputs.items():
+        profile = recording.profiles[t]
+        seconds = profile.duration_ns / 1e9
+        what = f"{profile.num_samples()} samples" if t == "cpu" else \
+            f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked"
+        click.echo(f"bpfprof: {what}, {lost} lost, {recording.num_processes} processes, {seconds:.1f} s -> {path}",
+                   err=True)
+    if recording.offcpu:
+        click.echo(f"bpfprof: {recording.offcpu['OFFCPU_BLOCKED']} times a thread blocked, "
+                   f"{recording.offcpu['OFFCPU_BELOW_MIN']} shorter than --min-block left out", err=True)
     for reason, n in recording.losses.items():
         what, fix = LOSS_FIXES[reason]
         click.echo(f"bpfprof: lost {n} to {what}: {fix}", err=True)
@@ -149,7 +168,8 @@ def record(whole_system, pid_args, frequency, duration, output, no_kernel, no_py
         click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. {path}: {why} "
                    "(their frames show module+offset)", err=True)
     if top:
-        click.echo(format_top(recording.profile, top))
+        for t in types:
+            click.echo(format_top(recording.profiles[t], top))
     if recording.exit_status is not None:
         status = recording.exit_status
         click.get_current_context().exit(status if status >= 0 else 128 - status)

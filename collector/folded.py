@@ -20,10 +20,11 @@ def folded_name(frame: Frame) -> str:
 
 
 def write_folded(profile: Profile, path: str) -> None:
-    """One line per distinct stack with its sample count, process name as the root frame."""
+    """One line per distinct stack with its main value (CPU: samples, block: nanoseconds),
+    process name as the root frame."""
     lines: Counter = Counter()
     for (stack, labels), values in profile.samples.items():
         names = [labels.comm.replace(";", ":") or "?"] + [folded_name(frame) for frame in reversed(stack)]
-        lines[";".join(names)] += values[0]
+        lines[";".join(names)] += values[profile.main_value]
     text = "".join(f"{line} {count}\n" for line, count in sorted(lines.items()))
     write_atomically(path, text.encode())

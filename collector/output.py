@@ -16,6 +16,14 @@ WRITERS: Dict[str, Callable[[Profile, str], None]] = {
 }
 
 
+def path_for_type(path: str, profile_type: str) -> str:
+    """Where one of several profile types goes: out.pb.gz -> out.block.pb.gz."""
+    for extension in WRITERS:
+        if path.endswith(extension):
+            return f"{path[:-len(extension)]}.{profile_type}{extension}"
+    return f"{path}.{profile_type}"
+
+
 def get_writer(path: str) -> Callable[[Profile, str], None]:
     """The writer for path's extension; UsageError for an unknown one or an unwritable place."""
     for extension, writer in WRITERS.items():

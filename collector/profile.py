@@ -54,6 +54,8 @@ class ValueType:
 
 SAMPLES = ValueType("samples", "count")
 CPU_NS = ValueType("cpu", "nanoseconds")
+CONTENTIONS = ValueType("contentions", "count")
+DELAY_NS = ValueType("delay", "nanoseconds")
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Profile:
     start_ns: int  # wall-clock time the profile starts, ns since the epoch
     duration_ns: int = 0
     samples: Dict[Tuple[Stack, Labels], List[int]] = field(default_factory=dict)
+    main_value: int = 0  # the value folded output and summaries show
 
     def add(self, stack: Stack, labels: Labels, values: List[int]) -> None:
         total = self.samples.get((stack, labels))
@@ -78,6 +81,9 @@ class Profile:
     def num_samples(self) -> int:
         return sum(v[0] for v in self.samples.values())
 
+    def total(self) -> int:
+        return sum(v[self.main_value] for v in self.samples.values())
+
 
 def cpu_profile(hz: int, start_ns: int) -> Profile:
     """A CPU profile as pprof expects it: [samples/count, cpu/nanoseconds], period 1e9/Hz."""
@@ -86,4 +92,16 @@ def cpu_profile(hz: int, start_ns: int) -> Profile:
         period_type=CPU_NS,
         period=1_000_000_000 // hz,
         start_ns=start_ns,
+    )
+
+
+def block_profile(start_ns: int) -> Profile:
+    """Blocking delay as Go's block profile: [contentions/count, delay/nanoseconds],
+    period type contentions/count; folded output carries the nanoseconds."""
+    return Profile(
+        sample_types=(CONTENTIONS, DELAY_NS),
+        period_type=CONTENTIONS,
+        period=1,
+        start_ns=start_ns,
+        main_value=1,
     )

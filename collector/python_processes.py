@@ -7,6 +7,7 @@ import os
 import re
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -31,7 +32,7 @@ _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
 _PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
 _NAME_SCANS = 3  # scans of a process with new threads, while some have no name
-_MAX_LOOKS = 50  # snapshots of a Python executable waiting for its libpython to be mapped
+_LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
 
 
 @dataclass
@@ -86,7 +87,7 @@ class PythonProcesses:
         self.interpreters: Dict[int, Interpreter] = {}
         self.symbols = PythonSymbolizer()
         self._warned: Set[str] = set()
-        self._looks: Dict[int, int] = {}  # pid -> snapshots taken waiting for libpython
+        self._looks: Dict[int, float] = {}  # pid -> when it was first looked at waiting for libpython
         self._unreadable: Set[int] = set()  # pids running a CPython that cannot be read
         self._new_threads: Dict[int, int] = {}  # pid -> scans left; event thread only
         self._scan_lock = threading.Lock()  # scans and name pruning, on either thread
@@ -106,8 +107,7 @@ class PythonProcesses:
             old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
             if old:
                 self._cannot_read(old[0].obj.path, "no _PyRuntime symbol")
-            elif candidates and self._looks.get(process.pid, 0) < _MAX_LOOKS:
-                self._looks[process.pid] = self._looks.get(process.pid, 0) + 1
+            elif candidates and time.monotonic() - self._looks.setdefault(process.pid, time.monotonic()) < _LOOK_FOR_S:
                 self._sampler.see_again(process.pid)
             return
         text_vaddr = symbols.vaddr(mapping.offset)

@@ -13,7 +13,7 @@ from bpfprof.collector.events import Arrival, EventReader
 from bpfprof.collector.kernel_headers import KernelHeaders
 from bpfprof.collector.processes import ProcFiles, ProcessTable
 from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
-from bpfprof.collector.profile import Profile, cpu_profile
+from bpfprof.collector.profile import Profile, block_profile, cpu_profile
 from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
 from bpfprof.collector.stacks import StackResolver
 from bpfprof.symbolizer.kernel import KernelSymbols
@@ -26,8 +26,9 @@ EVENTS_IN_DRAIN_S = 0.01  # a slow drain stops this often to take in new process
 
 @dataclass
 class Recording:
-    profile: Profile
+    profiles: Dict[str, Profile]  # by type: "cpu", "block"
     losses: Dict[str, int]  # reason -> samples or events lost, only those that happened
+    offcpu: Dict[str, int]  # OFFCPU_* -> switches seen, when blocking delay was recorded
     num_processes: int
     unreadable_processes: int
     unreadable_binaries: Dict[str, str] = field(default_factory=dict)  # path -> why
@@ -86,7 +87,12 @@ class Recorder:
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False
-        self.profile = cpu_profile(config.frequency, time.time_ns())
+        now = time.time_ns()
+        self.profiles: Dict[str, Profile] = {}  # by profile type, as -t names them
+        if config.cpu:
+            self.profiles["cpu"] = cpu_profile(config.frequency, now)
+        if config.offcpu:
+            self.profiles["block"] = block_profile(now)
 
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
@@ -103,19 +109,23 @@ class Recorder:
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
 
-
     def _drain(self) -> None:
         self._apply(self._events.take(0))  # snapshots first, so every sample finds its process
         exited = self._processes.exited()
         ended_threads = self._python.ended_threads() if self._python else {}
-        period = self.profile.period
         next_events = time.monotonic() + EVENTS_IN_DRAIN_S
-        for sample in self._sampler.drain():
-            stack, labels = self._resolver.resolve(sample)
-            self.profile.add(stack, labels, [sample.count, sample.count * period])
-            if time.monotonic() >= next_events:
-                self._apply(self._events.take(0))
-                next_events = time.monotonic() + EVENTS_IN_DRAIN_S
+        drained = self._sampler.drain()
+        for kind, samples in (("cpu", drained.cpu), ("block", drained.block)):
+            for sample in samples:
+                stack, labels = self._resolver.resolve(sample)
+                if kind == "cpu":
+                    values = [sample.count, sample.count * self.profiles[kind].period]
+                else:
+                    values = [sample.count, sample.delay_ns]
+                self.profiles[kind].add(stack, labels, values)
+                if time.monotonic() >= next_events:
+                    self._apply(self._events.take(0))
+                    next_events = time.monotonic() + EVENTS_IN_DRAIN_S
         if self._python:
             self._python.drop_names(ended_threads)
         for pid in self._processes.end_drain(exited):
@@ -156,10 +166,11 @@ class Recorder:
                     self._drain()
                     next_drain = now + DRAIN_INTERVAL_S
                     if on_progress:
-                        on_progress(self.profile.num_samples())
+                        on_progress(sum(p.num_samples() for p in self.profiles.values()))
             self._events.stop()
             self._drain()
             losses = {reason: n for reason, n in self._sampler.losses().items() if n}
+            offcpu = self._sampler.offcpu_stats()
         finally:
             self._events.stop()
             self._sampler.close()
@@ -168,12 +179,14 @@ class Recorder:
                 self._python.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        self.profile.duration_ns = int((time.monotonic() - start) * 1e9)
+        for profile in self.profiles.values():
+            profile.duration_ns = int((time.monotonic() - start) * 1e9)
         if child is not None:
             child.finish()
         return Recording(
-            profile=self.profile,
+            profiles=self.profiles,
             losses=losses,
+            offcpu=offcpu,
             num_processes=self._processes.num_seen,
             unreadable_processes=len(self._processes.unreadable),
             unreadable_binaries=dict(self._native.unreadable),

@@ -36,6 +36,8 @@ def _enum_names(header: str, enum: str) -> Dict[str, int]:
 
 LOSS_REASONS = _enum_names(HEADER, "loss_reason")
 NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
+OFFCPU_STATS = _enum_names(HEADER, "offcpu_stat")
+OFFCPU_STATS.pop("OFFCPU_STATS")
 EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
@@ -74,6 +76,9 @@ class SamplerConfig:
     python: bool = True  # walk CPython frames
     python_processes: int = 4096
     python_event_pages: int = 256  # ring buffer for new Python stacks (2 KiB at most each)
+    cpu: bool = True  # sample CPU stacks (perf events)
+    offcpu: bool = False  # record blocking delay (sched_switch)
+    min_block_ns: int = 1000
 
     def cflags(self) -> List[str]:
         return [
@@ -89,6 +94,9 @@ class SamplerConfig:
             f"-DPYTHON_PROCESSES={self.python_processes}",
             f"-DPYTHON_THREADS={self.target_entries}",
             f"-DPYTHON_EVENT_PAGES={self.python_event_pages}",
+            f"-DOFFCPU={int(self.offcpu)}",
+            f"-DMIN_BLOCK_NS={self.min_block_ns}",
+            f"-DOFFCPU_THREADS={self.target_entries}",
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
             f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
         ]
@@ -104,6 +112,13 @@ class RawSample:
     count: int
     python_stack: Tuple["RawPythonFrame", ...] = ()  # leaf first
     python_truncated: bool = False  # root-most Python frames were left out
+    delay_ns: int = 0  # off-CPU samples: the time spent blocked, `count` times
+
+
+@dataclass(frozen=True)
+class Drained:
+    cpu: List[RawSample]
+    block: List[RawSample]  # empty unless the config asks for off-CPU
 
 
 @dataclass(frozen=True)
@@ -181,6 +196,8 @@ class Sampler:
                 on_python_stack(event.pid, _python_frames(event.stack))
 
             self._bpf["python_stack_events"].open_ring_buffer(deliver_python)
+        if not self.config.cpu:
+            return
         try:
             self._bpf.attach_perf_event(
                 ev_type=PerfType.SOFTWARE,
@@ -209,7 +226,7 @@ class Sampler:
         """Deliver pending events to the callbacks given to start()."""
         self._bpf.ring_buffer_poll(timeout_ms)
 
-    def drain(self) -> List[RawSample]:
+    def drain(self) -> Drained:
         """Switch buffers, then read and clear the one samples no longer go to."""
         control = self._bpf["control"]
         drained = self._active
@@ -217,9 +234,20 @@ class Sampler:
         control[control.Key(0)] = control.Leaf(self._active)
         time.sleep(_IN_FLIGHT_GRACE_S)
 
-        counts = self._bpf[f"counts_{drained}"]
         stacks = self._bpf[f"stacks_{drained}"]
-        entries = list(counts.items_lookup_and_delete_batch())
+        cpu = self._samples(self._bpf[f"counts_{drained}"], stacks, self._python_stacks(f"python_stacks_{drained}"))
+        # Also clears stacks whose sample found the counts map full.
+        for key in list(stacks.keys()):
+            del stacks[key]
+        block: List[RawSample] = []
+        if self.config.offcpu:  # its stacks stay: a thread may be away across drains
+            block = self._samples(self._bpf[f"block_{drained}"], self._bpf["offcpu_stacks"],
+                                  self._python_stacks("offcpu_python_stacks", keep=True))
+        return Drained(cpu, block)
+
+    @staticmethod
+    def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]) -> List[RawSample]:
+        """Read and clear one counts map; its keys' stacks are in `stacks` and `python`."""
         resolved: Dict[int, Tuple[int, ...]] = {}
 
         def stack(stack_id: int) -> Tuple[int, ...]:
@@ -232,32 +260,30 @@ class Sampler:
                     resolved[stack_id] = ()
             return resolved[stack_id]
 
-        python = self._python_stacks(drained)
         samples = []
-        for k, v in entries:
+        for k, v in counts.items_lookup_and_delete_batch():
             python_stack, python_truncated = python.get(k.python_stack, ((), False))
+            count, delay = (v.count, v.ns) if hasattr(v, "ns") else (v, 0)
             samples.append(RawSample(
                 pid=k.pid,
                 tid=k.tid,
                 thread_name=_text(k.thread_name),
                 kernel_stack=stack(k.kernel_stack_id),
                 user_stack=stack(k.user_stack_id),
-                count=v,
+                count=count,
                 python_stack=python_stack,
                 python_truncated=python_truncated,
+                delay_ns=delay,
             ))
-        # Also clears stacks whose sample found the counts map full.
-        for key in list(stacks.keys()):
-            del stacks[key]
         return samples
 
-    def _python_stacks(self, buffer: int) -> Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]:
-        """Read and clear one buffer's Python stacks: hash -> (frames leaf first, truncated)."""
+    def _python_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]:
+        """Read (and clear, unless kept) a Python stack map: hash -> (frames leaf first, truncated)."""
         if not self.config.python:
             return {}
-        table = self._bpf[f"python_stacks_{buffer}"]
-        return {key: (_python_frames(value), bool(value.truncated))
-                for key, value in table.items_lookup_and_delete_batch()}  # keys come as ints
+        table = self._bpf[table_name]
+        items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
+        return {key: (_python_frames(value), bool(value.truncated)) for key, value in items}  # batch keys come as ints
 
     def set_python_process(self, pid: int, fields: Dict[str, int]) -> None:
         """Start walking a CPython process: fields of struct python_process."""
@@ -271,6 +297,13 @@ class Sampler:
         """Cumulative losses per reason (LOSS_* names from profile.h)."""
         table = self._bpf["losses"]
         return {name: sum(table[table.Key(i)]) for name, i in LOSS_REASONS.items()}
+
+    def offcpu_stats(self) -> Dict[str, int]:
+        """Off-CPU switches so far per kind (OFFCPU_* names from profile.h)."""
+        if not self.config.offcpu:
+            return {}
+        table = self._bpf["offcpu_stats"]
+        return {name: sum(table[table.Key(i)]) for name, i in OFFCPU_STATS.items()}
 
     def close(self) -> None:
         """Detach every program and free the maps; safe to call twice."""

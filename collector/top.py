@@ -14,20 +14,22 @@ def _function(frame: Frame) -> str:
 
 
 def top_functions(profile: Profile, limit: int) -> List[Tuple[str, int, int]]:
-    """(function, self samples, total samples), most self first."""
+    """(function, self, total), most self first, in the profile's main value (CPU:
+    samples, block: nanoseconds)."""
     self_counts: Counter = Counter()
     total_counts: Counter = Counter()
     for (stack, _labels), values in profile.samples.items():
         if not stack:
             continue
-        self_counts[_function(stack[0])] += values[0]
+        value = values[profile.main_value]
+        self_counts[_function(stack[0])] += value
         for name in {_function(f) for f in stack}:
-            total_counts[name] += values[0]
+            total_counts[name] += value
     return [(name, n, total_counts[name]) for name, n in self_counts.most_common(limit)]
 
 
 def format_top(profile: Profile, limit: int) -> str:
-    total = profile.num_samples() or 1
+    total = profile.total() or 1
     lines = [f"{'self%':>6} {'self':>7} {'total%':>7}  function"]
     for name, self_n, total_n in top_functions(profile, limit):
         lines.append(f"{100 * self_n / total:6.1f} {self_n:7d} {100 * total_n / total:7.1f}  {name}")

@@ -22,6 +22,7 @@ class Sample:
     labels: Dict[str, Union[str, int]]
     count: int
     frames: List[SourceFrame]  # leaf first, the same frames with their source
+    values: List[int]  # all of the sample's values (count is the first)
 
     def has_chain(self, *callers_to_callee: str) -> bool:
         """True when these functions appear root to leaf, adjacent and in this order."""
@@ -46,7 +47,7 @@ def read_samples(path) -> List[Sample]:
     for s in profile.sample:
         frames = [frame for location_id in s.location_id for frame in locations[location_id]]
         labels = {strings[l.key]: (strings[l.str] if l.str else l.num) for l in s.label}
-        samples.append(Sample([f.function for f in frames], labels, s.value[0], frames))
+        samples.append(Sample([f.function for f in frames], labels, s.value[0], frames, list(s.value)))
     return samples
 
 

@@ -1,0 +1,57 @@
+"""`bpfprof record -t block` through real BPF: workloads that block for known durations,
+and the delay attributed to each blocking function."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_bpfprof
+from pprof_check import check_with_go
+from samples import read_samples
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+MS = 1_000_000
+
+
+def blocked(samples, predicate):
+    """(blocking events, nanoseconds) of the samples whose stack matches."""
+    matching = [s for s in samples if predicate(s.functions)]
+    return sum(s.values[0] for s in matching), sum(s.values[1] for s in matching)
+
+
+def test_c_known_delays_per_blocking_function(build_c, tmp_path):
+    binary = build_c("blocking", "-pthread")
+    out = tmp_path / "blocking.pb.gz"
+    result = run_bpfprof("record", "-t", "block", "-o", str(out), "--", str(binary))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    events, delay = blocked(samples, lambda functions: "sleeper" in functions)
+    assert events == 10 and delay == pytest.approx(500 * MS, rel=0.1)
+    _, delay = blocked(samples, lambda functions: any(f.endswith("pipe_read") for f in functions))
+    assert delay == pytest.approx(300 * MS, rel=0.1)  # main writes after 200 + 100 ms
+    _, delay = blocked(samples, lambda functions: "__lll_lock_wait" in functions)
+    assert delay == pytest.approx(180 * MS, rel=0.1)  # from 20 ms until main unlocks at 200 ms
+    check_with_go(out, expect=["sleeper"])
+
+
+def test_several_types_write_one_file_each(build_c, tmp_path):
+    binary = build_c("blocking", "-pthread")
+    out = tmp_path / "both.folded"
+    result = run_bpfprof("record", "-t", "cpu", "-t", "block", "-o", str(out), "--", str(binary))
+    assert result.returncode == 0, result.stderr
+    block = (tmp_path / "both.block.folded").read_text()
+    assert (tmp_path / "both.cpu.folded").exists() and not out.exists()
+    sleeper = sum(int(line.rsplit(" ", 1)[1]) for line in block.splitlines() if ";sleeper;" in line)
+    assert sleeper == pytest.approx(500 * MS, rel=0.1)  # folded block profiles carry nanoseconds
+
+
+def test_min_block_leaves_out_shorter_blocks(build_c, tmp_path):
+    binary = build_c("blocking", "-pthread")
+    out = tmp_path / "long.pb.gz"
+    result = run_bpfprof("record", "-t", "block", "--min-block", "100000", "-o", str(out), "--", str(binary))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    assert blocked(samples, lambda functions: "sleeper" in functions) == (0, 0)  # 50 ms each
+    assert all(s.values[1] >= 100 * MS for s in samples)
+    assert "shorter than --min-block left out" in result.stderr
