@@ -133,10 +133,12 @@ static __always_inline u64 find_thread_state(struct python_process *py, u32 tid)
 }
 
 /* The current thread's PyThreadState, or 0. A thread is looked for in the interpreter's
- * thread lists on its first sample (again every PYTHON_SEARCH_INTERVAL_NS while not
- * found) and then remembered until it exits. The collector hears of each thread found,
- * to read its name, and of threads it must first learn pthread_tid for. */
-static __always_inline u64 python_thread_state(struct python_process *py, u32 pid, u32 tid)
+ * thread lists on its first sample and then remembered until it exits. While it is not
+ * found, samples look again every PYTHON_SEARCH_INTERVAL_NS (`throttled`); blocking
+ * events look every time, since a new thread's first ones come microseconds apart, some
+ * before its thread state carries its id. The collector hears of each thread found, to
+ * read its name, and of threads it must first learn pthread_tid for. */
+static __always_inline u64 python_thread_state(struct python_process *py, u32 pid, u32 tid, int throttled)
 {
     struct python_thread thread = {.pid = pid, .tid = tid};
     u64 *known = python_threads.lookup(&thread);
@@ -144,7 +146,7 @@ static __always_inline u64 python_thread_state(struct python_process *py, u32 pi
         return *known;
     u64 now = bpf_ktime_get_ns();
     u64 *searched = python_searched.lookup(&tid);
-    if (searched && now - *searched < PYTHON_SEARCH_INTERVAL_NS)
+    if (throttled && searched && now - *searched < PYTHON_SEARCH_INTERVAL_NS)
         return 0;
     u64 tstate = find_thread_state(py, tid);
     if (tstate)
@@ -217,7 +219,7 @@ static __always_inline void note_seen(u32 pid, u32 tid)
 #if PYTHON_STACKS
 /* Walks the current thread's Python frames into the per-CPU scratch (*out) and returns
  * the stack's hash; 0 when the thread runs no Python. */
-static __always_inline u64 take_python_stack(u32 pid, u32 tid, struct python_stack_event **out)
+static __always_inline u64 take_python_stack(u32 pid, u32 tid, int throttled, struct python_stack_event **out)
 {
     int zero = 0;
     struct python_process *py = python_processes.lookup(&pid);
@@ -225,7 +227,7 @@ static __always_inline u64 take_python_stack(u32 pid, u32 tid, struct python_sta
     *out = python;
     if (!py || !python)
         return 0;
-    u64 tstate = python_thread_state(py, pid, tid);
+    u64 tstate = python_thread_state(py, pid, tid, throttled);
     return tstate ? walk_python(py, &python->stack, tstate) : 0;
 }
 
@@ -271,7 +273,7 @@ int on_cpu_sample(void *ctx)
     u64 zero = 0, *count;
 #if PYTHON_STACKS
     struct python_stack_event *python = NULL;
-    u64 hash = take_python_stack(pid, tid, &python);
+    u64 hash = take_python_stack(pid, tid, 1, &python);
     if (hash && python) {
         int stored;
         if (buffer && *buffer)
@@ -334,7 +336,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         count_stack_error(start->key.user_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_USER_STACK_FAILED);
 #if PYTHON_STACKS
         struct python_stack_event *python = NULL;
-        u64 hash = take_python_stack(pid, tid, &python);
+        u64 hash = take_python_stack(pid, tid, 0, &python);
         if (hash && python)
             start->key.python_stack = kept_python_stack(offcpu_python_stacks.insert(&hash, &python->stack),
                                                         python, pid, hash);

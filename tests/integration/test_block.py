@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_bpfprof
+from conftest import FIXTURES, pyenv_python, run_bpfprof
 from pprof_check import check_with_go
 from samples import read_samples
 
@@ -55,3 +55,16 @@ def test_min_block_leaves_out_shorter_blocks(build_c, tmp_path):
     assert blocked(samples, lambda functions: "sleeper" in functions) == (0, 0)  # 50 ms each
     assert all(s.values[1] >= 100 * MS for s in samples)
     assert "shorter than --min-block left out" in result.stderr
+
+
+@pytest.mark.parametrize("minor", [8, 12])
+def test_python_known_delays_per_blocking_function(minor, tmp_path):
+    out = tmp_path / "blocking.pb.gz"
+    script = FIXTURES / "python" / "blocking.py"
+    result = run_bpfprof("record", "-t", "block", "-o", str(out), "--", pyenv_python(minor), str(script))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    for function, expected_ms in (("sleeper", 500), ("lock_waiter", 200), ("pipe_reader", 300),
+                                  ("socket_receiver", 400)):
+        _, delay = blocked(samples, lambda functions: function in functions)
+        assert delay == pytest.approx(expected_ms * MS, rel=0.1), function
