@@ -7,7 +7,10 @@
  *   KERNEL_STACKS   capture kernel stacks
  *   PYTHON_STACKS   walk CPython frames of processes in `python_processes`
  *   PYTHON_PROCESSES, PYTHON_THREADS, PYTHON_STACK_ENTRIES, PYTHON_EVENT_PAGES   their sizes
- *   OFFCPU          also record blocking delay (sched_switch); MIN_BLOCK_NS, OFFCPU_THREADS
+ *   OFFCPU          follow threads leaving the CPU (sched_switch), for
+ *   OFFCPU_BLOCK    blocking delay, blocks of MIN_BLOCK_NS or more (block_N), and
+ *   OFFCPU_WALL     off-CPU time of every kind, for wall-clock profiles (wall_N)
+ *   OFFCPU_THREADS  threads away at once
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -42,6 +45,8 @@ BPF_HASH(offcpu_starts, u32, struct offcpu_start, OFFCPU_THREADS);  /* tid -> ho
 BPF_PERCPU_ARRAY(offcpu_scratch, struct offcpu_start, 1);
 BPF_HASH(block_0, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
 BPF_HASH(block_1, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
+BPF_HASH(wall_0, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
+BPF_HASH(wall_1, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
 BPF_PERCPU_ARRAY(offcpu_stats, u64, OFFCPU_STATS);
 #if PYTHON_STACKS
 BPF_HASH(offcpu_python_stacks, u64, struct python_stack, PYTHON_STACK_ENTRIES);
@@ -310,9 +315,20 @@ static __always_inline void count_offcpu(int stat)
         (*n)++;
 }
 
-/* Blocking delay, exactly: when a target thread leaves the CPU blocked, its stacks and
- * the time are kept by tid (threads migrate between CPUs); when it runs again, the time
- * it was away is added to those stacks. The current task here is the one leaving. */
+static __always_inline void add_offcpu(struct offcpu_value *value, u64 delta, int loss)
+{
+    if (value) {
+        __sync_fetch_and_add(&value->count, 1);
+        __sync_fetch_and_add(&value->ns, delta);
+    } else {
+        count_loss(loss);
+    }
+}
+
+/* Off-CPU time, exactly: when a target thread leaves the CPU, its stacks and the time
+ * are kept by tid (threads migrate between CPUs); when it runs again, the time it was
+ * away is added to those stacks. The current task here is the one leaving. A task that
+ * is still runnable was preempted (or yielded): that counts for wall time, not blocking. */
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
@@ -322,11 +338,16 @@ TRACEPOINT_PROBE(sched, sched_switch)
     int zero = 0;
 
     struct offcpu_start *start = offcpu_scratch.lookup(&zero);
-    if (start && tid != 0 && (args->prev_state & OFFCPU_BLOCKED_STATES) && is_target(pid)) {
+    long state = args->prev_state;
+    u32 blocked = (state & OFFCPU_BLOCKED_STATES) != 0;
+    u32 exiting = (state & OFFCPU_EXIT_STATES) != 0;
+    if (start && tid != 0 && (blocked || (OFFCPU_WALL && !exiting)) && is_target(pid)) {
         note_seen(pid, tid);
-        count_offcpu(OFFCPU_BLOCKED);
+        if (blocked)
+            count_offcpu(OFFCPU_BLOCKED);
         __builtin_memset(&start->key, 0, sizeof(start->key));
         start->start_ns = now;
+        start->blocked = blocked;
         start->key.pid = pid;
         start->key.tid = tid;
         bpf_get_current_comm(&start->key.thread_name, sizeof(start->key.thread_name));
@@ -349,21 +370,21 @@ TRACEPOINT_PROBE(sched, sched_switch)
     struct offcpu_start *away = offcpu_starts.lookup(&next);
     if (away) {
         u64 delta = now - away->start_ns;
-        if (delta >= MIN_BLOCK_NS) {
-            u32 *buffer = control.lookup(&zero);
-            struct offcpu_value none = {}, *value;
+        u32 *buffer = control.lookup(&zero);
+        struct offcpu_value none = {};
+        if (OFFCPU_BLOCK && away->blocked && delta >= MIN_BLOCK_NS) {
             if (buffer && *buffer)
-                value = block_1.lookup_or_try_init(&away->key, &none);
+                add_offcpu(block_1.lookup_or_try_init(&away->key, &none), delta, LOSS_BLOCK_FULL);
             else
-                value = block_0.lookup_or_try_init(&away->key, &none);
-            if (value) {
-                __sync_fetch_and_add(&value->count, 1);
-                __sync_fetch_and_add(&value->ns, delta);
-            } else {
-                count_loss(LOSS_BLOCK_FULL);
-            }
-        } else {
+                add_offcpu(block_0.lookup_or_try_init(&away->key, &none), delta, LOSS_BLOCK_FULL);
+        } else if (away->blocked) {
             count_offcpu(OFFCPU_BELOW_MIN);
+        }
+        if (OFFCPU_WALL) {
+            if (buffer && *buffer)
+                add_offcpu(wall_1.lookup_or_try_init(&away->key, &none), delta, LOSS_WALL_FULL);
+            else
+                add_offcpu(wall_0.lookup_or_try_init(&away->key, &none), delta, LOSS_WALL_FULL);
         }
         offcpu_starts.delete(&next);
     }

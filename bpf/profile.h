@@ -98,22 +98,25 @@ struct offcpu_value {
     u64 ns;
 };
 
-/* A thread that left the CPU blocked: since when, and its stacks as it left (stack ids
- * in offcpu_stacks, which is not double-buffered: a thread may stay off-CPU across
- * drains). */
+/* A thread that left the CPU (blocked, or for wall time also preempted): since when,
+ * and its stacks as it left (stack ids in offcpu_stacks, which is not double-buffered:
+ * a thread may stay off-CPU across drains). */
 struct offcpu_start {
     u64 start_ns;
+    u32 blocked;  /* 0: still runnable (preempted or yielded) */
+    u32 reserved;
     struct sample_key key;
 };
 
-/* sched_switch's prev_state: the task states that mean blocked. Running is 0, and a
- * preempted task reports TASK_REPORT_MAX (0x100); X and Z (0x10, 0x20) are its exit. */
+/* sched_switch's prev_state: the task states that mean blocked, and those of a task's
+ * last switch (X and Z). Running is 0; a preempted task reports TASK_REPORT_MAX (0x100). */
 #define OFFCPU_BLOCKED_STATES 0xCF
+#define OFFCPU_EXIT_STATES 0x30
 
 /* Off-CPU switches counted per kind (array index). */
 enum offcpu_stat {
     OFFCPU_BLOCKED,    /* a target thread left the CPU blocked */
-    OFFCPU_BELOW_MIN,  /* it ran again sooner than the minimum block time: not recorded */
+    OFFCPU_BELOW_MIN,  /* it ran again sooner than the minimum block time: not in the block profile */
     OFFCPU_STATS,
 };
 
@@ -131,6 +134,7 @@ enum loss_reason {
     LOSS_PYTHON_EVENTS_FULL,
     LOSS_OFFCPU_THREADS_FULL,
     LOSS_BLOCK_FULL,
+    LOSS_WALL_FULL,
     LOSS_OFFCPU_STACK_COLLISION,
     LOSS_REASONS,
 };

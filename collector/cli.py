@@ -12,7 +12,7 @@ import click
 
 from bpfprof.collector.errors import CollectorError, UsageError
 
-PROFILE_TYPES = ("cpu", "block")
+PROFILE_TYPES = ("cpu", "block", "wall")
 MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
 
 LOSS_FIXES = {
@@ -96,7 +96,8 @@ def cli() -> None:
 @click.option("-o", "--output", metavar="FILE",
               help="Where to write: .pb.gz (pprof) or .folded; with several -t, one file per type (out.cpu.pb.gz).")
 @click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
-              help="What to record, repeatable: cpu (default) or block (time blocked off-CPU, every event counted).")
+              help="What to record, repeatable: cpu (default), block (time blocked off-CPU, every event "
+                   "counted) or wall (on-CPU plus off-CPU time of each thread).")
 @click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0), metavar="MICROSECONDS",
               help="With -t block: leave out blocks shorter than this.")
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
@@ -134,9 +135,10 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
-        python=not no_python, cpu="cpu" in types, offcpu="block" in types, min_block_ns=int(min_block * 1000),
+        python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
+        min_block_ns=int(min_block * 1000),
     )
-    recorder = Recorder(config, find_kernel_headers(), _warn)
+    recorder = Recorder(config, find_kernel_headers(), _warn, types)
     recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         click.echo("\r", err=True, nl=False)
@@ -150,11 +152,12 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     for t, path in outputs.items():
         profile = recording.profiles[t]
         seconds = profile.duration_ns / 1e9
-        what = f"{profile.num_samples()} samples" if t == "cpu" else \
-            f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked"
+        what = {"cpu": f"{profile.num_samples()} samples",
+                "block": f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked",
+                "wall": f"{profile.total() / 1e9:.3f} s of thread time"}[t]
         click.echo(f"bpfprof: {what}, {lost} lost, {recording.num_processes} processes, {seconds:.1f} s -> {path}",
                    err=True)
-    if recording.offcpu:
+    if "block" in types:
         click.echo(f"bpfprof: {recording.offcpu['OFFCPU_BLOCKED']} times a thread blocked, "
                    f"{recording.offcpu['OFFCPU_BELOW_MIN']} shorter than --min-block left out", err=True)
     for reason, n in recording.losses.items():

@@ -54,6 +54,7 @@ class ValueType:
 
 SAMPLES = ValueType("samples", "count")
 CPU_NS = ValueType("cpu", "nanoseconds")
+WALL_NS = ValueType("wall", "nanoseconds")
 CONTENTIONS = ValueType("contentions", "count")
 DELAY_NS = ValueType("delay", "nanoseconds")
 
@@ -104,4 +105,15 @@ def block_profile(start_ns: int) -> Profile:
         period=1,
         start_ns=start_ns,
         main_value=1,
+    )
+
+
+def wall_profile(hz: int, start_ns: int) -> Profile:
+    """Wall-clock time per thread: [wall/nanoseconds], on-CPU time from samples (period
+    1e9/Hz) and off-CPU time, blocked or waiting to run, measured exactly."""
+    return Profile(
+        sample_types=(WALL_NS,),
+        period_type=WALL_NS,
+        period=1_000_000_000 // hz,
+        start_ns=start_ns,
     )

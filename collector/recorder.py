@@ -13,7 +13,7 @@ from bpfprof.collector.events import Arrival, EventReader
 from bpfprof.collector.kernel_headers import KernelHeaders
 from bpfprof.collector.processes import ProcFiles, ProcessTable
 from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
-from bpfprof.collector.profile import Profile, block_profile, cpu_profile
+from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
 from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
 from bpfprof.collector.stacks import StackResolver
 from bpfprof.symbolizer.kernel import KernelSymbols
@@ -26,9 +26,9 @@ EVENTS_IN_DRAIN_S = 0.01  # a slow drain stops this often to take in new process
 
 @dataclass
 class Recording:
-    profiles: Dict[str, Profile]  # by type: "cpu", "block"
+    profiles: Dict[str, Profile]  # by type: "cpu", "block", "wall"
     losses: Dict[str, int]  # reason -> samples or events lost, only those that happened
-    offcpu: Dict[str, int]  # OFFCPU_* -> switches seen, when blocking delay was recorded
+    offcpu: Dict[str, int]  # OFFCPU_* -> switches seen, when off-CPU time was followed
     num_processes: int
     unreadable_processes: int
     unreadable_binaries: Dict[str, str] = field(default_factory=dict)  # path -> why
@@ -74,7 +74,9 @@ class Command:
 
 class Recorder:
     def __init__(self, config: SamplerConfig, headers: KernelHeaders,
-                 warn: Callable[[str], None] = lambda message: None):
+                 warn: Callable[[str], None] = lambda message: None, types: Sequence[str] = ("cpu",)):
+        """`types`: the profiles to make, of "cpu", "block" and "wall"; the config must
+        sample CPU for cpu and wall, and follow off-CPU time for block and wall."""
         self.config = config
         self._sampler = Sampler(config, headers)
         # One open file per binary keeps it readable after its process exits.
@@ -88,11 +90,9 @@ class Recorder:
         self._live_targets = set(config.pids)
         self._stop = False
         now = time.time_ns()
-        self.profiles: Dict[str, Profile] = {}  # by profile type, as -t names them
-        if config.cpu:
-            self.profiles["cpu"] = cpu_profile(config.frequency, now)
-        if config.offcpu:
-            self.profiles["block"] = block_profile(now)
+        makers = {"cpu": lambda: cpu_profile(config.frequency, now), "block": lambda: block_profile(now),
+                  "wall": lambda: wall_profile(config.frequency, now)}
+        self.profiles: Dict[str, Profile] = {t: makers[t]() for t in types}  # as -t names them
 
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
@@ -115,14 +115,18 @@ class Recorder:
         ended_threads = self._python.ended_threads() if self._python else {}
         next_events = time.monotonic() + EVENTS_IN_DRAIN_S
         drained = self._sampler.drain()
-        for kind, samples in (("cpu", drained.cpu), ("block", drained.block)):
+        cpu_period = 1_000_000_000 // self.config.frequency
+        # Each kind of raw sample, and the values it adds to each profile type.
+        for samples, values_by_type in (
+            (drained.cpu, lambda s: {"cpu": [s.count, s.count * cpu_period], "wall": [s.count * cpu_period]}),
+            (drained.block, lambda s: {"block": [s.count, s.delay_ns]}),
+            (drained.wall, lambda s: {"wall": [s.delay_ns]}),
+        ):
             for sample in samples:
                 stack, labels = self._resolver.resolve(sample)
-                if kind == "cpu":
-                    values = [sample.count, sample.count * self.profiles[kind].period]
-                else:
-                    values = [sample.count, sample.delay_ns]
-                self.profiles[kind].add(stack, labels, values)
+                for kind, values in values_by_type(sample).items():
+                    if kind in self.profiles:
+                        self.profiles[kind].add(stack, labels, values)
                 if time.monotonic() >= next_events:
                     self._apply(self._events.take(0))
                     next_events = time.monotonic() + EVENTS_IN_DRAIN_S

@@ -77,7 +77,8 @@ class SamplerConfig:
     python_processes: int = 4096
     python_event_pages: int = 256  # ring buffer for new Python stacks (2 KiB at most each)
     cpu: bool = True  # sample CPU stacks (perf events)
-    offcpu: bool = False  # record blocking delay (sched_switch)
+    block: bool = False  # record blocking delay (sched_switch)
+    wall: bool = False  # record off-CPU time of every kind (sched_switch), for wall-clock profiles
     min_block_ns: int = 1000
 
     def cflags(self) -> List[str]:
@@ -94,7 +95,9 @@ class SamplerConfig:
             f"-DPYTHON_PROCESSES={self.python_processes}",
             f"-DPYTHON_THREADS={self.target_entries}",
             f"-DPYTHON_EVENT_PAGES={self.python_event_pages}",
-            f"-DOFFCPU={int(self.offcpu)}",
+            f"-DOFFCPU={int(self.block or self.wall)}",
+            f"-DOFFCPU_BLOCK={int(self.block)}",
+            f"-DOFFCPU_WALL={int(self.wall)}",
             f"-DMIN_BLOCK_NS={self.min_block_ns}",
             f"-DOFFCPU_THREADS={self.target_entries}",
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
@@ -118,7 +121,8 @@ class RawSample:
 @dataclass(frozen=True)
 class Drained:
     cpu: List[RawSample]
-    block: List[RawSample]  # empty unless the config asks for off-CPU
+    block: List[RawSample]  # empty unless the config asks for blocking delay
+    wall: List[RawSample]  # off-CPU time of every kind, if the config asks for wall time
 
 
 @dataclass(frozen=True)
@@ -239,11 +243,13 @@ class Sampler:
         # Also clears stacks whose sample found the counts map full.
         for key in list(stacks.keys()):
             del stacks[key]
-        block: List[RawSample] = []
-        if self.config.offcpu:  # its stacks stay: a thread may be away across drains
-            block = self._samples(self._bpf[f"block_{drained}"], self._bpf["offcpu_stacks"],
-                                  self._python_stacks("offcpu_python_stacks", keep=True))
-        return Drained(cpu, block)
+        offcpu = {}
+        if self.config.block or self.config.wall:  # their stacks stay: a thread may be away across drains
+            python = self._python_stacks("offcpu_python_stacks", keep=True)
+            for kind in ("block", "wall"):
+                if getattr(self.config, kind):
+                    offcpu[kind] = self._samples(self._bpf[f"{kind}_{drained}"], self._bpf["offcpu_stacks"], python)
+        return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []))
 
     @staticmethod
     def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]) -> List[RawSample]:
@@ -300,7 +306,7 @@ class Sampler:
 
     def offcpu_stats(self) -> Dict[str, int]:
         """Off-CPU switches so far per kind (OFFCPU_* names from profile.h)."""
-        if not self.config.offcpu:
+        if not (self.config.block or self.config.wall):
             return {}
         table = self._bpf["offcpu_stats"]
         return {name: sum(table[table.Key(i)]) for name, i in OFFCPU_STATS.items()}

@@ -1,5 +1,6 @@
-"""`bpfprof record -t block` through real BPF: workloads that block for known durations,
-and the delay attributed to each blocking function."""
+"""Off-CPU time through real BPF: `-t block` on workloads that block for known durations
+(the delay attributed to each blocking function), and `-t wall` on threads that rest,
+work and wait for a shared CPU."""
 
 from __future__ import annotations
 
@@ -68,3 +69,24 @@ def test_python_known_delays_per_blocking_function(minor, tmp_path):
                                   ("socket_receiver", 400)):
         _, delay = blocked(samples, lambda functions: function in functions)
         assert delay == pytest.approx(expected_ms * MS, rel=0.1), function
+
+
+def test_wall_time_of_each_thread_is_its_lifetime(build_c, tmp_path):
+    """Two threads on one CPU: each rests 300 ms, then works 300 ms of CPU while the other
+    waits for the CPU. Wall time covers all of it: resting, working and waiting."""
+    binary = build_c("wall", "-pthread")
+    out = tmp_path / "wall.pb.gz"
+    result = run_bpfprof("record", "-t", "wall", "-o", str(out), "--", "taskset", "-c", "0", str(binary))
+    assert result.returncode == 0, result.stderr
+    lifetimes = dict(tuple(map(int, line.split())) for line in result.stdout.splitlines())
+    assert len(lifetimes) == 2
+    samples = read_samples(out)
+    for tid, lifetime in lifetimes.items():
+        mine = [s for s in samples if s.labels["tid"] == tid]
+        assert sum(s.values[0] for s in mine) == pytest.approx(lifetime, rel=0.1)
+        resting = sum(s.values[0] for s in mine if "clock_nanosleep" in s.functions)
+        working = sum(s.values[0] for s in mine if "work" in s.functions)  # on the CPU or waiting for it
+        assert resting == pytest.approx(300 * MS, rel=0.1)
+        assert working == pytest.approx(lifetime - 300 * MS, rel=0.1)
+        assert lifetime > 750 * MS  # the threads did share the CPU
+    check_with_go(out, expect=["work"])
