@@ -90,3 +90,35 @@ def test_wall_time_of_each_thread_is_its_lifetime(build_c, tmp_path):
         assert working == pytest.approx(lifetime - 300 * MS, rel=0.1)
         assert lifetime > 750 * MS  # the threads did share the CPU
     check_with_go(out, expect=["work"])
+
+
+def test_whole_system_keeps_kernel_threads_and_leaves_out_idle(tmp_path):
+    out = tmp_path / "system.pb.gz"
+    result = run_bpfprof("record", "-a", "-t", "block", "-d", "2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    assert all(s.labels["pid"] != 0 for s in samples)  # the idle task never blocks: it is what runs instead
+    names = {s.labels["comm"] for s in samples}
+    assert any(n.startswith(("kworker", "rcu_", "ksoftirqd", "kcompactd", "khugepaged", "kswapd")) for n in names), names
+
+
+def test_a_thread_that_exits_while_blocked_keeps_what_was_attributed(tmp_path):
+    """The process ends (os._exit) while a thread still blocks on a pipe no one writes."""
+    script = tmp_path / "exit_blocked.py"
+    script.write_text(
+        "import os, threading, time\n"
+        "def napper(fd):\n"
+        "    for _ in range(5):\n"
+        "        time.sleep(0.05)\n"
+        "    os.read(fd, 1)\n"
+        "read_end, _ = os.pipe()\n"
+        "time.sleep(0.5)  # the profiler reads the process meanwhile\n"
+        "threading.Thread(target=napper, args=(read_end,)).start()\n"
+        "time.sleep(0.8)\n"
+        "os._exit(0)\n")
+    out = tmp_path / "exit.pb.gz"
+    result = run_bpfprof("record", "-t", "block", "-o", str(out), "--", pyenv_python(12), str(script))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    _, delay = blocked(samples, lambda functions: "napper" in functions and "clock_nanosleep" in functions)
+    assert delay == pytest.approx(250 * MS, rel=0.1)
