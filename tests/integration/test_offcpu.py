@@ -33,6 +33,8 @@ def test_c_known_delays_per_blocking_function(build_c, tmp_path):
     assert delay == pytest.approx(300 * MS, rel=0.1)  # main writes after 200 + 100 ms
     _, delay = blocked(samples, lambda functions: "__lll_lock_wait" in functions)
     assert delay == pytest.approx(180 * MS, rel=0.1)  # from 20 ms until main unlocks at 200 ms
+    _, delay = blocked(samples, lambda functions: any(f.endswith("stream_recvmsg") for f in functions))
+    assert delay == pytest.approx(400 * MS, rel=0.1)
     check_with_go(out, expect=["sleeper"])
 
 
