@@ -152,6 +152,8 @@ class Recorder:
         try:
             self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
             self._events.start()
+            for pid in self.config.pids:  # read (and find CPython in) the targets before their first sample
+                self._processes.snapshot(pid)
             if command:
                 child = Command(command)
                 self._sampler.add_targets([child.pid])
