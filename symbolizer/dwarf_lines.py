@@ -1,4 +1,5 @@
-"""The DWARF line-number program of one compilation unit, run to (address, file, line) rows.
+"""The DWARF line-number program of one compilation unit, run to its rows: sequences of
+addresses, each with the file and line it belongs to.
 
 pyelftools decodes the program's header (file names, opcode base, line base and
 range); the program itself is run here, keeping only the registers a profiler needs
@@ -12,7 +13,7 @@ targets with one operation per instruction (op_index is always 0).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import List, Tuple
 
 # Standard opcodes
 _COPY, _ADVANCE_PC, _ADVANCE_LINE, _SET_FILE = 1, 2, 3, 4
@@ -20,7 +21,6 @@ _CONST_ADD_PC, _FIXED_ADVANCE_PC = 8, 9
 # Extended opcodes (after a 0 byte and a length)
 _END_SEQUENCE, _SET_ADDRESS = 1, 2
 
-Row = Tuple[int, int, Optional[int]]  # (address, file index, line); line None: a sequence ends here
 
 
 def _leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
@@ -35,15 +35,21 @@ def _leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
             return (value - (1 << shift) if signed and byte & 0x40 else value), i
 
 
-def run_line_program(program: bytes, header) -> Iterator[Row]:
-    """Rows of the program in the order it emits them. `header` is pyelftools' decoded
-    line program header (minimum_instruction_length, default_is_stmt, line_base,
-    line_range, opcode_base, standard_opcode_lengths)."""
+def line_sequences(program: bytes, header) -> List[Tuple[List[int], List[int]]]:
+    """The program's rows in the order it emits them, as sequences: (addresses, places),
+    place = file index << 32 | line, and -1 for the row that ends the sequence. Two flat
+    lists rather than a tuple per row: this is the hot loop of reading a line table.
+    `header` is pyelftools' decoded line program header (minimum_instruction_length,
+    line_base, line_range, opcode_base, standard_opcode_lengths)."""
     unit = header["minimum_instruction_length"]
     line_base, line_range = header["line_base"], header["line_range"]
     opcode_base = header["opcode_base"]
     operand_counts = header["standard_opcode_lengths"]
     const_add = (255 - opcode_base) // line_range * unit
+    sequences: List[Tuple[List[int], List[int]]] = []
+    addresses: List[int] = []
+    places: List[int] = []
+    add_address, add_place = addresses.append, places.append
     address, file, line = 0, 1, 1
     i, end = 0, len(program)
     while i < end:
@@ -53,18 +59,24 @@ def run_line_program(program: bytes, header) -> Iterator[Row]:
             adjusted = opcode - opcode_base
             address += adjusted // line_range * unit
             line += line_base + adjusted % line_range
-            yield address, file, line
+            add_address(address)
+            add_place(file << 32 | line)
         elif opcode == 0:
             length, i = _leb128(program, i)
             sub = program[i]
             if sub == _END_SEQUENCE:
-                yield address, file, None
+                add_address(address)
+                add_place(-1)
+                sequences.append((addresses, places))
+                addresses, places = [], []
+                add_address, add_place = addresses.append, places.append
                 address, file, line = 0, 1, 1
             elif sub == _SET_ADDRESS:
                 address = int.from_bytes(program[i + 1:i + length], "little")
             i += length
         elif opcode == _COPY:
-            yield address, file, line
+            add_address(address)
+            add_place(file << 32 | line)
         elif opcode == _ADVANCE_PC:
             advance, i = _leb128(program, i)
             address += advance * unit
@@ -81,3 +93,6 @@ def run_line_program(program: bytes, header) -> Iterator[Row]:
         else:  # any other standard opcode: skip its operands, all ULEB128
             for _ in range(operand_counts[opcode - 1]):
                 _, i = _leb128(program, i)
+    if addresses:  # rows after the last end_sequence (malformed): kept
+        sequences.append((addresses, places))
+    return sequences

@@ -1,10 +1,11 @@
-"""Our line-program runner against pyelftools' full decoder, row for row, on DWARF that
+"""Our line-program runner against pyelftools' full decoder, row for row (an
+end-of-sequence row by its address alone), on DWARF that
 gcc writes here (versions 4 and 5) and on a CPython shared library."""
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.dwarf_lines import run_line_program
+from bpfprof.symbolizer.dwarf_lines import line_sequences
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 
@@ -15,11 +16,15 @@ def rows_both_ways(path, limit=None):
             if limit is not None and n >= limit:
                 break
             program = dwarf.line_program_for_CU(cu)
-            expected = [(e.state.address, e.state.file, None if e.state.end_sequence else e.state.line)
+            expected = [(e.state.address, None, None) if e.state.end_sequence
+                        else (e.state.address, e.state.file, e.state.line)
                         for e in program.get_entries() if e.state is not None]
             program.stream.seek(program.program_start_offset)
             code = program.stream.read(program.program_end_offset - program.program_start_offset)
-            yield list(run_line_program(code, program.header)), expected
+            ours = [(address, None, None) if place < 0 else (address, place >> 32, place & 0xFFFFFFFF)
+                    for addresses, places in line_sequences(code, program.header)
+                    for address, place in zip(addresses, places)]
+            yield ours, expected
 
 
 @pytest.mark.parametrize("version", ["-gdwarf-4", "-gdwarf-5"])
