@@ -1,20 +1,26 @@
-"""Cost of recording blocking delay (`-t block`) on a context-switch-heavy machine, beside
-bcc's offcputime and perf recording every sched_switch.
+"""Cost of recording off-CPU time (`-t block`, `-t wall`) on context-switch-heavy machines,
+beside bcc's offcputime and perf recording every sched_switch.
 
-The work: one pair of threads per CPU bouncing a byte over two pipes, a fixed number of
-round trips (each blocks both threads once), sized to take about --seconds with no
-profiler. It runs with no profiler and under each whole-system profiler in turn, the
-order rotated every round:
+Two works, each a fixed number of rounds sized to take about --seconds with no profiler:
 
-  bpfprof               `bpfprof record -a -t block` (every block of 1 us or more)
+  ping-pong   one pair of threads per CPU bouncing a byte over two pipes: every switch
+              is a block (both threads block once per round trip)
+  yield       two threads pinned to each CPU calling sched_yield: every switch is a
+              preemption, not a block, at well over a million switches per second
+
+Each runs with no profiler and under each whole-system profiler in turn, the order
+rotated every round:
+
+  bpfprof block         `bpfprof record -a -t block` (every block of 1 us or more)
   bpfprof min 100us     the same with --min-block 100
+  bpfprof wall          `bpfprof record -a -t wall` (a stack at every switch)
   offcputime            bcc's `offcputime-bpfcc -f` (needs kprobes; reported when it cannot run)
   perf sched_switch     `perf record -e sched:sched_switch -a -g`, every switch with its stack
 
-Printed per profiler: the median time of the work and its slowdown, the machine's context
-switches per second while it ran (from /proc/stat), the profiler's own CPU (share of one
-core), and for bpfprof the blocks it saw, left out under --min-block, and lost; then
-bpfprof against the others as ratios of slowdown.
+Printed per work and profiler: the median time of the work and its slowdown, the
+machine's context switches per second while it ran (from /proc/stat), the profiler's own
+CPU (share of one core), and for bpfprof what it saw and lost; then bpfprof against the
+others as ratios of slowdown.
 
     sudo .venv/bin/python bench/block_overhead.py [--rounds 3] [--seconds 10]
 """
@@ -70,20 +76,45 @@ int main(int argc, char **argv) {
 }
 """
 
+YIELD_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+static long rounds;
+static void *yielder(void *arg) {
+    cpu_set_t cpu; CPU_ZERO(&cpu); CPU_SET((long)arg, &cpu);
+    sched_setaffinity(0, sizeof cpu, &cpu);
+    for (long i = 0; i < rounds; i++) sched_yield();
+    return NULL;
+}
+int main(int argc, char **argv) {
+    rounds = atol(argv[1]);
+    int cpus = atoi(argv[2]);
+    pthread_t threads[2 * cpus];
+    for (long i = 0; i < 2 * cpus; i++) pthread_create(&threads[i], NULL, yielder, (void *)(i / 2));
+    for (int i = 0; i < 2 * cpus; i++) pthread_join(threads[i], NULL);
+    return 0;
+}
+"""
+
+WORKS = {"ping-pong": PING_PONG_C, "yield": YIELD_C}
+
 
 def profilers(tmp: Path) -> Dict[str, List[str]]:
-    bpfprof = [sys.executable, "-m", "bpfprof", "record", "-a", "-t", "block", "-o", f"{tmp}/block.pb.gz"]
+    bpfprof = [sys.executable, "-m", "bpfprof", "record", "-a", "-o", f"{tmp}/out.pb.gz"]
     return {
-        "bpfprof": bpfprof,
-        "bpfprof min 100us": [*bpfprof, "--min-block", "100"],
+        "bpfprof block": [*bpfprof, "-t", "block"],
+        "bpfprof min 100us": [*bpfprof, "-t", "block", "--min-block", "100"],
+        "bpfprof wall": [*bpfprof, "-t", "wall"],
         "offcputime": ["offcputime-bpfcc", "-f"],
         "perf sched_switch": ["perf", "record", "-e", "sched:sched_switch", "-a", "-g", "-q", "-o", f"{tmp}/perf.data"],
     }
 
 
-def build(tmp: Path) -> Path:
-    src, binary = tmp / "ping_pong.c", tmp / "ping_pong"
-    src.write_text(PING_PONG_C)
+def build(tmp: Path, name: str) -> Path:
+    src, binary = tmp / f"{name}.c", tmp / name
+    src.write_text(WORKS[name])
     subprocess.run(["gcc", "-O1", "-pthread", "-o", str(binary), str(src)], check=True)
     return binary
 
@@ -120,62 +151,71 @@ def under(argv: List[str], work: Path, rounds: int) -> Tuple[Optional[Tuple[floa
     return (seconds, rate, cpu), log.read()
 
 
+def what_bpfprof_saw(stderr: str) -> str:
+    seen = re.search(r"(\d+) times a thread blocked, (\d+) shorter", stderr)
+    lost = re.search(r"(\d+) lost", stderr)
+    lost_text = f"lost {lost.group(1) if lost else '?'}"
+    if seen:
+        return f"blocks seen {seen.group(1)}, left out under --min-block {seen.group(2)}, {lost_text}"
+    return lost_text
+
+
+def measure(tmp: Path, name: str, rounds: int, seconds: float) -> None:
+    work = build(tmp, name)
+    trips = 200_000
+    base_seconds, _ = run_work(work, trips)
+    trips = int(trips * seconds / base_seconds)
+    commands = {name: argv for name, argv in profilers(tmp).items() if shutil.which(argv[0])}
+    results: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in ["none", *commands]}
+    notes: Dict[str, str] = {}
+    for r in range(rounds):
+        order = ["none", *commands]
+        order = order[r % len(order):] + order[: r % len(order)]
+        for profiler in order:
+            if profiler == "none":
+                results[profiler].append((*run_work(work, trips), 0.0))
+                continue
+            if profiler in notes and not results[profiler]:
+                continue  # could not start before
+            result, stderr = under(commands[profiler], work, trips)
+            if result is None:
+                notes[profiler] = f"could not run: {stderr}"
+                continue
+            results[profiler].append(result)
+            if profiler.startswith("bpfprof"):
+                notes[profiler] = what_bpfprof_saw(stderr)
+
+    base = statistics.median(r[0] for r in results["none"])
+    base_rate = statistics.median(r[1] for r in results["none"])
+    print(f"\n{name}: {os.cpu_count()} CPUs, {trips} rounds per thread, {base:.2f} s median and "
+          f"{base_rate / 1e3:.0f}k context switches/s without a profiler, {rounds} rounds")
+    print(f"{'profiler':<18} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9}")
+    slowdowns = {}
+    for profiler in commands:
+        runs = results[profiler]
+        if not runs:
+            print(f"{profiler:<18} {notes.get(profiler, 'no runs')}")
+            continue
+        median = statistics.median(r[0] for r in runs)
+        slowdowns[profiler] = median / base - 1
+        print(f"{profiler:<18} {median:7.2f} {100 * slowdowns[profiler]:8.1f}% "
+              f"{statistics.median(r[1] for r in runs) / 1e3:10.0f}k {100 * statistics.median(r[2] for r in runs):8.1f}%"
+              + (f"   {notes[profiler]}" if profiler in notes else ""))
+    for ours in ("bpfprof block", "bpfprof wall"):
+        for other in slowdowns:
+            if not other.startswith("bpfprof") and ours in slowdowns and slowdowns[other] > 0:
+                print(f"{ours} / {other}: slowdown x{slowdowns[ours] / slowdowns[other]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10, help="length of the work without a profiler")
+    parser.add_argument("--seconds", type=float, default=10, help="length of each work without a profiler")
+    parser.add_argument("--work", choices=sorted(WORKS), action="append", help="only this work (repeatable)")
     args = parser.parse_args()
-
     with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
-        tmp = Path(d)
-        work = build(tmp)
-        trips = 200_000
-        seconds, _ = run_work(work, trips)
-        trips = int(trips * args.seconds / seconds)
-        commands = {name: argv for name, argv in profilers(tmp).items() if shutil.which(argv[0])}
-        results: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in ["none", *commands]}
-        notes: Dict[str, str] = {}
-        for r in range(args.rounds):
-            order = ["none", *commands]
-            order = order[r % len(order):] + order[: r % len(order)]
-            for name in order:
-                if name == "none":
-                    results[name].append((*run_work(work, trips), 0.0))
-                    continue
-                if name in notes and not results[name]:
-                    continue  # could not start before
-                result, stderr = under(commands[name], work, trips)
-                if result is None:
-                    notes[name] = f"could not run: {stderr}"
-                    continue
-                results[name].append(result)
-                if name.startswith("bpfprof"):
-                    seen = re.search(r"(\d+) times a thread blocked, (\d+) shorter", stderr)
-                    lost = re.search(r"(\d+) lost", stderr)
-                    if seen:
-                        notes[name] = (f"blocks seen {seen.group(1)}, left out under --min-block {seen.group(2)}, "
-                                       f"lost {lost.group(1) if lost else '?'}")
-
-        base = statistics.median(r[0] for r in results["none"])
-        base_rate = statistics.median(r[1] for r in results["none"])
-        print(f"work: {os.cpu_count()} ping-pong pairs, {trips} round trips each, {base:.2f} s median and "
-              f"{base_rate / 1e3:.0f}k context switches/s without a profiler, {args.rounds} rounds")
-        print(f"{'profiler':<18} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9}")
-        slowdowns = {}
-        for name in commands:
-            runs = results[name]
-            if not runs:
-                print(f"{name:<18} {notes.get(name, 'no runs')}")
-                continue
-            median = statistics.median(r[0] for r in runs)
-            slowdowns[name] = median / base - 1
-            print(f"{name:<18} {median:7.2f} {100 * slowdowns[name]:8.1f}% "
-                  f"{statistics.median(r[1] for r in runs) / 1e3:10.0f}k {100 * statistics.median(r[2] for r in runs):8.1f}%"
-                  + (f"   {notes[name]}" if name in notes else ""))
-        for other in slowdowns:
-            if not other.startswith("bpfprof") and "bpfprof" in slowdowns and slowdowns[other] > 0:
-                print(f"bpfprof / {other}: slowdown x{slowdowns['bpfprof'] / slowdowns[other]:.2f}")
-
+        for name in args.work or list(WORKS):
+            measure(Path(d), name, args.rounds, args.seconds)
 
 if __name__ == "__main__":
     run_main(main, "block_overhead")

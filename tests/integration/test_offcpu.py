@@ -64,6 +64,18 @@ def test_min_block_leaves_out_shorter_blocks(build_c, tmp_path):
     assert "shorter than --min-block left out" in result.stderr
 
 
+def test_a_thread_that_wakes_on_another_cpu_gets_its_whole_delay(build_c, tmp_path):
+    """Each nap starts on one CPU and ends on the other: the thread is moved while it sleeps."""
+    binary = build_c("migrate", "-pthread")
+    out = tmp_path / "migrate.pb.gz"
+    result = run_bpfprof("record", "-t", "block", "-o", str(out), "--", str(binary))
+    assert result.returncode == 0, result.stderr
+    naps = [tuple(map(int, line.split())) for line in result.stdout.splitlines()]
+    assert len(naps) == 6 and all(before != after for before, after in naps), naps
+    events, delay = blocked(read_samples(out), lambda functions: "napper" in functions)
+    assert events == 6 and delay == pytest.approx(600 * MS, rel=0.1)
+
+
 @pytest.mark.parametrize("minor", [8, 12])
 def test_python_known_delays_per_blocking_function(minor, tmp_path):
     out = tmp_path / "blocking.pb.gz"
