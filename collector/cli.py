@@ -43,17 +43,24 @@ Examples:
 """
 
 
-def _parse_pids(values: Sequence[str]) -> Tuple[int, ...]:
-    pids = []
+def _parse_numbers(values: Sequence[str], option: str) -> Tuple[int, ...]:
+    """Process IDs given as repeated and/or comma-separated values."""
+    numbers = []
     for value in values:
         for part in value.split(","):
             if not part.strip().isdigit():
-                raise UsageError(f"-p takes process IDs, not {part!r}")
-            pid = int(part)
-            if not os.path.exists(f"/proc/{pid}"):
-                raise UsageError(f"no process with PID {pid}")
-            pids.append(pid)
-    return tuple(pids)
+                raise UsageError(f"{option} takes process IDs, not {part!r}")
+            numbers.append(int(part))
+    return tuple(numbers)
+
+
+def _parse_pids(values: Sequence[str]) -> Tuple[int, ...]:
+    """Live processes' IDs."""
+    pids = _parse_numbers(values, "-p")
+    for pid in pids:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise UsageError(f"no process with PID {pid}")
+    return pids
 
 
 def _check_command(command: Sequence[str]) -> None:
@@ -117,7 +124,8 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     from bpfprof.collector.output import get_writer, path_for_type
     from bpfprof.collector.recorder import Recorder
     from bpfprof.collector.sampler import SamplerConfig
-    from bpfprof.collector.top import format_top
+    from bpfprof.collector.functions import function_rows
+    from bpfprof.collector.report import format_table
 
     if sum(map(bool, (whole_system, pid_args, command))) > 1:
         raise UsageError("choose one target: -a, -p PID, or -- COMMAND")
@@ -143,10 +151,7 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     if sys.stderr.isatty():
         click.echo("\r", err=True, nl=False)
     for t, path in outputs.items():
-        try:
-            writers[t](recording.profiles[t], path)
-        except OSError as e:
-            raise CollectorError(f"cannot write {path}: {e.strerror or e}") from e
+        _write(writers[t], path, recording.profiles[t])
 
     lost = sum(recording.losses.values())
     for t, path in outputs.items():
@@ -172,10 +177,80 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
                    "(their frames show module+offset)", err=True)
     if top:
         for t in types:
-            click.echo(format_top(recording.profiles[t], top))
+            profile = recording.profiles[t]
+            click.echo(format_table(function_rows(profile)[:top], profile.total(),
+                                    profile.sample_types[profile.main_value].unit,
+                                    shutil.get_terminal_size((120, 24)).columns))
     if recording.exit_status is not None:
         status = recording.exit_status
         click.get_current_context().exit(status if status >= 0 else 128 - status)
+
+
+REPORT_EXAMPLES = """
+\b
+Examples:
+  bpfprof report out.pb.gz                       # functions by self time
+  bpfprof report out.pb.gz --sort total --focus 'handle_'
+  bpfprof report out.pb.gz -o out.html           # flame graph and table in one page
+  bpfprof report --diff before.pb.gz after.pb.gz -o diff.html
+"""
+
+
+@cli.command(epilog=REPORT_EXAMPLES)
+@click.argument("files", nargs=-1, required=True, metavar="FILE")
+@click.option("--diff", is_flag=True, help="Compare two profiles: FILE is BASE NEW.")
+@click.option("--sort", type=click.Choice(["self", "total"]), default="self", show_default=True,
+              help="Order of the table.")
+@click.option("--limit", default=30, show_default=True, type=click.IntRange(0), metavar="N",
+              help="Rows of the table (0: all).")
+@click.option("--type", "sample_type", metavar="SAMPLE_TYPE",
+              help="Which value to show, e.g. cpu, samples, delay (default: the profile's default).")
+@click.option("--pid", "pid_args", multiple=True, metavar="PID", help="Only these processes; repeatable.")
+@click.option("--focus", metavar="REGEX", help="Only stacks with a function matching this.")
+@click.option("-o", "--output", metavar="FILE",
+              help="Write instead of printing: .html (flame graph and table), .speedscope.json, .pb.gz, .folded.")
+def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> None:
+    """Print a profile's functions as a table, or write it as HTML and other formats."""
+    from bpfprof.collector.functions import diff_rows, function_rows, select
+    from bpfprof.collector.output import get_writer
+    from bpfprof.collector.pprof import load_profile
+    from bpfprof.collector.report import format_diff_table, format_table
+
+    if len(files) != (2 if diff else 1):
+        raise UsageError("--diff takes two files, BASE and NEW" if diff else "report takes one file (or --diff BASE NEW)")
+    pids = _parse_numbers(pid_args, "--pid")
+    profiles = [select(load_profile(f), pids, focus, sample_type) for f in files]
+    width = shutil.get_terminal_size((120, 24)).columns
+    if diff:
+        base, new = profiles
+        if output:
+            from bpfprof.collector.flamegraph import write_diff_flamegraph
+            if not output.endswith(".html"):
+                raise UsageError("--diff writes .html only")
+            get_writer(output)
+            _write(write_diff_flamegraph, output, base, new)
+            return
+        rows = diff_rows(base, new)
+        if sort == "total":
+            rows.sort(key=lambda r: -abs(r.change("total")))
+        click.echo(format_diff_table(rows[:limit or None], width))
+        return
+    profile, = profiles
+    if output:
+        _write(get_writer(output), output, profile)
+        return
+    rows = function_rows(profile)
+    if sort == "total":
+        rows.sort(key=lambda r: (-r.total, -r.self))
+    unit = profile.sample_types[profile.main_value].unit if profile.sample_types else "count"
+    click.echo(format_table(rows[:limit or None], profile.total(), unit, width))
+
+
+def _write(writer, path: str, *profiles) -> None:
+    try:
+        writer(*profiles, path)
+    except OSError as e:
+        raise CollectorError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 @cli.command()

@@ -9,10 +9,12 @@ from bpfprof.collector.errors import UsageError
 from bpfprof.collector.folded import write_folded
 from bpfprof.collector.pprof import write_pprof
 from bpfprof.collector.profile import Profile
+from bpfprof.collector.speedscope import write_speedscope
 
 WRITERS: Dict[str, Callable[[Profile, str], None]] = {
     ".pb.gz": write_pprof,
     ".folded": write_folded,
+    ".speedscope.json": write_speedscope,
 }
 
 

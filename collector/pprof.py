@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from bpfprof.collector.atomic_file import write_atomically
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.pprof_schema import PprofProfile
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Profile
+from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Profile, ValueType
 
 
 class _Builder:
@@ -126,3 +126,86 @@ def read_pprof(path: str):
     if not message.string_table or message.string_table[0] != "":
         raise UsageError(f"{path} is not a pprof profile: its string table does not start with \"\"")
     return message
+
+
+
+def _frame_kind(mapping_name: str, file: str) -> FrameKind:
+    """Kernel frames are in perf's "[kernel.kallsyms]" mapping (or vmlinux); Python frames
+    have no mapping; everything else is native code."""
+    if mapping_name.startswith("[kernel") or mapping_name.endswith("vmlinux"):
+        return FrameKind.KERNEL
+    if not mapping_name and file.endswith(".py"):
+        return FrameKind.PYTHON
+    return FrameKind.NATIVE
+
+
+def _labels(strings, sample) -> Labels:
+    known = {"pid": 0, "tid": 0, "comm": "", "thread": ""}
+    extra = []
+    for label in sample.label:
+        key = strings[label.key]
+        value = strings[label.str] if label.str else label.num
+        if key in known and isinstance(value, type(known[key])):
+            known[key] = value
+        else:
+            extra.append((key, str(value)))
+    return Labels(known["pid"], known["tid"], known["comm"], known["thread"], tuple(extra))
+
+
+def from_pprof(message) -> Profile:
+    """The profile model of any pprof message (ours, Go's, another tool's); its main
+    value is the default sample type, else the last. Inlined functions of a location
+    become frames of their own, innermost first, as pprof lists them."""
+    strings = message.string_table
+
+    def string(index: int) -> str:
+        return strings[index] if 0 <= index < len(strings) else ""
+
+    def value_type(v) -> ValueType:
+        return ValueType(string(v.type), string(v.unit))
+
+    mappings = {m.id: Module(string(m.filename), string(m.build_id)) for m in message.mapping}
+    functions = {f.id: f for f in message.function}
+    stacks: Dict[int, Tuple[Frame, ...]] = {}
+    for location in message.location:
+        module = mappings.get(location.mapping_id)
+        frames = []
+        for line in location.line:
+            function = functions.get(line.function_id)
+            name = string(function.name) if function else ""
+            file = string(function.filename) if function else ""
+            kind = _frame_kind(module.path if module else "", file)
+            frames.append(Frame(kind, name or f"[{module.path if module else '?'}+{location.address:#x}]", module,
+                                location.address, file, line.line, function.start_line if function else 0))
+        if not frames:  # an unsymbolized address
+            path = module.path if module else "?"
+            frames.append(Frame(_frame_kind(path, ""), f"[{path.rsplit('/', 1)[-1]}+{location.address:#x}]",
+                                module, location.address))
+        stacks[location.id] = tuple(frames)
+    sample_types = tuple(value_type(v) for v in message.sample_type)
+    names = [t.type for t in sample_types]
+    default = string(message.default_sample_type)
+    profile = Profile(
+        sample_types=sample_types,
+        period_type=value_type(message.period_type),
+        period=message.period,
+        start_ns=message.time_nanos,
+        duration_ns=message.duration_nanos,
+        main_value=names.index(default) if default in names else max(len(names) - 1, 0),
+    )
+    for sample in message.sample:
+        if len(sample.value) != len(sample_types):
+            raise UsageError(f"a sample has {len(sample.value)} values for {len(sample_types)} sample types")
+        stack = tuple(frame for location_id in sample.location_id for frame in stacks.get(location_id, ()))
+        profile.add(stack, _labels(strings, sample), list(sample.value))
+    return profile
+
+
+def load_profile(path: str) -> Profile:
+    """The profile model of a pprof file; UsageError naming the file when it is not one."""
+    try:
+        return from_pprof(read_pprof(path))
+    except UsageError as e:
+        if path in str(e):
+            raise
+        raise UsageError(f"{path} is not a valid pprof profile: {e}") from None
