@@ -82,10 +82,6 @@ def _warn(message: str) -> None:
     click.echo(f"bpfprof: warning: {message}", err=True)
 
 
-def _progress(samples: int) -> None:
-    click.echo(f"\rrecording: {samples} samples", err=True, nl=False)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bpfprof")
 def cli() -> None:
@@ -119,13 +115,10 @@ def cli() -> None:
 def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
            stack_storage_size, map_size, command) -> None:
     """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
-    from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
-    from bpfprof.collector.kernel_headers import find_kernel_headers
-    from bpfprof.collector.output import get_writer, path_for_type
-    from bpfprof.collector.recorder import Recorder
-    from bpfprof.collector.sampler import SamplerConfig
     from bpfprof.collector.functions import function_rows
+    from bpfprof.collector.output import get_writer, path_for_type
     from bpfprof.collector.report import format_table
+    from bpfprof.collector.sampler import SamplerConfig
 
     if sum(map(bool, (whole_system, pid_args, command))) > 1:
         raise UsageError("choose one target: -a, -p PID, or -- COMMAND")
@@ -136,18 +129,20 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     output = output or _default_output(pids, command)
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
-    if not has_privileges():
-        raise UsageError("profiling needs root: run sudo bpfprof record ... (or grant CAP_BPF and CAP_PERFMON)")
-    require_kernel_support()
-    mount_tracefs()
     config = SamplerConfig(
         frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
         python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
         min_block_ns=int(min_block * 1000),
     )
-    recorder = Recorder(config, find_kernel_headers(), _warn, types)
-    recording = recorder.run(duration, command, _progress if sys.stderr.isatty() else None)
+    recorder = _recorder(config, types)
+
+    def progress() -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\rrecording: {sum(p.num_samples() for p in recorder.profiles.values())} samples",
+                       err=True, nl=False)
+
+    recording = recorder.run(duration, command, progress)
     if sys.stderr.isatty():
         click.echo("\r", err=True, nl=False)
     for t, path in outputs.items():
@@ -211,7 +206,7 @@ Examples:
               help="Write instead of printing: .html (flame graph and table), .speedscope.json, .pb.gz, .folded.")
 def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> None:
     """Print a profile's functions as a table, or write it as HTML and other formats."""
-    from bpfprof.collector.functions import diff_rows, function_rows, select
+    from bpfprof.collector.functions import diff_rows, function_rows, narrow
     from bpfprof.collector.output import get_writer
     from bpfprof.collector.pprof import load_profile
     from bpfprof.collector.report import format_diff_table, format_table
@@ -219,7 +214,7 @@ def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> No
     if len(files) != (2 if diff else 1):
         raise UsageError("--diff takes two files, BASE and NEW" if diff else "report takes one file (or --diff BASE NEW)")
     pids = _parse_numbers(pid_args, "--pid")
-    profiles = [select(load_profile(f), pids, focus, sample_type) for f in files]
+    profiles = [narrow(load_profile(f), pids, focus, sample_type) for f in files]
     width = shutil.get_terminal_size((120, 24)).columns
     if diff:
         base, new = profiles
@@ -246,11 +241,49 @@ def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> No
     click.echo(format_table(rows[:limit or None], profile.total(), unit, width))
 
 
+def _recorder(config, types: Sequence[str]):
+    """A Recorder, once the machine is known to be able to run it."""
+    from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
+    from bpfprof.collector.kernel_headers import find_kernel_headers
+    from bpfprof.collector.recorder import Recorder
+
+    if not has_privileges():
+        raise UsageError("profiling needs root: run it with sudo (or grant CAP_BPF and CAP_PERFMON)")
+    require_kernel_support()
+    mount_tracefs()
+    return Recorder(config, find_kernel_headers(), _warn, types)
+
+
 def _write(writer, path: str, *profiles) -> None:
     try:
         writer(*profiles, path)
     except OSError as e:
         raise CollectorError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+@cli.command()
+@click.option("-a", "--all-cpus", "whole_system", is_flag=True, help="The whole system (the default).")
+@click.option("-p", "--pid", "pid_args", multiple=True, metavar="PID",
+              help="This process and its threads; repeatable, or comma-separated.")
+@click.option("-F", "--frequency", "frequency", default=99, show_default=True,
+              type=click.IntRange(1, MAX_FREQUENCY), help="Samples per second on each CPU.")
+@click.option("--window", default=5, show_default=True, type=click.IntRange(1, 3600), metavar="SECONDS",
+              help="Show the last this many seconds.")
+@click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
+@click.option("--no-python", is_flag=True, help="Leave out CPython frames.")
+def top(whole_system, pid_args, frequency, window, no_kernel, no_python) -> None:
+    """Live view of the functions using the most CPU, refreshed every second (q quits)."""
+    from bpfprof.collector.sampler import SamplerConfig
+    from bpfprof.collector.top import LiveTop
+
+    if whole_system and pid_args:
+        raise UsageError("choose one target: -a or -p PID")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("top needs a terminal; use record and report otherwise")
+    pids = _parse_pids(pid_args)
+    config = SamplerConfig(frequency=frequency, pids=pids, kernel_stacks=not no_kernel, python=not no_python)
+    target = "PID " + ", ".join(map(str, pids)) if pids else "whole system"
+    LiveTop(_recorder(config, ("cpu",)), target, window).run()
 
 
 @cli.command()

@@ -82,7 +82,7 @@ def diff_rows(base: Profile, new: Profile) -> List[DiffRow]:
     return sorted(rows, key=lambda r: (-abs(r.change("self")), -abs(r.change("total")), r.function.name))
 
 
-def select(profile: Profile, pids: Sequence[int] = (), focus: Optional[str] = None,
+def narrow(profile: Profile, pids: Sequence[int] = (), focus: Optional[str] = None,
            sample_type: Optional[str] = None) -> Profile:
     """The samples of these processes (all when none) whose stacks have a function matching
     the focus regular expression (all when None), showing this sample type (else the

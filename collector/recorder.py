@@ -89,10 +89,23 @@ class Recorder:
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False
-        now = time.time_ns()
-        makers = {"cpu": lambda: cpu_profile(config.frequency, now), "block": lambda: block_profile(now),
-                  "wall": lambda: wall_profile(config.frequency, now)}
-        self.profiles: Dict[str, Profile] = {t: makers[t]() for t in types}  # as -t names them
+        self._types = types
+        self.profiles: Dict[str, Profile] = self._new_profiles()  # as -t names them
+
+    def _new_profiles(self) -> Dict[str, Profile]:
+        now, hz = time.time_ns(), self.config.frequency
+        makers = {"cpu": lambda: cpu_profile(hz, now), "block": lambda: block_profile(now),
+                  "wall": lambda: wall_profile(hz, now)}
+        return {t: makers[t]() for t in self._types}
+
+    def take_profiles(self) -> Dict[str, Profile]:
+        """What was drained so far; the recording goes on into new, empty profiles."""
+        taken, self.profiles = self.profiles, self._new_profiles()
+        return taken
+
+    def losses(self) -> Dict[str, int]:
+        """Reason -> samples or events lost so far, only those that happened."""
+        return {reason: n for reason, n in self._sampler.losses().items() if n}
 
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
@@ -142,7 +155,7 @@ class Recorder:
         self,
         duration: Optional[float] = None,
         command: Optional[Sequence[str]] = None,
-        on_progress: Optional[Callable[[int], None]] = None,
+        on_drain: Optional[Callable[[], None]] = None,
     ) -> Recording:
         """Record until the duration ends, the command or every target process exits, or
         SIGINT/SIGTERM; whatever was collected is returned in every case."""
@@ -171,11 +184,11 @@ class Recorder:
                 if now >= next_drain:
                     self._drain()
                     next_drain = now + DRAIN_INTERVAL_S
-                    if on_progress:
-                        on_progress(sum(p.num_samples() for p in self.profiles.values()))
+                    if on_drain:
+                        on_drain()
             self._events.stop()
             self._drain()
-            losses = {reason: n for reason, n in self._sampler.losses().items() if n}
+            losses = self.losses()
             offcpu = self._sampler.offcpu_stats()
         finally:
             self._events.stop()

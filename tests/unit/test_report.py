@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from bpfprof.collector.functions import diff_rows, function_rows, select
+from bpfprof.collector.functions import diff_rows, function_rows, narrow
 from bpfprof.collector.pprof import load_profile, write_pprof
 from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, block_profile, cpu_profile
 from conftest import FIXTURES, run_bpfprof, skip_or_fail
@@ -138,7 +138,7 @@ def test_go_written_profiles(tmp_path):
 
 def test_functions_are_one_row_whatever_the_line(written):
     profile = load_profile(str(written))
-    rows = function_rows(select(profile))
+    rows = function_rows(narrow(profile))
     assert [r.function.name for r in rows].count("work") == 1
 
 

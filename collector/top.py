@@ -1,0 +1,110 @@
+"""`bpfprof top`: a live terminal view of the functions with the most self and total time
+over a sliding window of the last seconds, redrawn after every drain, through curses."""
+
+from __future__ import annotations
+
+import curses
+import os
+import select
+import threading
+import time
+from collections import deque
+from typing import Deque, List
+
+from bpfprof.collector.functions import function_rows, narrow
+from bpfprof.collector.profile import Profile
+from bpfprof.collector.recorder import Recorder, Recording
+from bpfprof.collector.report import format_table
+
+QUIT_KEYS = (b"q", b"Q")
+
+
+class Window:
+    """The profiles of the last `seconds` drains, merged on demand."""
+
+    def __init__(self, seconds: int):
+        self._slices: Deque[Profile] = deque(maxlen=seconds)
+
+    def add(self, profile: Profile) -> None:
+        self._slices.append(profile)
+
+    def merged(self) -> Profile:
+        first = self._slices[0]
+        merged = Profile(first.sample_types, first.period_type, first.period, first.start_ns,
+                         main_value=first.main_value)
+        for profile in self._slices:
+            for (stack, labels), values in profile.samples.items():
+                merged.add(stack, labels, values)
+        return merged
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+
+def _watch_keys(recorder: Recorder, done: threading.Event) -> None:
+    """Reads the terminal (curses has it in cbreak mode, so each key arrives at once) until
+    a quit key, then asks the recorder to stop. curses itself is only used for drawing."""
+    while not done.is_set():
+        ready, _, _ = select.select([0], [], [], 0.1)
+        if ready:
+            key = os.read(0, 1)
+            if not key or key in QUIT_KEYS:
+                recorder.request_stop()
+                return
+
+
+class LiveTop:
+    def __init__(self, recorder: Recorder, target: str, window_s: int):
+        self._recorder = recorder
+        self._target = target
+        self._window = Window(window_s)
+        self._window_s = window_s
+        self._screen = None
+        self._last_drain = time.monotonic()
+        self._rate = 0.0
+
+    def run(self) -> Recording:
+        """Until q or Ctrl-C; the terminal is restored however it ends."""
+        return curses.wrapper(self._run)
+
+    def _run(self, screen) -> Recording:
+        self._screen = screen
+        curses.curs_set(0)
+        done = threading.Event()
+        keys = threading.Thread(target=_watch_keys, args=(self._recorder, done), daemon=True)
+        keys.start()
+        self._draw(["waiting for the first samples..."], lost=0)
+        try:
+            return self._recorder.run(on_drain=self._on_drain)
+        finally:
+            done.set()
+            keys.join()
+
+    def _on_drain(self) -> None:
+        profile = self._recorder.take_profiles()["cpu"]
+        now = time.monotonic()
+        self._rate = profile.num_samples() / max(now - self._last_drain, 1e-3)
+        self._last_drain = now
+        self._window.add(profile)
+        merged = narrow(self._window.merged(), sample_type="cpu")  # time rather than samples
+        _, width = self._screen.getmaxyx()
+        rows = function_rows(merged)
+        table = format_table(rows, merged.total(), merged.sample_types[merged.main_value].unit, width - 1)
+        self._draw(table.splitlines(), lost=sum(self._recorder.losses().values()))
+
+    def _draw(self, body: List[str], lost: int) -> None:
+        size = os.get_terminal_size()
+        if curses.is_term_resized(size.lines, size.columns):
+            curses.resizeterm(size.lines, size.columns)
+        screen = self._screen
+        height, width = screen.getmaxyx()
+        header = [
+            f"bpfprof top - {self._target}, {self._recorder.config.frequency} Hz, "
+            f"last {len(self._window)} of {self._window_s} s   {time.strftime('%H:%M:%S')}",
+            f"{self._rate:.0f} samples/s   lost {lost}   q: quit",
+            "",
+        ]
+        screen.erase()
+        for y, line in enumerate((header + body)[: height - 1]):
+            screen.addnstr(y, 0, line, width - 1, curses.A_BOLD if y < 2 else curses.A_NORMAL)
+        screen.refresh()
