@@ -98,7 +98,9 @@ class PythonProcesses:
             return
         candidates = _candidates(process)
         for mapping in candidates:
-            symbols = self._native.get_symbols(mapping.obj)
+            symbols = self._native.get_exported_data(mapping.obj)
+            if symbols is None or "_PyRuntime" not in symbols.data:
+                symbols = self._native.get_symbols(mapping.obj)  # a build may not export it
             if symbols is not None and "_PyRuntime" in symbols.data:
                 break
         else:

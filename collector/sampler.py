@@ -219,12 +219,15 @@ class Sampler:
             targets[targets.Key(pid)] = targets.Leaf(1)
 
     def see_again(self, pid: int) -> None:
-        """Report the process's next sample as PROCESS_SEEN again, to read it again."""
+        """Report the process as PROCESS_SEEN again, to read it again: at its next mmap
+        (its libpython may be on the way) or its next sample, whichever comes first."""
         table = self._bpf["seen"]
         try:
             del table[table.Key(pid)]
         except KeyError:
             pass
+        pending = self._bpf["python_pending"]
+        pending[pending.Key(pid)] = pending.Leaf(1)
 
     def poll(self, timeout_ms: int) -> None:
         """Deliver pending events to the callbacks given to start()."""

@@ -76,12 +76,13 @@ def _preference(entry: Tuple[int, int, str, int]) -> Tuple[int, int, int]:
     return rank, len(name) - len(name.lstrip("_")), len(name)
 
 
-def _read_symbols(elf: ELFFile, data_names: FrozenSet[str]) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int]]:
-    """(address, size, name, binding) of every defined function in .symtab and .dynsym,
+def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, ...] = (".symtab", ".dynsym"),
+                  ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int]]:
+    """(address, size, name, binding) of every defined function in these symbol tables,
     and the addresses of the data objects named in data_names."""
     entries = []
     data: Dict[str, int] = {}
-    for section_name in (".symtab", ".dynsym"):
+    for section_name in tables:
         section = elf.get_section_by_name(section_name)
         if section is None or section["sh_type"] == "SHT_NOBITS" or section["sh_entsize"] == 0:
             continue
@@ -364,16 +365,12 @@ def _file_name(program, index: int) -> str:
     return os.path.join(directories[d].decode(errors="replace"), name)
 
 
-class ElfSymbols:
-    """Names for file offsets of one binary (plus its debug file, if any)."""
+class LoadedData:
+    """Where a binary's PT_LOAD segments load, and the link-time addresses of some data objects."""
 
-    def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
-                 lines: Optional[_Lines], data: Dict[str, int]) -> None:
-        self.build_id = build_id
-        self.data = data  # link-time addresses of the data objects asked for
+    def __init__(self, segments: List[Tuple[int, int, int]], data: Dict[str, int]) -> None:
         self._segments = segments  # (file offset, file size, virtual address) of each PT_LOAD
-        self._symbols = symbols
-        self._lines = lines
+        self.data = data  # link-time addresses of the data objects asked for
 
     def vaddr(self, file_offset: int) -> Optional[int]:
         """The link-time address that a file offset is loaded at."""
@@ -381,6 +378,17 @@ class ElfSymbols:
             if offset <= file_offset < offset + size:
                 return file_offset - offset + vaddr
         return None
+
+
+class ElfSymbols(LoadedData):
+    """Names for file offsets of one binary (plus its debug file, if any)."""
+
+    def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
+                 lines: Optional[_Lines], data: Dict[str, int]) -> None:
+        super().__init__(segments, data)
+        self.build_id = build_id
+        self._symbols = symbols
+        self._lines = lines
 
     def get_function(self, file_offset: int) -> Optional[FunctionInfo]:
         vaddr = self.vaddr(file_offset)
@@ -431,6 +439,24 @@ def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
     return entries, data, lines
 
 
+def _load_segments(elf: ELFFile) -> List[Tuple[int, int, int]]:
+    return [(s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+
+
+def read_exported_data(open_path: str, data_names: Iterable[str]) -> LoadedData:
+    """Only the data objects that the dynamic symbol table exports: it has a few thousand
+    entries where .symtab has tens of thousands, so an interpreter's runtime is found in
+    a few milliseconds, before the program it starts gets far."""
+    stream, elf = _open(open_path)
+    try:
+        _, data = _read_symbols(elf, frozenset(data_names), (".dynsym",))
+        return LoadedData(_load_segments(elf), data)
+    except (ELFError, struct.error, ValueError) as e:
+        raise SymbolizerError(f"not a readable ELF file: {e}") from None
+    finally:
+        stream.close()
+
+
 def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names: Iterable[str] = ()) -> ElfSymbols:
     """Reads the binary at open_path. `path` is its name as its process sees it and
     `root` that process's filesystem root: both locate a separate debug file. The
@@ -440,9 +466,7 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
     lines = None
     try:
         build_id = _build_id(elf)
-        segments = [
-            (s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
-        ]
+        segments = _load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
         own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
         if elf.get_section_by_name(".symtab") is None or lines is None:

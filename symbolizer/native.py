@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from bpfprof.collector.profile import Frame, FrameKind, Module
-from bpfprof.symbolizer.elf import ElfSymbols, open_elf_symbols
+from bpfprof.symbolizer.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.errors import SymbolizerError
 
 FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them
@@ -51,6 +51,7 @@ class NativeSymbolizer:
         self._fds: Dict[FileId, int] = {}
         self._roots: Dict[FileId, str] = {}
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
+        self._exported: Dict[FileId, Optional[LoadedData]] = {}
         self._by_build_id: Dict[str, ElfSymbols] = {}
         self._modules: Dict[FileId, Module] = {}
         self._frames: Dict[Tuple[FileId, int], Frame] = {}
@@ -63,6 +64,21 @@ class NativeSymbolizer:
             if fd is not None:
                 self._fds[obj.file_id] = fd
                 self._roots[obj.file_id] = obj.root
+
+    def get_exported_data(self, obj: ObjectFile) -> Optional[LoadedData]:
+        """The data objects asked for at construction that the binary exports, read
+        without its function symbols (much sooner); None when it cannot be read."""
+        if obj.file_id in self._symbols:
+            return self._symbols[obj.file_id]
+        if obj.file_id not in self._exported:
+            self.keep_reachable(obj)
+            fd = self._fds.get(obj.file_id)
+            try:
+                exported = read_exported_data(f"/proc/self/fd/{fd}", self._data_names) if fd is not None else None
+            except SymbolizerError:
+                exported = None
+            self._exported[obj.file_id] = exported
+        return self._exported[obj.file_id]
 
     def get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
         if obj.file_id in self._symbols:
