@@ -39,11 +39,14 @@ def function_rows(profile: Profile) -> List[Row]:
     """Every function in the profile's main value, most self first (then most total)."""
     index = profile.main_value
     rows: Dict[Function, Row] = {}
+    functions: Dict[int, Function] = {}  # by id(frame): hashing a whole Frame is the larger cost
     for (stack, _labels), values in profile.samples.items():
         value = values[index]
         seen = set()
         for depth, frame in enumerate(stack):
-            function = function_of(frame)
+            function = functions.get(id(frame))
+            if function is None:
+                function = functions[id(frame)] = function_of(frame)
             row = rows.get(function)
             if row is None:
                 row = rows[function] = Row(function, 0, 0)

@@ -6,6 +6,7 @@ import os
 from typing import Callable, Dict
 
 from bpfprof.collector.errors import UsageError
+from bpfprof.collector.flamegraph import write_flamegraph
 from bpfprof.collector.folded import write_folded
 from bpfprof.collector.pprof import write_pprof
 from bpfprof.collector.profile import Profile
@@ -15,6 +16,7 @@ WRITERS: Dict[str, Callable[[Profile, str], None]] = {
     ".pb.gz": write_pprof,
     ".folded": write_folded,
     ".speedscope.json": write_speedscope,
+    ".html": write_flamegraph,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 import signal
@@ -33,6 +35,21 @@ def test_command_call_chain_in_order(build_c, tmp_path):
     assert share(samples, lambda s: s.has_chain("main", "chain_a", "chain_b", "chain_c")) >= 0.95
     assert all(s.labels["pid"] > 0 and s.labels["tid"] > 0 and s.labels["thread"] == "chain" for s in samples)
     check_with_go(out, expect=["chain_c"])
+
+
+@pytest.mark.parametrize("extension", [".html", ".speedscope.json"])
+def test_record_writes_a_flame_graph_page_or_speedscope(build_c, tmp_path, extension):
+    out = tmp_path / f"chain{extension}"
+    result = run_bpfprof("record", "-o", str(out), "--", str(build_c("chain")), "1")
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    if extension == ".html":
+        assert text.startswith("<!DOCTYPE html>") and "chain_c" in text and "<script src" not in text
+    else:
+        document = json.loads(text)
+        frames = [f["name"] for f in document["shared"]["frames"]]
+        assert {"main", "chain_a", "chain_b", "chain_c"} <= set(frames)
+        assert document["profiles"][0]["name"].startswith("chain (")
 
 
 def test_command_mode_follows_children_and_nothing_else(build_c, tmp_path):
