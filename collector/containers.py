@@ -1,0 +1,49 @@
+"""Which container and Kubernetes pod a process runs in, from its /proc/PID/cgroup: the
+container runtimes name the cgroup after the container's ID, and the kubelet names the
+pod's cgroup after the pod's UID.
+
+Paths as the runtimes make them (cgroup v1 lines carry controllers, v2 lines start "0::"):
+  docker, cgroupfs driver          /docker/<id>
+  docker, systemd driver           /system.slice/docker-<id>.scope
+  kubelet, cgroupfs driver         /kubepods/burstable/pod<uid>/<id>
+  kubelet, systemd driver          /kubepods.slice/kubepods-burstable.slice/
+                                   kubepods-burstable-pod<uid, "_" for "-">.slice/cri-containerd-<id>.scope
+  cri-o                            .../crio-<id>.scope   (crio-conmon-<id>: the monitor, not the container)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_CONTAINER = re.compile(r"^(?:docker-|cri-containerd-|crio-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$")
+_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$")
+
+
+@dataclass(frozen=True)
+class Container:
+    container_id: str
+    pod_uid: str = ""  # "" outside Kubernetes
+
+
+def container_of(cgroup_text: str) -> Optional[Container]:
+    """The container of a process given its /proc/PID/cgroup, None on the host."""
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        segments = parts[2].split("/")
+        for i in range(len(segments) - 1, -1, -1):
+            match = _CONTAINER.match(segments[i])
+            if match:
+                return Container(match.group(1), _pod_uid(segments[:i]))
+    return None
+
+
+def _pod_uid(segments) -> str:
+    for segment in reversed(segments):
+        match = _POD.search(segment)
+        if match:
+            return match.group(1).replace("_", "-")
+    return ""
