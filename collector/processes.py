@@ -7,6 +7,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
+from bpfprof.collector.containers import Container, container_of
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
 
 
@@ -26,6 +27,7 @@ class Process:
     mappings: List[Mapping] = field(default_factory=list)  # executable ones, by start
     readable: bool = True
     exited: bool = False
+    container: Optional[Container] = None  # None on the host
 
     def __post_init__(self) -> None:
         self._starts = [m.start for m in self.mappings]
@@ -70,17 +72,22 @@ def _read(path: str) -> str:
 
 @dataclass(frozen=True)
 class ProcFiles:
-    """A process's comm and maps as read at one moment."""
+    """A process's comm, maps and cgroup as read at one moment."""
 
     comm: str
     maps: str
+    cgroup: str = ""  # "" where it cannot be read: the process is taken as on the host
 
 
 def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
     try:
-        return ProcFiles(_read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps"))
+        files = ProcFiles(_read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps"))
     except OSError:
         return None
+    try:
+        return ProcFiles(files.comm, files.maps, _read(f"{proc}/{pid}/cgroup"))
+    except OSError:
+        return files
 
 
 class ProcessTable:
@@ -103,7 +110,8 @@ class ProcessTable:
         earlier = self._processes.get(pid)
         files = early or read_proc_files(pid, self._proc)
         if files is not None:
-            process = Process(pid, files.comm or comm, parse_maps(pid, files.maps))
+            process = Process(pid, files.comm or comm, parse_maps(pid, files.maps),
+                              container=container_of(files.cgroup))
         elif earlier is not None:
             return earlier
         else:

@@ -52,3 +52,16 @@ def test_address_outside_snapshot_rereads_live_process_once_per_drain(tmp_path):
     table.snapshot(8)
     (d / "maps").write_text(MAPS)  # a library loaded after the snapshot
     assert table.get_mapping(8, 0x7F0000000010).name == "/lib/libc.so.6"
+
+
+def test_a_process_in_a_container_carries_its_ids(tmp_path):
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path))
+    container_id = "ab" * 32
+    uid = "6e1f6c1e-2d3b-4c5a-9e8f-7a6b5c4d3e2f"
+    d = _fake_proc(tmp_path, 9, MAPS)
+    (d / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/"
+                              f"cri-containerd-{container_id}.scope\n")
+    container = table.snapshot(9).container
+    assert (container.container_id, container.pod_uid) == (container_id, uid)
+    _fake_proc(tmp_path, 10, MAPS)  # no cgroup file: on the host
+    assert table.snapshot(10).container is None
