@@ -29,6 +29,7 @@ BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
 BPF_PERCPU_ARRAY(losses, u64, LOSS_REASONS);
 BPF_HASH(targets, u32, u8, TARGET_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, seen, SEEN_ENTRIES);
+BPF_TABLE("lru_hash", u32, u8, maps_pending, SEEN_ENTRIES);  /* pid: read again at its next mmap */
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 #if PYTHON_STACKS
 BPF_HASH(python_processes, u32, struct python_process, PYTHON_PROCESSES);
@@ -38,7 +39,6 @@ BPF_PERCPU_ARRAY(python_scratch, struct python_stack_event, 1);
 BPF_HASH(python_stacks_0, u64, struct python_stack, PYTHON_STACK_ENTRIES);
 BPF_HASH(python_stacks_1, u64, struct python_stack, PYTHON_STACK_ENTRIES);
 BPF_RINGBUF_OUTPUT(python_stack_events, PYTHON_EVENT_PAGES);
-BPF_TABLE("lru_hash", u32, u8, python_pending, PYTHON_PROCESSES);  /* pid: its libpython may come next */
 #endif
 #if OFFCPU
 BPF_STACK_TRACE(offcpu_stacks, STACK_ENTRIES);  /* not double-buffered: see struct offcpu_start */
@@ -427,34 +427,32 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct python_thread thread = {.pid = pid, .tid = tid};
     python_threads.delete(&thread);
     python_searched.delete(&tid);
-    if (args->group_dead) {
+    if (args->group_dead)
         python_processes.delete(&pid);
-        python_pending.delete(&pid);
-    }
 #endif
     if (args->group_dead) {
         seen.delete(&pid);
+        maps_pending.delete(&pid);
         targets.delete(&pid);
         emit(PROCESS_EXIT, pid, tid);
     }
     return 0;
 }
 
-#if PYTHON_STACKS
-/* A Python executable read before its libpython was mapped is read again as soon as it
- * maps something more, rather than at its next sample or block: its Python frames then
- * start before its own code runs, even when that code blocks first. */
+/* A process read while the dynamic loader was still mapping its libraries (or a Python
+ * executable before its libpython) is read again as soon as it maps something more,
+ * rather than at its next sample or block, which may come after it has exited: its
+ * library frames get names, and its Python frames start before its own code runs. */
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
-    if (python_pending.lookup(&pid) == NULL)
+    if (maps_pending.lookup(&pid) == NULL)
         return 0;
-    python_pending.delete(&pid);
+    maps_pending.delete(&pid);
     note_seen(pid, (u32)pid_tgid);
     return 0;
 }
-#endif
 
 #if FOLLOW_CHILDREN
 TRACEPOINT_PROBE(sched, sched_process_fork)

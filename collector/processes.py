@@ -4,6 +4,7 @@ that exit before the profile is written are still named and symbolized."""
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
@@ -90,13 +91,22 @@ def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
         return files
 
 
+def _still_loading(process: Process) -> bool:
+    """The dynamic loader is mapped but the C library it loads for nearly every program
+    is not (executable) yet: taken in the middle of start-up."""
+    names = [os.path.basename(m.name) for m in process.mappings]
+    return any(n.startswith("ld-linux") for n in names) and not any(n.startswith("libc.so") for n in names)
+
+
 class ProcessTable:
     """Snapshots of every profiled process, refreshed on exec and dropped after exit."""
 
     def __init__(self, native: NativeSymbolizer, proc: str = "/proc",
-                 on_snapshot: Optional[Callable[[Process], None]] = None):
+                 on_snapshot: Optional[Callable[[Process], None]] = None,
+                 see_again: Optional[Callable[[int], None]] = None):
         self._native = native
         self._on_snapshot = on_snapshot  # told of every fresh snapshot (e.g. to find CPython)
+        self._see_again = see_again  # asks for a process to be read again soon
         self._proc = proc
         self._processes: Dict[int, Process] = {}
         self._refreshed: Set[int] = set()  # pids re-read since the last drain
@@ -122,6 +132,8 @@ class ProcessTable:
                 self._native.keep_reachable(m.obj)
         if earlier is None:
             self.num_seen += 1
+        if self._see_again is not None and _still_loading(process):
+            self._see_again(pid)
         self._processes[pid] = process
         if self._on_snapshot is not None and process.readable:
             self._on_snapshot(process)

@@ -85,7 +85,8 @@ class Recorder:
         self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
         self._python = PythonProcesses(self._sampler, self._native, warn) if config.python else None
         self._events = EventReader(self._sampler, self._python)
-        self._processes = ProcessTable(self._native, on_snapshot=self._python.on_snapshot if self._python else None)
+        self._processes = ProcessTable(self._native, on_snapshot=self._python.on_snapshot if self._python else None,
+                                       see_again=self._sampler.see_again)
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False

@@ -220,13 +220,13 @@ class Sampler:
 
     def see_again(self, pid: int) -> None:
         """Report the process as PROCESS_SEEN again, to read it again: at its next mmap
-        (its libpython may be on the way) or its next sample, whichever comes first."""
+        (its libraries may be on the way) or its next sample, whichever comes first."""
         table = self._bpf["seen"]
         try:
             del table[table.Key(pid)]
         except KeyError:
             pass
-        pending = self._bpf["python_pending"]
+        pending = self._bpf["maps_pending"]
         pending[pending.Key(pid)] = pending.Leaf(1)
 
     def poll(self, timeout_ms: int) -> None:

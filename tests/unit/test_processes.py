@@ -65,3 +65,15 @@ def test_a_process_in_a_container_carries_its_ids(tmp_path):
     assert (container.container_id, container.pod_uid) == (container_id, uid)
     _fake_proc(tmp_path, 10, MAPS)  # no cgroup file: on the host
     assert table.snapshot(10).container is None
+
+
+def test_a_process_read_while_its_libraries_load_is_read_again(tmp_path):
+    again = []
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), see_again=again.append)
+    loader = "7f1000000000-7f1000020000 r-xp 00001000 fd:01 77 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n"
+    _fake_proc(tmp_path, 11, MAPS.splitlines()[1] + "\n" + loader)
+    table.snapshot(11)
+    assert again == [11]
+    _fake_proc(tmp_path, 12, MAPS.replace("libc.so.6 (deleted)", "libc.so.6") + loader)
+    table.snapshot(12)
+    assert again == [11]  # its C library is there: start-up is over
