@@ -398,7 +398,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     if (!is_target(pid))
         return 0;
-    /* Libraries are mapped after exec: the next sample takes the snapshot. */
+    /* Libraries are mapped after exec: the next sample takes the snapshot (or the next
+     * mmap, when the collector finds the loader still at work: maps_pending). */
     seen.delete(&pid);
 #if PYTHON_STACKS
     /* Only the thread that called exec is left, running a new image. */

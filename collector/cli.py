@@ -173,8 +173,7 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     if top:
         for t in types:
             profile = recording.profiles[t]
-            click.echo(format_table(function_rows(profile)[:top], profile.total(),
-                                    profile.sample_types[profile.main_value].unit,
+            click.echo(format_table(function_rows(profile)[:top], profile.total(), profile.main_type.unit,
                                     shutil.get_terminal_size((120, 24)).columns))
     if recording.exit_status is not None:
         status = recording.exit_status
@@ -237,8 +236,7 @@ def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> No
     rows = function_rows(profile)
     if sort == "total":
         rows.sort(key=lambda r: (-r.total, -r.self))
-    unit = profile.sample_types[profile.main_value].unit if profile.sample_types else "count"
-    click.echo(format_table(rows[:limit or None], profile.total(), unit, width))
+    click.echo(format_table(rows[:limit or None], profile.total(), profile.main_type.unit, width))
 
 
 def _recorder(config, types: Sequence[str]):

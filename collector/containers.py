@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from functools import cached_property
+from typing import Optional, Tuple
 
 _CONTAINER = re.compile(r"^(?:docker-|cri-containerd-|crio-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$")
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$")
@@ -25,6 +26,12 @@ _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}
 class Container:
     container_id: str
     pod_uid: str = ""  # "" outside Kubernetes
+
+    @cached_property
+    def labels(self) -> Tuple[Tuple[str, str], ...]:
+        """The labels every sample of its processes carries."""
+        ids = (("container_id", self.container_id), ("pod_uid", self.pod_uid))
+        return tuple((key, value) for key, value in ids if value)
 
 
 def container_of(cgroup_text: str) -> Optional[Container]:

@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from bpfprof.collector.atomic_file import write_atomically
-from bpfprof.collector.functions import Function, diff_rows, function_of, function_rows
+from bpfprof.collector.functions import Function, PerFrame, diff_rows, function_of, function_rows
 from bpfprof.collector.profile import FrameKind, Profile
 from bpfprof.collector.units import format_value
 
@@ -34,18 +34,13 @@ def call_tree(profile: Profile, index: Dict[Function, int]) -> Node:
     """The profile's stacks merged root first by function, so that frames of one function
     at different lines (or under other labels) share a node, as the table counts them."""
     root = Node(ROOT)
-    # function_of once per frame object rather than per sample, keyed by identity: a Frame's
-    # hash covers all its fields, which made it the largest cost of a big profile. Equal
-    # frames that are distinct objects only cost another function_of.
-    functions: Dict[int, int] = {}
+    function_index = PerFrame(lambda frame: index[function_of(frame)])
     for (stack, _labels), values in profile.samples.items():
         value = values[profile.main_value]
         node = root
         node.total += value
         for frame in reversed(stack):
-            f = functions.get(id(frame))
-            if f is None:
-                f = functions[id(frame)] = index[function_of(frame)]
+            f = function_index(frame)
             child = node.children.get(f)
             if child is None:
                 child = node.children[f] = Node(f)
@@ -74,7 +69,7 @@ def write_flamegraph(profile: Profile, path: str) -> None:
     tree = call_tree(profile, {row.function: i for i, row in enumerate(rows)})
     data = {
         "title": summary(profile),
-        "unit": profile.sample_types[profile.main_value].unit,
+        "unit": profile.main_type.unit,
         "kinds": [kind.value for kind in KINDS],
         "functions": [_function(row.function) + [row.self, row.total] for row in rows],
         "tree": _flatten(node for node, _ in preorder(tree)),
@@ -91,7 +86,7 @@ def write_diff_flamegraph(base: Profile, new: Profile, path: str) -> None:
     nodes = list(preorder(call_tree(new, index), call_tree(base, index)))
     data = {
         "title": f"{summary(new)}; compared with base {summary(base)}",
-        "unit": new.sample_types[new.main_value].unit,
+        "unit": new.main_type.unit,
         "kinds": [kind.value for kind in KINDS],
         "functions": [_function(row.function) + [row.new.self, row.new.total] for row in rows],
         "tree": _flatten(node for node, _ in nodes),
@@ -106,7 +101,7 @@ def write_diff_flamegraph(base: Profile, new: Profile, path: str) -> None:
 
 def summary(profile: Profile) -> str:
     """The page's title line: value type and total, samples, stacks, duration."""
-    main = profile.sample_types[profile.main_value]
+    main = profile.main_type
     parts = [f"{main.type}: {format_value(profile.total(), main.unit)}"]
     first = profile.sample_types[0]
     if profile.main_value != 0 and first.unit == "count":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Generic, List, Optional, Sequence, TypeVar
 
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.profile import Frame, FrameKind, Profile, Stack
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,11 @@ class Function:
     name: str
     where: str  # source file:first line, else the binary's file name
     kind: FrameKind
+
+    @property
+    def display_name(self) -> str:
+        """The name as tables and other tools show it: kernel functions marked [k]."""
+        return self.name + (" [k]" if self.kind is FrameKind.KERNEL else "")
 
 
 def function_of(frame: Frame) -> Function:
@@ -26,6 +33,23 @@ def function_of(frame: Frame) -> Function:
     else:
         where = ""
     return Function(frame.name, where, frame.kind)
+
+
+class PerFrame(Generic[T]):
+    """`of(frame)` for every frame of a profile, each frame object worked out once: a
+    profile shares its Frame objects between stacks, and hashing a whole Frame (or even
+    a Function) costs more than the rest of building a table or tree. Frames are told
+    apart by identity, so they must outlive this (they do while their profile lives)."""
+
+    def __init__(self, of: Callable[[Frame], T]) -> None:
+        self._of = of
+        self._by_id: Dict[int, T] = {}
+
+    def __call__(self, frame: Frame) -> T:
+        value = self._by_id.get(id(frame))
+        if value is None:
+            value = self._by_id[id(frame)] = self._of(frame)
+        return value
 
 
 @dataclass
@@ -39,14 +63,12 @@ def function_rows(profile: Profile) -> List[Row]:
     """Every function in the profile's main value, most self first (then most total)."""
     index = profile.main_value
     rows: Dict[Function, Row] = {}
-    functions: Dict[int, Function] = {}  # by id(frame): hashing a whole Frame is the larger cost
+    functions = PerFrame(function_of)
     for (stack, _labels), values in profile.samples.items():
         value = values[index]
         seen = set()
         for depth, frame in enumerate(stack):
-            function = functions.get(id(frame))
-            if function is None:
-                function = functions[id(frame)] = function_of(frame)
+            function = functions(frame)
             row = rows.get(function)
             if row is None:
                 row = rows[function] = Row(function, 0, 0)

@@ -128,7 +128,6 @@ def read_pprof(path: str):
     return message
 
 
-
 def _frame_kind(mapping_name: str, file: str) -> FrameKind:
     """Kernel frames are in perf's "[kernel.kallsyms]" mapping (or vmlinux); Python frames
     have no mapping; everything else is native code."""
@@ -169,18 +168,17 @@ def from_pprof(message) -> Profile:
     stacks: Dict[int, Tuple[Frame, ...]] = {}
     for location in message.location:
         module = mappings.get(location.mapping_id)
+        path = module.path if module else ""
+        unnamed = f"[{path.rsplit('/', 1)[-1] or '?'}+{location.address:#x}]"  # as our own unknown frames
         frames = []
         for line in location.line:
             function = functions.get(line.function_id)
             name = string(function.name) if function else ""
             file = string(function.filename) if function else ""
-            kind = _frame_kind(module.path if module else "", file)
-            frames.append(Frame(kind, name or f"[{module.path if module else '?'}+{location.address:#x}]", module,
-                                location.address, file, line.line, function.start_line if function else 0))
+            frames.append(Frame(_frame_kind(path, file), name or unnamed, module, location.address, file, line.line,
+                                function.start_line if function else 0))
         if not frames:  # an unsymbolized address
-            path = module.path if module else "?"
-            frames.append(Frame(_frame_kind(path, ""), f"[{path.rsplit('/', 1)[-1]}+{location.address:#x}]",
-                                module, location.address))
+            frames.append(Frame(_frame_kind(path, ""), unnamed, module, location.address))
         stacks[location.id] = tuple(frames)
     sample_types = tuple(value_type(v) for v in message.sample_type)
     names = [t.type for t in sample_types]

@@ -82,13 +82,14 @@ class ProcFiles:
 
 def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
     try:
-        files = ProcFiles(_read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps"))
+        comm, maps = _read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps")
     except OSError:
         return None
     try:
-        return ProcFiles(files.comm, files.maps, _read(f"{proc}/{pid}/cgroup"))
+        cgroup = _read(f"{proc}/{pid}/cgroup")
     except OSError:
-        return files
+        cgroup = ""
+    return ProcFiles(comm, maps, cgroup)
 
 
 def _still_loading(process: Process) -> bool:

@@ -85,6 +85,11 @@ class Profile:
     def total(self) -> int:
         return sum(v[self.main_value] for v in self.samples.values())
 
+    @property
+    def main_type(self) -> ValueType:
+        """The type of the value shown; samples, counted, for a profile declaring none."""
+        return self.sample_types[self.main_value] if self.sample_types else SAMPLES
+
 
 def cpu_profile(hz: int, start_ns: int) -> Profile:
     """A CPU profile as pprof expects it: [samples/count, cpu/nanoseconds], period 1e9/Hz."""

@@ -105,7 +105,7 @@ class PythonProcesses:
                 break
         else:
             # A libpython from before 3.7 has no _PyRuntime. An executable without it may
-            # just not have mapped its libpython yet: look at its next sample again.
+            # just not have mapped its libpython yet: read it again at its next mmap or sample.
             old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
             if old:
                 self._cannot_read(old[0].obj.path, "no _PyRuntime symbol")

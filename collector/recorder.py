@@ -199,8 +199,9 @@ class Recorder:
                 self._python.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        duration_ns = int((time.monotonic() - start) * 1e9)
         for profile in self.profiles.values():
-            profile.duration_ns = int((time.monotonic() - start) * 1e9)
+            profile.duration_ns = duration_ns
         if child is not None:
             child.finish()
         return Recording(

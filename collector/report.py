@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 from bpfprof.collector.functions import DiffRow, Row
-from bpfprof.collector.profile import FrameKind
 from bpfprof.collector.units import format_value
 
 MIN_TEXT = 12  # narrowest a function or file column gets, however narrow the terminal
@@ -14,10 +13,6 @@ MIN_TEXT = 12  # narrowest a function or file column gets, however narrow the te
 
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
-
-
-def _name(row_function) -> str:
-    return row_function.name + (" [k]" if row_function.kind is FrameKind.KERNEL else "")
 
 
 def _percent(part: float, whole: float) -> str:
@@ -48,7 +43,7 @@ def format_table(rows: Sequence[Row], total: int, unit: str, width: int = 100) -
     """Self %, Self, Total %, Total, Function, File:line or module."""
     numbers = [(_percent(r.self, total), format_value(r.self, unit), _percent(r.total, total),
                 format_value(r.total, unit)) for r in rows]
-    texts = [(_name(r.function), r.function.where) for r in rows]
+    texts = [(r.function.display_name, r.function.where) for r in rows]
     headers = ("Self %", "Self", "Total %", "Total", "Function", "File:line or module")
     return "\n".join(_layout(numbers, texts, headers, width))
 
@@ -63,6 +58,6 @@ def format_diff_table(rows: Sequence[DiffRow], width: int = 100) -> str:
     numbers = [(_change(r.change("self")), f"{100 * r.share('base', 'self'):.2f} → {100 * r.share('new', 'self'):.2f}",
                 _change(r.change("total")), f"{100 * r.share('base', 'total'):.2f} → {100 * r.share('new', 'total'):.2f}")
                for r in rows]
-    texts = [(_name(r.function), r.function.where) for r in rows]
+    texts = [(r.function.display_name, r.function.where) for r in rows]
     headers = ("Self Δ", "Self % base → new", "Total Δ", "Total % base → new", "Function", "File:line or module")
     return "\n".join(_layout(numbers, texts, headers, width))

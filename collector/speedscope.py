@@ -8,8 +8,8 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 from bpfprof.collector.atomic_file import write_atomically
-from bpfprof.collector.functions import Function, function_of
-from bpfprof.collector.profile import FrameKind, Profile
+from bpfprof.collector.functions import Function, PerFrame, function_of
+from bpfprof.collector.profile import Profile
 
 SCHEMA = "https://www.speedscope.app/file-format-schema.json"
 UNITS = {"nanoseconds", "microseconds", "milliseconds", "seconds", "bytes"}  # else "none"
@@ -17,12 +17,13 @@ UNITS = {"nanoseconds", "microseconds", "milliseconds", "seconds", "bytes"}  # e
 
 def to_speedscope(profile: Profile, name: str = "bpfprof") -> dict:
     frames: Dict[Function, int] = {}
+    functions = PerFrame(function_of)
     threads: Dict[Tuple[int, int, str, str], Dict[Tuple[int, ...], int]] = defaultdict(lambda: defaultdict(int))
     for (stack, labels), values in profile.samples.items():
-        indices = tuple(frames.setdefault(function_of(frame), len(frames)) for frame in reversed(stack))
+        indices = tuple(frames.setdefault(functions(frame), len(frames)) for frame in reversed(stack))
         threads[(labels.pid, labels.tid, labels.comm, labels.thread)][indices] += values[profile.main_value]
-    value_type = profile.sample_types[profile.main_value] if profile.sample_types else None
-    unit = value_type.unit if value_type and value_type.unit in UNITS else "none"
+    value_type = profile.main_type
+    unit = value_type.unit if value_type.unit in UNITS else "none"
     profiles: List[dict] = []
     for (pid, tid, comm, thread), stacks in sorted(threads.items(), key=lambda t: -sum(t[1].values())):
         weights = list(stacks.values())
@@ -37,7 +38,7 @@ def to_speedscope(profile: Profile, name: str = "bpfprof") -> dict:
         })
     return {
         "$schema": SCHEMA,
-        "name": f"{name}: {value_type.type if value_type else 'samples'}",
+        "name": f"{name}: {value_type.type}",
         "activeProfileIndex": 0,
         "exporter": "bpfprof",
         "shared": {"frames": [_frame(f) for f in frames]},
@@ -46,7 +47,7 @@ def to_speedscope(profile: Profile, name: str = "bpfprof") -> dict:
 
 
 def _frame(function: Function) -> dict:
-    frame = {"name": function.name + (" [k]" if function.kind is FrameKind.KERNEL else "")}
+    frame = {"name": function.display_name}
     file, _, line = function.where.rpartition(":")
     if file and line.isdigit():
         frame.update(file=file, line=int(line))

@@ -93,10 +93,7 @@ class StackResolver:
                 user = merge_python(user, python, interpreter.module_path)
             frames.extend(user)
         thread = interpreter.names.get(sample.tid, sample.thread_name) if interpreter else sample.thread_name
-        container = process.container
-        extra = (("container_id", container.container_id),) if container else ()
-        if container and container.pod_uid:
-            extra += (("pod_uid", container.pod_uid),)
+        extra = process.container.labels if process.container else ()
         labels = Labels(sample.pid, sample.tid, process.comm or sample.thread_name, thread, extra)
         return tuple(frames), labels
 

@@ -89,7 +89,7 @@ class LiveTop:
         merged = narrow(self._window.merged(), sample_type="cpu")  # time rather than samples
         _, width = self._screen.getmaxyx()
         rows = function_rows(merged)
-        table = format_table(rows, merged.total(), merged.sample_types[merged.main_value].unit, width - 1)
+        table = format_table(rows, merged.total(), merged.main_type.unit, width - 1)
         self._draw(table.splitlines(), lost=sum(self._recorder.losses().values()))
 
     def _draw(self, body: List[str], lost: int) -> None:
