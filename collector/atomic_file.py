@@ -6,13 +6,18 @@ import os
 import tempfile
 
 
-def write_atomically(path: str, data: bytes) -> None:
+TEMPORARY_PREFIX = ".bpfprof-"  # what an interrupted write may leave behind
+
+
+def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".bpfprof-")
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(temporary, 0o644)
+            f.flush()
+            os.fsync(f.fileno())  # the new name never points at data still in flight
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

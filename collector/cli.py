@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import time
 from typing import Optional, Sequence, Tuple
 
 import click
 
+from bpfprof.collector.agent.config import Duration, Size, load_config
 from bpfprof.collector.errors import CollectorError, UsageError
 
 PROFILE_TYPES = ("cpu", "block", "wall")
@@ -32,6 +34,38 @@ LOSS_FIXES = {
     "LOSS_BLOCK_FULL": ("blocking events, block map full", "raise --map-size or --min-block"),
     "LOSS_OFFCPU_STACK_COLLISION": ("blocking stacks, stack collisions", "raise --stack-storage-size"),
 }
+
+def _options(*decorators):
+    """Several click options as one decorator, for options that commands share."""
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return apply
+
+
+_map_size_options = _options(
+    click.option("--stack-storage-size", default=16384, show_default=True, type=click.IntRange(64, 1 << 20),
+                 help="Distinct stacks kept per drain interval."),
+    click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
+                 help="Distinct (thread, stack) keys per drain interval, and followed processes."),
+)
+_min_block_option = click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0),
+                                 metavar="MICROSECONDS", help="With -t block: leave out blocks shorter than this.")
+
+
+def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool, min_block: float,
+                    stack_storage_size: int, map_size: int, pids: Tuple[int, ...] = (), follow_children=False):
+    """What the sampler must do to make the profiles of `types`."""
+    from bpfprof.collector.sampler import SamplerConfig
+
+    return SamplerConfig(
+        frequency=frequency, pids=pids, follow_children=follow_children, kernel_stacks=not no_kernel,
+        stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
+        python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
+        min_block_ns=int(min_block * 1000),
+    )
+
 
 RECORD_EXAMPLES = """
 \b
@@ -101,16 +135,12 @@ def cli() -> None:
 @click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
               help="What to record, repeatable: cpu (default), block (time blocked off-CPU, every event "
                    "counted) or wall (on-CPU plus off-CPU time of each thread).")
-@click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0), metavar="MICROSECONDS",
-              help="With -t block: leave out blocks shorter than this.")
+@_min_block_option
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
 @click.option("--no-python", is_flag=True, help="Leave out CPython frames (native frames only).")
 @click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
               help="Also print the N functions with the most self time.")
-@click.option("--stack-storage-size", default=16384, show_default=True, type=click.IntRange(64, 1 << 20),
-              help="Distinct stacks kept per drain interval.")
-@click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
-              help="Distinct (thread, stack) keys per drain interval, and followed processes.")
+@_map_size_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
            stack_storage_size, map_size, command) -> None:
@@ -118,7 +148,6 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     from bpfprof.collector.functions import function_rows
     from bpfprof.collector.output import get_writer, path_for_type
     from bpfprof.collector.report import format_table
-    from bpfprof.collector.sampler import SamplerConfig
 
     if sum(map(bool, (whole_system, pid_args, command))) > 1:
         raise UsageError("choose one target: -a, -p PID, or -- COMMAND")
@@ -129,12 +158,8 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     output = output or _default_output(pids, command)
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
-    config = SamplerConfig(
-        frequency=frequency, pids=pids, follow_children=bool(command), kernel_stacks=not no_kernel,
-        stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
-        python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
-        min_block_ns=int(min_block * 1000),
-    )
+    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
+                             pids, follow_children=bool(command))
     recorder = _recorder(config, types)
 
     def progress() -> None:
@@ -239,7 +264,7 @@ def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> No
     click.echo(format_table(rows[:limit or None], profile.total(), profile.main_type.unit, width))
 
 
-def _recorder(config, types: Sequence[str]):
+def _recorder(config, types: Sequence[str], warn=_warn):
     """A Recorder, once the machine is known to be able to run it."""
     from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
     from bpfprof.collector.kernel_headers import find_kernel_headers
@@ -249,7 +274,7 @@ def _recorder(config, types: Sequence[str]):
         raise UsageError("profiling needs root: run it with sudo (or grant CAP_BPF and CAP_PERFMON)")
     require_kernel_support()
     mount_tracefs()
-    return Recorder(config, find_kernel_headers(), _warn, types)
+    return Recorder(config, find_kernel_headers(), warn, types)
 
 
 def _write(writer, path: str, *profiles) -> None:
@@ -282,6 +307,95 @@ def top(whole_system, pid_args, frequency, window, no_kernel, no_python) -> None
     config = SamplerConfig(frequency=frequency, pids=pids, kernel_stacks=not no_kernel, python=not no_python)
     target = "PID " + ", ".join(map(str, pids)) if pids else "whole system"
     LiveTop(_recorder(config, ("cpu",)), target, window).run()
+
+
+AGENT_EXAMPLES = """
+\b
+Examples:
+  sudo bpfprof agent --output-dir /var/lib/bpfprof        # CPU profiles every 15 s, kept a day
+  sudo BPFPROF_PUSH_TOKEN=... bpfprof agent --push-url https://pyroscope.example:4040 -t cpu -t block
+  sudo bpfprof agent --config /etc/bpfprof/agent.yaml --metrics-addr 127.0.0.1:9464
+"""
+
+
+@cli.command(epilog=AGENT_EXAMPLES)
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=load_config, metavar="FILE",
+              help="YAML file of settings named as the long options (push-url: ...); flags win.")
+@click.option("-F", "--frequency", default=19, show_default=True, type=click.IntRange(1, MAX_FREQUENCY),
+              help="Samples per second on each CPU.")
+@click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
+              help="Profiles to make, repeatable: cpu (default), block, wall.")
+@click.option("--interval", default="15s", show_default=True, type=Duration(),
+              help="A profile is cut this often (e.g. 15s, 1m).")
+@_min_block_option
+@click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
+@click.option("--no-python", is_flag=True, help="Leave out CPython frames.")
+@click.option("--node", default=lambda: os.environ.get("NODE_NAME") or socket.gethostname(),
+              show_default="$NODE_NAME, else the host name", help="The node label of every sample.")
+@click.option("--output-dir", metavar="DIR", help="Keep one pprof per interval and type here.")
+@click.option("--retention-age", default="24h", show_default=True, type=Duration(),
+              help="Remove profiles in --output-dir older than this.")
+@click.option("--retention-size", default="1GiB", show_default=True, type=Size(),
+              help="Remove the oldest profiles while --output-dir holds more than this.")
+@click.option("--push-url", metavar="URL", help="Push to this Pyroscope (its base URL).")
+@click.option("--push-tenant", metavar="ID", help="Tenant (X-Scope-OrgID) to push as.")
+@click.option("--push-username-file", metavar="FILE", help="Basic-auth user (or $BPFPROF_PUSH_USERNAME).")
+@click.option("--push-password-file", metavar="FILE", help="Basic-auth password (or $BPFPROF_PUSH_PASSWORD).")
+@click.option("--push-token-file", metavar="FILE", help="Bearer token (or $BPFPROF_PUSH_TOKEN).")
+@click.option("--push-ca-file", metavar="FILE", help="CA certificates to verify the store with.")
+@click.option("--push-insecure-skip-verify", is_flag=True, help="Do not verify the store's TLS certificate.")
+@click.option("--push-queue", default=60, show_default=True, type=click.IntRange(1, 100_000), metavar="N",
+              help="Intervals kept while the store is unreachable; the oldest go first.")
+@click.option("--metrics-addr", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option("--log-file", metavar="FILE", help="Log here (JSON lines) instead of stderr; SIGHUP reopens it.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--service-name-label", metavar="KEY", help="Pod label that names the service.")
+@click.option("--kubelet-url", metavar="URL",
+              help="Read pods from this kubelet (default: the API server, with the mounted service account).")
+@_map_size_options
+def agent(frequency, types, interval, min_block, no_kernel, no_python, node, output_dir, retention_age,
+          retention_size, push_url, push_tenant, push_username_file, push_password_file, push_token_file,
+          push_ca_file, push_insecure_skip_verify, push_queue, metrics_addr, log_file, log_level,
+          service_name_label, kubelet_url, stack_storage_size, map_size) -> None:
+    """Profile continuously: a labelled profile every interval, kept on disk and/or pushed to Pyroscope."""
+    if not (output_dir or push_url):
+        raise UsageError("the agent needs somewhere to put profiles: --output-dir DIR and/or --push-url URL")
+    if interval < 1:
+        raise UsageError("--interval must be at least 1s (profiles are drained every second)")
+
+    from bpfprof.collector.agent.agent import Agent
+    from bpfprof.collector.agent.disk_sink import DiskSink
+    from bpfprof.collector.agent.kubernetes import PodMetadata
+    from bpfprof.collector.agent.labels import Labeller
+    from bpfprof.collector.agent.logs import log, setup_logging
+    from bpfprof.collector.agent.metrics import serve_metrics
+    from bpfprof.collector.agent.push_queue import PushQueue
+    from bpfprof.collector.agent.pyroscope import Credentials, PushClient
+
+    types = tuple(dict.fromkeys(types or ("cpu",)))
+    try:
+        log_handler = setup_logging(log_file, log_level)
+    except OSError as e:
+        raise UsageError(f"cannot open --log-file {log_file}: {e.strerror or e}") from None
+    disk = DiskSink(output_dir, retention_age, retention_size) if output_dir else None
+    queue = None
+    if push_url:
+        credentials = Credentials.load(push_username_file or "", push_password_file or "", push_token_file or "")
+        client = PushClient(push_url, credentials, push_tenant or "", push_ca_file or "",
+                            verify_tls=not push_insecure_skip_verify)
+        queue = PushQueue(client.push, push_queue)
+    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size)
+    recorder = _recorder(config, types, warn=log.warning)
+    labeller = Labeller(node, PodMetadata.from_environment(node, kubelet_url or ""), service_name_label or "")
+    runner = Agent(recorder, interval, labeller, node, disk, queue, log_handler)
+    server = serve_metrics(metrics_addr, lambda: runner.stats) if metrics_addr else None
+    try:
+        runner.run()
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 @cli.command()

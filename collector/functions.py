@@ -126,8 +126,7 @@ def narrow(profile: Profile, pids: Sequence[int] = (), focus: Optional[str] = No
     def focused(stack: Stack) -> bool:
         return pattern is None or any(pattern.search(frame.name) for frame in stack)
 
-    chosen = Profile(profile.sample_types, profile.period_type, profile.period, profile.start_ns,
-                     profile.duration_ns, main_value=main_value)
+    chosen = profile.empty_copy(main_value=main_value)
     for (stack, labels), values in profile.samples.items():
         if (not pids or labels.pid in pids) and focused(stack):
             chosen.samples[(stack, labels)] = values

@@ -106,8 +106,13 @@ def to_pprof(profile: Profile):
     return message
 
 
+def pprof_bytes(profile: Profile) -> bytes:
+    """The profile as a gzipped pprof file holds it."""
+    return gzip.compress(to_pprof(profile).SerializeToString(), compresslevel=6)
+
+
 def write_pprof(profile: Profile, path: str) -> None:
-    write_atomically(path, gzip.compress(to_pprof(profile).SerializeToString(), compresslevel=6))
+    write_atomically(path, pprof_bytes(profile))
 
 
 def read_pprof(path: str):

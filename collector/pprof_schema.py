@@ -1,15 +1,25 @@
 """pprof's profile.proto (package perftools.profiles), declared here once as data and
-turned into protobuf message classes at import time, so no generated code is kept."""
+turned into protobuf message classes at import time, so no generated code is kept; the
+builder serves every protocol we speak this way (Pyroscope's push API too)."""
 
 from __future__ import annotations
+
+from typing import Dict, List, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {"int64": _F.TYPE_INT64, "uint64": _F.TYPE_UINT64, "string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL}
+_SCALARS = {
+    "int64": _F.TYPE_INT64, "uint64": _F.TYPE_UINT64, "string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL,
+    "bytes": _F.TYPE_BYTES,
+}
 
-# message -> [(field number, name, type, repeated)], numbers as in profile.proto.
-MESSAGES = {
+# message -> [(field number, name, type, repeated)]; a type is a scalar above, a message
+# of the same package, or a message of an earlier package by its full name.
+Messages = Dict[str, List[Tuple[int, str, str, bool]]]
+
+# Numbers as in profile.proto.
+MESSAGES: Messages = {
     "Profile": [
         (1, "sample_type", "ValueType", True),
         (2, "sample", "Sample", True),
@@ -70,21 +80,31 @@ MESSAGES = {
 PACKAGE = "perftools.profiles"
 
 
-def _build():
-    file = descriptor_pb2.FileDescriptorProto(name="bpfprof/profile.proto", package=PACKAGE, syntax="proto3")
-    for message_name, fields in MESSAGES.items():
-        message = file.message_type.add(name=message_name)
-        for number, name, kind, repeated in fields:
-            field = message.field.add(name=name, number=number)
-            field.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
-            if kind in _SCALARS:
-                field.type = _SCALARS[kind]
-            else:
-                field.type = _F.TYPE_MESSAGE
-                field.type_name = f".{PACKAGE}.{kind}"
+def message_classes(packages: Dict[str, Messages]) -> Dict[str, type]:
+    """The message classes of `packages` (package name -> its messages), by full name;
+    each package may use the messages of those before it."""
     pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.Profile"))
+    files: List[str] = []
+    for package, messages in packages.items():
+        file = descriptor_pb2.FileDescriptorProto(name=f"bpfprof/{package}.proto", package=package, syntax="proto3")
+        file.dependency.extend(files)
+        for message_name, fields in messages.items():
+            message = file.message_type.add(name=message_name)
+            for number, name, kind, repeated in fields:
+                field = message.field.add(name=name, number=number)
+                field.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
+                if kind in _SCALARS:
+                    field.type = _SCALARS[kind]
+                else:
+                    field.type = _F.TYPE_MESSAGE
+                    field.type_name = f".{kind}" if "." in kind else f".{package}.{kind}"
+        pool.Add(file)
+        files.append(file.name)
+    return {
+        f"{package}.{name}": message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+        for package, messages in packages.items() for name in messages
+    }
 
 
-PprofProfile = _build()  # its nested messages are reached through it: profile.sample.add()
+# Its nested messages are reached through it: profile.sample.add()
+PprofProfile = message_classes({PACKAGE: MESSAGES})[f"{PACKAGE}.Profile"]

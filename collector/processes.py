@@ -112,7 +112,7 @@ class ProcessTable:
         self._processes: Dict[int, Process] = {}
         self._refreshed: Set[int] = set()  # pids re-read since the last drain
         self.num_seen = 0
-        self.unreadable: Set[int] = set()
+        self.num_unreadable = 0  # processes gone before they could be read
 
     def snapshot(self, pid: int, comm: str = "", early: Optional[ProcFiles] = None) -> Process:
         """Take the process as read early (when its event arrived, milliseconds ago), else
@@ -127,7 +127,7 @@ class ProcessTable:
             return earlier
         else:
             process = Process(pid, comm, readable=False)
-            self.unreadable.add(pid)
+            self.num_unreadable += 1
         for m in process.mappings:
             if m.obj is not None:
                 self._native.keep_reachable(m.obj)
@@ -163,6 +163,9 @@ class ProcessTable:
             self._refreshed.add(pid)
             mapping = self.snapshot(pid, process.comm).get_mapping(address)
         return mapping
+
+    def num_live(self) -> int:
+        return len(self._processes)
 
     def exited(self) -> List[int]:
         """Processes whose exit has been seen. Their last samples are in the buffer the

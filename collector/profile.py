@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -78,6 +79,10 @@ class Profile:
         else:
             for i, v in enumerate(values):
                 total[i] += v
+
+    def empty_copy(self, **changes) -> "Profile":
+        """A profile of the same types and time span with no samples (fields as `changes` say)."""
+        return dataclasses.replace(self, samples={}, **changes)
 
     def num_samples(self) -> int:
         return sum(v[0] for v in self.samples.values())

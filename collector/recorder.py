@@ -90,19 +90,31 @@ class Recorder:
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False
+        self.sampling_since: Optional[float] = None  # time.monotonic() when run() began sampling
+        self.stop_requested_at: Optional[float] = None  # time.monotonic() of SIGINT/SIGTERM
         self._types = types
         self.profiles: Dict[str, Profile] = self._new_profiles()  # as -t names them
 
-    def _new_profiles(self) -> Dict[str, Profile]:
-        now, hz = time.time_ns(), self.config.frequency
+    def _new_profiles(self, now: int = 0) -> Dict[str, Profile]:
+        now, hz = now or time.time_ns(), self.config.frequency
         makers = {"cpu": lambda: cpu_profile(hz, now), "block": lambda: block_profile(now),
                   "wall": lambda: wall_profile(hz, now)}
         return {t: makers[t]() for t in self._types}
 
     def take_profiles(self) -> Dict[str, Profile]:
-        """What was drained so far; the recording goes on into new, empty profiles."""
-        taken, self.profiles = self.profiles, self._new_profiles()
+        """What was drained so far; the recording goes on into new, empty profiles that
+        start where these end."""
+        now = time.time_ns()
+        taken, self.profiles = self.profiles, self._new_profiles(now)
+        for profile in taken.values():
+            profile.duration_ns = now - profile.start_ns
+        self._sampler.prune_offcpu_stacks()
         return taken
+
+    def status(self) -> Dict[str, int]:
+        """Gauges of the recording so far, for an agent's metrics."""
+        return {"processes": self._processes.num_live(), "processes_seen": self._processes.num_seen,
+                "binaries": self._native.num_binaries(), "frames": self._native.num_frames()}
 
     def losses(self) -> Dict[str, int]:
         """Reason -> samples or events lost so far, only those that happened."""
@@ -151,6 +163,8 @@ class Recorder:
 
     def request_stop(self, *_args) -> None:
         self._stop = True
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
 
     def run(
         self,
@@ -166,6 +180,8 @@ class Recorder:
         try:
             self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
             self._events.start()
+            self.profiles = self._new_profiles()  # from the first sample on
+            self.sampling_since = time.monotonic()
             for pid in self.config.pids:  # read (and find CPython in) the targets before their first sample
                 self._processes.snapshot(pid)
             if command:
@@ -184,7 +200,8 @@ class Recorder:
                     break
                 if now >= next_drain:
                     self._drain()
-                    next_drain = now + DRAIN_INTERVAL_S
+                    while next_drain <= time.monotonic():  # on a fixed beat: an agent's cuts do not drift
+                        next_drain += DRAIN_INTERVAL_S
                     if on_drain:
                         on_drain()
             self._events.stop()
@@ -199,9 +216,9 @@ class Recorder:
                 self._python.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        duration_ns = int((time.monotonic() - start) * 1e9)
+        end_ns = time.time_ns()
         for profile in self.profiles.values():
-            profile.duration_ns = duration_ns
+            profile.duration_ns = end_ns - profile.start_ns
         if child is not None:
             child.finish()
         return Recording(
@@ -209,7 +226,7 @@ class Recorder:
             losses=losses,
             offcpu=offcpu,
             num_processes=self._processes.num_seen,
-            unreadable_processes=len(self._processes.unreadable),
+            unreadable_processes=self._processes.num_unreadable,
             unreadable_binaries=dict(self._native.unreadable),
             exit_status=child.exit_status if child else None,
         )

@@ -254,6 +254,33 @@ class Sampler:
                     offcpu[kind] = self._samples(self._bpf[f"{kind}_{drained}"], self._bpf["offcpu_stacks"], python)
         return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []))
 
+    def prune_offcpu_stacks(self) -> int:
+        """Free the off-CPU stacks (kernel, user and Python) that neither a thread still
+        away nor an undrained count refers to; they are kept across drains, so a long
+        recording would otherwise fill their maps. Returns how many were freed."""
+        if not (self.config.block or self.config.wall):
+            return 0
+        tables = [self._bpf["offcpu_stacks"]] + ([self._bpf["offcpu_python_stacks"]] if self.config.python else [])
+        # Listed before the references are read: a stack made in between is not freed. One
+        # that exists, unreferenced, and is taken again just before it is freed loses its
+        # frames in that one count (a window of a few system calls).
+        listed = [list(table.keys()) for table in tables]
+        keys = [start.key for start in self._bpf["offcpu_starts"].values()]
+        for kind in ("block", "wall"):
+            if getattr(self.config, kind):
+                keys.extend(self._bpf[f"{kind}_{self._active}"].keys())
+        referenced = [{i for k in keys for i in (k.kernel_stack_id, k.user_stack_id)}, {k.python_stack for k in keys}]
+        freed = 0
+        for table, table_keys, in_use in zip(tables, listed, referenced):
+            for key in table_keys:
+                if key.value not in in_use:
+                    try:
+                        del table[key]
+                        freed += 1
+                    except KeyError:
+                        pass
+        return freed
+
     @staticmethod
     def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]) -> List[RawSample]:
         """Read and clear one counts map; its keys' stacks are in `stacks` and `python`."""

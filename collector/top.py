@@ -30,8 +30,7 @@ class Window:
 
     def merged(self) -> Profile:
         first = self._slices[0]
-        merged = Profile(first.sample_types, first.period_type, first.period, first.start_ns,
-                         main_value=first.main_value)
+        merged = first.empty_copy(duration_ns=0)
         for profile in self._slices:
             for (stack, labels), values in profile.samples.items():
                 merged.add(stack, labels, values)

@@ -105,6 +105,13 @@ class NativeSymbolizer:
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
         return symbols
 
+    def num_binaries(self) -> int:
+        """Binaries whose symbols are cached (or known unreadable)."""
+        return len(self._symbols)
+
+    def num_frames(self) -> int:
+        return len(self._frames)
+
     def get_frame(self, obj: ObjectFile, file_offset: int) -> Frame:
         key = (obj.file_id, file_offset)
         frame = self._frames.get(key)

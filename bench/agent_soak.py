@@ -1,0 +1,162 @@
+"""The continuous agent left running: its own CPU and memory over a long soak of the whole
+machine while thousands of short-lived processes come and go, beside bcc's `profile` and
+`perf record` sampling the same machine at the same rate in the same run.
+
+The machine's work for the length of the soak:
+  churn      a shell loop starting ~30 short-lived processes a second (true, echo, sleep)
+  pythons    a new CPython process every 2 s, each running for ~0.3 s (pyenv's and Debian's)
+  steady     one long-running Python process busy about a third of the time
+
+The profilers, all whole-system at 19 Hz, for the whole soak:
+  bpfprof agent    `bpfprof agent --interval 15s --output-dir ... --metrics-addr ...`
+  bcc profile      `profile-bpfcc -F 19 -a -f` (stacks counted in the kernel, printed at the end)
+  perf record      `perf record -F 19 -a -g`
+
+At 5, 30 and 60 minutes (or the checkpoints within --minutes) it prints each profiler's CPU
+(share of one core, since the start and since the previous checkpoint) and resident memory,
+and for the agent the processes it has seen, profiles written and losses from its metrics;
+then bpfprof against the others as ratios. At the end the agent gets SIGTERM and the time it
+takes to exit is printed.
+
+    sudo .venv/bin/python bench/agent_soak.py [--minutes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+from _proc import ToolMissing, cpu_seconds, memory_mb, run_main, start, stop_all
+from cpu_overhead import headers_for_bcc_tools
+
+WARM_UP_S = 30  # compiled, attached, first profiles cut: measured from here
+CHURN = "while :; do /bin/true; /bin/echo x >/dev/null; /bin/sleep 0.1; done"
+PYTHON_CHILD = "import time; end = time.monotonic() + 0.3\nwhile time.monotonic() < end: sum(range(1000))"
+STEADY = """
+import time
+def work():
+    end = time.monotonic() + 0.1
+    while time.monotonic() < end:
+        sum(i * i for i in range(1000))
+while True:
+    work()
+    time.sleep(0.2)
+"""
+
+
+def pythons() -> List[str]:
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    return found + ["/usr/bin/python3"]
+
+
+def python_loop(interpreters: List[str]) -> str:
+    """A shell loop starting one short CPython every 2 s, going round the interpreters."""
+    runs = "; ".join(f"{p} -c '{PYTHON_CHILD}'; /bin/sleep 1.7" for p in interpreters)
+    return f"while :; do {runs}; done"
+
+
+def scrape(port: int) -> Dict[str, float]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    values: Dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            base = name.split("{")[0]
+            values[base] = values.get(base, 0.0) + float(value)
+    return values
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise ToolMissing("needs root: run it with sudo")
+    for tool in ("profile-bpfcc", "perf"):
+        if shutil.which(tool) is None:
+            raise ToolMissing(f"{tool} is missing (apt-get install bpfcc-tools linux-perf)")
+    checkpoints = [m for m in (5, 30, 60) if m < args.minutes] + [args.minutes]
+    seconds = args.minutes * 60
+    tmp = Path(tempfile.mkdtemp(prefix="bpfprof-soak-"))
+    port = free_port()
+    with headers_for_bcc_tools():
+        profilers = {
+            "bpfprof agent": start([sys.executable, "-m", "bpfprof", "agent", "--output-dir", str(tmp / "profiles"),
+                                    "--interval", "15s", "--metrics-addr", f"127.0.0.1:{port}",
+                                    "--log-file", str(tmp / "agent.log")]),
+            "bcc profile": start(["profile-bpfcc", "-F", "19", "-a", "-f", str(int(seconds + WARM_UP_S + 60))],
+                                 stdout=open(tmp / "bcc.folded", "w"), stderr=subprocess.DEVNULL),
+            "perf record": start(["perf", "record", "-F", "19", "-a", "-g", "-o", str(tmp / "perf.data")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        }
+        start(["sh", "-c", CHURN])
+        start(["sh", "-c", python_loop(pythons())], stdout=subprocess.DEVNULL)
+        start([sys.executable, "-c", STEADY])
+        time.sleep(WARM_UP_S)
+        for name, p in profilers.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited at start (status {p.returncode})")
+        began = time.monotonic()
+        first = {name: cpu_seconds(p.pid) for name, p in profilers.items()}
+        previous, previous_t = dict(first), began
+        print(f"soak of {args.minutes:g} min, whole system at 19 Hz, {os.cpu_count()} CPUs; "
+              f"CPU as % of one core (since start / since last), RSS MB", flush=True)
+        rows = []
+        for minute in checkpoints:
+            time.sleep(max(0.0, began + minute * 60 - time.monotonic()))
+            now = time.monotonic()
+            metrics = scrape(port)
+            row = {"minute": minute}
+            for name, p in profilers.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited during the soak (status {p.returncode})")
+                cpu = cpu_seconds(p.pid)
+                row[name] = (100 * (cpu - first[name]) / (now - began),
+                             100 * (cpu - previous[name]) / (now - previous_t), memory_mb(p.pid, "VmRSS:"))
+                previous[name] = cpu
+            previous_t = now
+            rows.append(row)
+            print(f"{minute:5g} min  " + "  ".join(
+                f"{name}: {row[name][0]:.2f}% / {row[name][1]:.2f}%, {row[name][2]:.0f} MB" for name in profilers)
+                + f"  | agent: {metrics.get('bpfprof_processes_seen_total', 0):.0f} processes seen, "
+                  f"{metrics.get('bpfprof_profiles_written_total', 0):.0f} profiles, "
+                  f"{metrics.get('bpfprof_lost_total', 0):.0f} lost, "
+                  f"{metrics.get('bpfprof_symbol_cache_frames', 0):.0f} frames cached", flush=True)
+        agent = profilers["bpfprof agent"]
+        sent = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(timeout=30)
+        print(f"agent: SIGTERM to exit {time.monotonic() - sent:.2f} s, status {code}; "
+              f"{len(list((tmp / 'profiles').glob('*.pb.gz')))} profile files kept")
+        stop_all()
+    last = rows[-1]
+    ours_cpu, _, ours_rss = last["bpfprof agent"]
+    for other in ("bcc profile", "perf record"):
+        cpu, _, rss = last[other]
+        print(f"bpfprof agent vs {other}: CPU x{ours_cpu / cpu:.2f}, RSS x{ours_rss / rss:.2f}"
+              if cpu and rss else f"bpfprof agent vs {other}: {other} used no measurable CPU")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_main(main, "agent_soak")

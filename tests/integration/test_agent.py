@@ -1,0 +1,208 @@
+"""`bpfprof agent` through real BPF: profiles cut every interval with nothing lost or counted
+twice between them, labelled, kept on disk with retention, surviving a full disk, flushed
+on SIGTERM, logs reopened on SIGHUP, metrics served."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bpfprof.collector.pprof import read_pprof
+from conftest import bpfprof_command
+from pprof_check import check_with_go
+from samples import read_samples
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+MS = 1_000_000
+
+
+class RunningAgent:
+    """`bpfprof agent` logging to a file the test reads; always stopped at the end."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        self.log = tmp_path / "agent.log"
+        self.process = subprocess.Popen([*bpfprof_command(), "agent", "--log-file", str(self.log), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def entries(self, path: Path = None) -> List[Dict]:
+        path = path or self.log
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def wait_for(self, message: str, count: int = 1, timeout: float = 60, path: Path = None) -> Dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.entries(path) if e["msg"] == message]
+            if len(found) >= count:
+                return found[count - 1]
+            if self.process.poll() is not None:
+                pytest.fail(f"the agent exited ({self.process.returncode}) before {message!r}:\n"
+                            f"{self.process.stderr.read()}\n{self.log.read_text() if self.log.exists() else ''}")
+            time.sleep(0.1)
+        pytest.fail(f"no {message!r} within {timeout} s:\n{self.log.read_text() if self.log.exists() else ''}")
+
+    def stop(self) -> float:
+        """SIGTERM; returns the seconds it took to exit, which it must do with status 0."""
+        sent = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        took = time.monotonic() - sent
+        assert code == 0, self.process.stderr.read()
+        return took
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def agent_in(tmp_path):
+    started = []
+
+    def start(*args: str) -> RunningAgent:
+        started.append(RunningAgent(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> Dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_intervals_follow_each_other_exactly_and_sigterm_flushes_the_last(agent_in, tmp_path, build_c):
+    chain = build_c("chain")
+    out = tmp_path / "profiles"
+    agent = agent_in("--output-dir", str(out), "--interval", "2s", "-F", "99", "--node", "node-under-test")
+    agent.wait_for("agent started")
+    burner = subprocess.Popen([str(chain), "5"])
+    _, status, usage = os.wait4(burner.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    burn_cpu_s = usage.ru_utime + usage.ru_stime  # less than 5 s when the CPUs are shared
+    cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
+    agent.wait_for("interval cut", count=cuts + 1)  # the burn's last samples are in a cut interval
+    took = agent.stop()
+    assert took < 5
+    assert agent.wait_for("agent stopped")
+
+    files = sorted(out.glob("*.cpu.pb.gz"))
+    messages = [read_pprof(str(f)) for f in files]
+    assert len(messages) >= 4
+    for earlier, later in zip(messages, messages[1:]):
+        assert earlier.time_nanos + earlier.duration_nanos == later.time_nanos  # no gap, no overlap
+    for message in messages[1:-1]:
+        assert message.duration_nanos == pytest.approx(2e9, abs=0.25e9)
+    assert messages[-1].duration_nanos < 2.25e9  # the interval SIGTERM cut short, written too
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640
+
+    # Every sample of the burn is in exactly one interval: together they make its CPU time at 99 Hz.
+    per_file = [sum(s.count for s in read_samples(f) if s.labels.get("pid") == burner.pid) for f in files]
+    assert sum(per_file) == pytest.approx(burn_cpu_s * 99, rel=0.1), (per_file, burn_cpu_s)
+    assert sum(1 for n in per_file if n) >= 2  # the burn spans a cut
+    burn_samples = [s for f in files for s in read_samples(f) if s.labels.get("pid") == burner.pid]
+    assert all(s.labels["node"] == "node-under-test" and s.labels["comm"] == "chain"
+               and s.labels["service_name"] == "chain" for s in burn_samples)
+    assert sum(s.count for s in burn_samples if s.has_chain("main", "chain_a", "chain_b", "chain_c")) \
+        >= 0.9 * sum(s.count for s in burn_samples)
+    check_with_go(files[per_file.index(max(per_file))], expect=["chain_c"])
+
+
+def test_block_profiles_add_up_across_intervals(agent_in, tmp_path, build_c):
+    binary = build_c("blocking", "-pthread")
+    out = tmp_path / "profiles"
+    agent = agent_in("--output-dir", str(out), "--interval", "1s", "-t", "cpu", "-t", "block")
+    agent.wait_for("agent started")
+    workload = subprocess.Popen([str(binary)])
+    assert workload.wait(timeout=30) == 0
+    cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
+    agent.wait_for("interval cut", count=cuts + 1)
+    agent.stop()
+    samples = [s for f in sorted(out.glob("*.block.pb.gz")) for s in read_samples(f)
+               if s.labels.get("pid") == workload.pid and "sleeper" in s.functions]
+    assert sum(s.values[0] for s in samples) == 10  # as `record -t block` counts them (test_offcpu)
+    assert sum(s.values[1] for s in samples) == pytest.approx(500 * MS, rel=0.1)
+    assert sorted(out.glob("*.cpu.pb.gz"))
+
+
+def test_retention_and_metrics(agent_in, tmp_path):
+    out = tmp_path / "profiles"
+    port = free_port()
+    agent = agent_in("--output-dir", str(out), "--interval", "1s", "-F", "99", "--retention-size", "12KiB",
+                     "--metrics-addr", f"127.0.0.1:{port}")
+    agent.wait_for("agent started")
+    agent.wait_for("interval cut", count=6)
+    metrics = scrape(port)
+    agent.stop()
+    assert metrics[("bpfprof_samples_total", (("type", "cpu"),))] > 0
+    assert metrics[("bpfprof_profiles_written_total", ())] >= 5
+    assert metrics[("bpfprof_profiles_removed_total", ())] >= 1
+    assert metrics[("bpfprof_processes", ())] >= 1
+    assert metrics[("bpfprof_symbol_cache_binaries", ())] >= 1
+    assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
+    assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
+
+
+def test_a_full_disk_is_logged_and_the_agent_goes_on(agent_in, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
+    try:
+        filler = small / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        agent = agent_in("--output-dir", str(small), "--interval", "1s", "-F", "99", "-t", "cpu", "-t", "block")
+        failure = agent.wait_for("cannot write profile")
+        assert "No space left on device" in failure["error"]
+        assert agent.process.poll() is None
+        before = set(small.glob("*.pb.gz"))
+        filler.unlink()
+        agent.wait_for("interval cut", count=len([e for e in agent.entries() if e["msg"] == "interval cut"]) + 2)
+        agent.stop()
+        assert set(small.glob("*.pb.gz")) - before  # written again once there was room
+        assert not [f for f in os.listdir(small) if f.startswith(".")]  # no half-written file left
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_sighup_reopens_the_log_file(agent_in, tmp_path):
+    agent = agent_in("--output-dir", str(tmp_path / "profiles"), "--interval", "1s")
+    agent.wait_for("agent started")
+    rotated = tmp_path / "agent.log.1"
+    agent.log.rename(rotated)
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_for("log file reopened")
+    agent.wait_for("interval cut")
+    agent.stop()
+    assert [e for e in agent.entries(rotated) if e["msg"] == "agent started"]
+    assert [e for e in agent.entries() if e["msg"] == "agent stopped"]

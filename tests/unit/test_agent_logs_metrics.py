@@ -1,0 +1,110 @@
+"""The agent's own observability: JSON log lines, a log file reopened after rotation, /metrics."""
+
+import json
+import logging
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bpfprof.collector.agent.logs import log, setup_logging
+from bpfprof.collector.agent.metrics import AgentStats, parse_address, serve_metrics
+from bpfprof.collector.errors import UsageError
+
+
+@pytest.fixture
+def restore_logger():
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    yield
+    for handler in log.handlers:
+        handler.close()
+    log.handlers[:], log.level, log.propagate = handlers, level, propagate
+
+
+def test_log_lines_are_json_with_fields(tmp_path, restore_logger):
+    path = tmp_path / "agent.log"
+    setup_logging(str(path), "info")
+    log.info("interval cut", extra={"fields": {"samples": {"cpu": 12}, "series": 2}})
+    log.debug("not at info")
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        log.exception("cannot write")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["msg"] for line in lines] == ["interval cut", "cannot write"]
+    assert lines[0]["level"] == "info" and lines[0]["samples"] == {"cpu": 12} and lines[0]["series"] == 2
+    assert lines[0]["time"].endswith("Z") and "T" in lines[0]["time"]
+    assert lines[1]["level"] == "error" and "No space left on device" in lines[1]["error"]
+
+
+def test_reopen_follows_logrotate(tmp_path, restore_logger):
+    path = tmp_path / "agent.log"
+    handler = setup_logging(str(path), "info")
+    log.info("before")
+    path.rename(tmp_path / "agent.log.1")
+    log.info("still to the moved file")
+    handler.reopen()
+    log.info("after")
+    assert [json.loads(l)["msg"] for l in (tmp_path / "agent.log.1").read_text().splitlines()] == \
+        ["before", "still to the moved file"]
+    assert [json.loads(l)["msg"] for l in path.read_text().splitlines()] == ["after"]
+
+
+def test_stderr_when_no_file(capsys, restore_logger):
+    assert setup_logging(None, "warning") is None
+    log.warning("push failed", extra={"fields": {"status": 503}})
+    entry = json.loads(capsys.readouterr().err)
+    assert entry["msg"] == "push failed" and entry["status"] == 503 and entry["level"] == "warning"
+    assert logging.getLogger("bpfprof.agent").propagate is False
+
+
+def test_metrics_addresses():
+    assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_address(":9464") == ("0.0.0.0", 9464)
+    assert parse_address("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "host:", "host:http", "host:70000"):
+        with pytest.raises(UsageError, match="--metrics-addr takes HOST:PORT"):
+            parse_address(bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_serves_the_stats_and_process_figures():
+    stats = AgentStats(samples={"cpu": 570, "block": 31}, lost={"LOSS_COUNTS_FULL": 2}, processes=140,
+                       processes_seen=2200, cached_binaries=48, cached_frames=9000, profiles_written=8,
+                       profile_write_failures=1, profiles_removed=3, queue_depth=4, pushes=7, push_failures=5,
+                       pushes_dropped=1)
+    port = free_port()
+    server = serve_metrics(f"127.0.0.1:{port}", lambda: stats)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    assert values[("bpfprof_samples_total", (("type", "cpu"),))] == 570
+    assert values[("bpfprof_samples_total", (("type", "block"),))] == 31
+    assert values[("bpfprof_lost_total", (("reason", "LOSS_COUNTS_FULL"),))] == 2
+    expected = {"bpfprof_processes": 140, "bpfprof_processes_seen_total": 2200, "bpfprof_symbol_cache_binaries": 48,
+                "bpfprof_symbol_cache_frames": 9000, "bpfprof_profiles_written_total": 8,
+                "bpfprof_profile_write_failures_total": 1, "bpfprof_profiles_removed_total": 3,
+                "bpfprof_push_queue_depth": 4, "bpfprof_pushes_total": 7, "bpfprof_push_failures_total": 5,
+                "bpfprof_pushes_dropped_total": 1}
+    for name, value in expected.items():
+        assert values[(name, ())] == value, name
+    assert values[("process_resident_memory_bytes", ())] > 1 << 20
+    assert ("process_cpu_seconds_total", ()) in values
+
+
+def test_a_taken_metrics_port_is_one_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(Exception, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            serve_metrics(f"127.0.0.1:{port}", AgentStats)
