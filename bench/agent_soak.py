@@ -8,7 +8,8 @@ The machine's work for the length of the soak:
   steady     one long-running Python process busy about a third of the time
 
 The profilers, all whole-system at 19 Hz, for the whole soak:
-  bpfprof agent    `bpfprof agent --interval 15s --output-dir ... --metrics-addr ...`
+  bpfprof agent    `bpfprof agent --interval 15s --output-dir ... --push-url ... --metrics-addr ...`,
+                   pushing to a Pyroscope stand-in on loopback
   bcc profile      `profile-bpfcc -F 19 -a -f` (stacks counted in the kernel, printed at the end)
   perf record      `perf record -F 19 -a -g`
 
@@ -37,13 +38,15 @@ from pathlib import Path
 from typing import Dict, List
 
 from _proc import ToolMissing, cpu_seconds, memory_mb, run_main, start, stop_all
+from _store import LoopbackStore, free_port
 from cpu_overhead import headers_for_bcc_tools
 
 WARM_UP_S = 30  # compiled, attached, first profiles cut: measured from here
 CHURN = "while :; do /bin/true; /bin/echo x >/dev/null; /bin/sleep 0.1; done"
 PYTHON_CHILD = "import time; end = time.monotonic() + 0.3\nwhile time.monotonic() < end: sum(range(1000))"
 STEADY = """
-import time
+import signal, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 def work():
     end = time.monotonic() + 0.1
     while time.monotonic() < end:
@@ -79,13 +82,6 @@ def scrape(port: int) -> Dict[str, float]:
     return values
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60)
@@ -98,11 +94,14 @@ def main() -> None:
     checkpoints = [m for m in (5, 30, 60) if m < args.minutes] + [args.minutes]
     seconds = args.minutes * 60
     tmp = Path(tempfile.mkdtemp(prefix="bpfprof-soak-"))
-    port = free_port()
+    store = LoopbackStore()
+    store.up()
+    port = free_port()  # for the metrics
     with headers_for_bcc_tools():
         profilers = {
             "bpfprof agent": start([sys.executable, "-m", "bpfprof", "agent", "--output-dir", str(tmp / "profiles"),
                                     "--interval", "15s", "--metrics-addr", f"127.0.0.1:{port}",
+                                    "--push-url", store.url,
                                     "--log-file", str(tmp / "agent.log")]),
             "bcc profile": start(["profile-bpfcc", "-F", "19", "-a", "-f", str(int(seconds + WARM_UP_S + 60))],
                                  stdout=open(tmp / "bcc.folded", "w"), stderr=subprocess.DEVNULL),
@@ -140,6 +139,7 @@ def main() -> None:
                 f"{name}: {row[name][0]:.2f}% / {row[name][1]:.2f}%, {row[name][2]:.0f} MB" for name in profilers)
                 + f"  | agent: {metrics.get('bpfprof_processes_seen_total', 0):.0f} processes seen, "
                   f"{metrics.get('bpfprof_profiles_written_total', 0):.0f} profiles, "
+                  f"{store.requests} pushes ({store.series} series), "
                   f"{metrics.get('bpfprof_lost_total', 0):.0f} lost, "
                   f"{metrics.get('bpfprof_symbol_cache_frames', 0):.0f} frames cached", flush=True)
         agent = profilers["bpfprof agent"]

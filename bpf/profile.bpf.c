@@ -69,6 +69,14 @@ static __always_inline void emit(u32 kind, u32 pid, u32 tid)
         count_loss(LOSS_EVENTS_FULL);
 }
 
+/* Whether the collector may hold a snapshot of the process, and so must hear of its exec
+ * and exit: one it was told of (seen), or a target named at start. Most short-lived
+ * processes are never sampled, and cost the collector nothing. */
+static __always_inline int is_known(u32 pid)
+{
+    return FILTER_PIDS || seen.lookup(&pid) != NULL;
+}
+
 static __always_inline int is_target(u32 pid)
 {
 #if FILTER_PIDS
@@ -400,6 +408,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     /* Libraries are mapped after exec: the next sample takes the snapshot (or the next
      * mmap, when the collector finds the loader still at work: maps_pending). */
+    int known = is_known(pid);
     seen.delete(&pid);
 #if PYTHON_STACKS
     /* Only the thread that called exec is left, running a new image. */
@@ -407,7 +416,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     python_threads.delete(&thread);
     python_processes.delete(&pid);
 #endif
-    emit(PROCESS_EXEC, pid, pid);
+    if (known)
+        emit(PROCESS_EXEC, pid, pid);
     return 0;
 }
 
@@ -432,10 +442,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         python_processes.delete(&pid);
 #endif
     if (args->group_dead) {
+        int known = is_known(pid);
         seen.delete(&pid);
         maps_pending.delete(&pid);
         targets.delete(&pid);
-        emit(PROCESS_EXIT, pid, tid);
+        if (known)
+            emit(PROCESS_EXIT, pid, tid);
     }
     return 0;
 }

@@ -354,11 +354,13 @@ Examples:
 @click.option("--service-name-label", metavar="KEY", help="Pod label that names the service.")
 @click.option("--kubelet-url", metavar="URL",
               help="Read pods from this kubelet (default: the API server, with the mounted service account).")
+@click.option("--kubelet-insecure-tls", is_flag=True,
+              help="Do not verify the kubelet's certificate (most kubelets sign their own).")
 @_map_size_options
 def agent(frequency, types, interval, min_block, no_kernel, no_python, node, output_dir, retention_age,
           retention_size, push_url, push_tenant, push_username_file, push_password_file, push_token_file,
           push_ca_file, push_insecure_skip_verify, push_queue, metrics_addr, log_file, log_level,
-          service_name_label, kubelet_url, stack_storage_size, map_size) -> None:
+          service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size) -> None:
     """Profile continuously: a labelled profile every interval, kept on disk and/or pushed to Pyroscope."""
     if not (output_dir or push_url):
         raise UsageError("the agent needs somewhere to put profiles: --output-dir DIR and/or --push-url URL")
@@ -388,7 +390,8 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
         queue = PushQueue(client.push, push_queue)
     config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size)
     recorder = _recorder(config, types, warn=log.warning)
-    labeller = Labeller(node, PodMetadata.from_environment(node, kubelet_url or ""), service_name_label or "")
+    pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
+    labeller = Labeller(node, pods, service_name_label or "")
     runner = Agent(recorder, interval, labeller, node, disk, queue, log_handler)
     server = serve_metrics(metrics_addr, lambda: runner.stats) if metrics_addr else None
     try:

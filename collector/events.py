@@ -19,8 +19,10 @@ from bpfprof.collector.sampler import ProcessEvent, Sampler
 
 _POLL_MS = 50
 _SWITCH_INTERVAL_S = 0.001
-# Events after which the process's maps are worth reading at once.
-_READ_EARLY = frozenset({"PROCESS_SEEN", "PROCESS_EXEC"})
+# Events after which the process's maps are worth reading at once. Not an exec: the new
+# image's libraries are not mapped yet, and most processes are never sampled at all (its
+# first sample sends PROCESS_SEEN).
+_READ_EARLY = frozenset({"PROCESS_SEEN"})
 
 Arrival = Tuple[ProcessEvent, Optional[ProcFiles]]
 

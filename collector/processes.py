@@ -140,10 +140,9 @@ class ProcessTable:
             self._on_snapshot(process)
         return process
 
-    def on_exec(self, pid: int, comm: str, early: Optional[ProcFiles] = None) -> None:
-        # The new image's libraries are not mapped yet; the next sample snapshots it.
+    def on_exec(self, pid: int) -> None:
+        """The process's snapshot is stale; its next sample (PROCESS_SEEN) takes a new one."""
         self._processes.pop(pid, None)
-        self.snapshot(pid, comm, early)
 
     def on_exit(self, pid: int) -> None:
         process = self._processes.get(pid)

@@ -130,7 +130,7 @@ class Recorder:
         elif event.kind == "PROCESS_EXEC":
             if self._python:
                 self._python.on_exec(event.pid)
-            self._processes.on_exec(event.pid, event.comm, early)
+            self._processes.on_exec(event.pid)
         elif event.kind == "PROCESS_EXIT":
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)

@@ -44,21 +44,29 @@ PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).
 PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
 
 
-_MADV_PAGEOUT = 21
+_MADV_DONTNEED = 4
+_COMPILER_LIBRARY = re.compile(r"/lib(LLVM|clang)[^/]*$")
 
 
 def _release_compiler_memory() -> None:
     """Once the program is loaded, clang and LLVM are not needed again: give back the
-    heap they freed and page out the code pages they touched (about 100 MB)."""
+    heap they freed, and drop the pages of their code and read-only data from this
+    process (about 60 MB). Only mappings holding no private copy of a page are dropped:
+    those pages come back from the file if ever touched again, even when another process
+    (another bcc tool) keeps them in memory."""
     libc = ctypes.CDLL(None)
     libc.malloc_trim(0)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    with open("/proc/self/maps") as f:
+    region = None
+    with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
-            if len(fields) > 5 and re.search(r"/lib(LLVM|clang)[^/]*$", fields[5]):
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
                 start, end = (int(a, 16) for a in fields[0].split("-"))
-                libc.madvise(start, end - start, _MADV_PAGEOUT)  # advice only: failure is harmless
+                shared_file = len(fields) > 5 and "w" not in fields[1] and _COMPILER_LIBRARY.search(fields[5])
+                region = (start, end) if shared_file else None
+            elif fields[0] == "Anonymous:" and region is not None and fields[1] == "0":
+                libc.madvise(region[0], region[1] - region[0], _MADV_DONTNEED)  # advice only: failure is harmless
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class PushQueue:
         return len(self._pending)
 
     def put(self, body: bytes) -> None:
-        """Queues one encoded request; never blocks. When full, the oldest is dropped."""
+        """Queues one encoded request; never blocks. When full, the oldest is dropped; after
+        close(), the body is."""
         with self._changed:
             if self._closing.is_set():
                 self.dropped += 1  # nothing would send it
@@ -85,7 +86,7 @@ class PushQueue:
             log.warning("profiles not pushed before the deadline dropped", extra={"fields": {"dropped": left}})
 
     def _send_queued(self) -> None:
-        attempt = 0  # failures in a row of the request at the head
+        attempt = 0  # retryable failures in a row, whichever requests they were: the store's state
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending or self._closing.is_set())

@@ -121,9 +121,9 @@ def _read_secret(path: str, what: str) -> str:
             # Surrounding white space (the newline an editor or `echo` leaves) is no part of a secret.
             secret = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the push {what} file {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UsageError(f"cannot read --push-{what}-file {path}: {getattr(e, 'strerror', None) or e}") from None
     if not secret:
-        raise UsageError(f"the push {what} file {path} is empty")
+        raise UsageError(f"--push-{what}-file {path} is empty")
     return secret
 
 
@@ -181,8 +181,8 @@ class PushClient:
         except urllib.error.URLError as e:
             if isinstance(e.reason, ssl.SSLCertVerificationError):
                 # Trying again changes nothing until the certificate or the CA file does.
-                raise PushError(f"{self.url}: the store's certificate is not trusted: {e.reason.verify_message}",
-                                retryable=False) from None
+                raise PushError(f"{self.url}: the store's certificate is not trusted ({e.reason.verify_message});"
+                                " give its CA with --push-ca-file", retryable=False) from None
             raise PushError(f"{self.url}: {e.reason}", retryable=True) from None
         except (OSError, HTTPException) as e:  # timeouts and connections cut while reading
             raise PushError(f"{self.url}: {str(e) or type(e).__name__}", retryable=True) from None
@@ -192,7 +192,7 @@ def _tls_context(ca_file: str, verify_tls: bool) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as e:
-        raise UsageError(f"cannot read the CA file {ca_file}: {getattr(e, 'strerror', None) or e}") from None
+        raise UsageError(f"cannot read --push-ca-file {ca_file}: {getattr(e, 'strerror', None) or e}") from None
     if not verify_tls:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

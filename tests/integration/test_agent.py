@@ -5,6 +5,7 @@ on SIGTERM, logs reopened on SIGHUP, metrics served."""
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import signal
@@ -19,9 +20,11 @@ from typing import Dict, List
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpfprof.collector.pprof import read_pprof
+from bpfprof.collector.pprof import from_pprof, read_pprof
+from bpfprof.collector.pprof_schema import PprofProfile
 from conftest import bpfprof_command
 from pprof_check import check_with_go
+from pyroscope_store import Store, decode_with_protoc, push_request_class
 from samples import read_samples
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
@@ -132,6 +135,37 @@ def test_intervals_follow_each_other_exactly_and_sigterm_flushes_the_last(agent_
     assert sum(s.count for s in burn_samples if s.has_chain("main", "chain_a", "chain_b", "chain_c")) \
         >= 0.9 * sum(s.count for s in burn_samples)
     check_with_go(files[per_file.index(max(per_file))], expect=["chain_c"])
+
+
+def test_pushes_reach_the_store_and_sigterm_pushes_the_last_interval(agent_in, tmp_path, build_c, monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")
+    store = Store()
+    chain = build_c("chain")
+    try:
+        agent = agent_in("--push-url", store.url, "--interval", "30s", "-F", "99", "--node", "node-under-test",
+                         "-t", "cpu", "-t", "block")
+        agent.wait_for("agent started")
+        burner = subprocess.Popen([str(chain), "2"])
+        assert burner.wait(timeout=30) == 0
+        assert not store.requests  # the interval is not over: only SIGTERM cuts it
+        took = agent.stop()
+    finally:
+        store.close()
+    assert took < 5
+    request, = store.requests  # the last interval, pushed before the agent exited
+    assert request.path == "/push.v1.PusherService/Push"
+    assert request.headers["Content-Type"] == "application/proto"
+    pushed = decode_with_protoc(request.body, push_request_class(tmp_path))
+    by_labels = {tuple((l.name, l.value) for l in series.labels): series for series in pushed.series}
+    cpu = by_labels[(("__name__", "process_cpu"), ("service_name", "chain"), ("node", "node-under-test"))]
+    profile = from_pprof(PprofProfile.FromString(gzip.decompress(cpu.samples[0].raw_profile)))
+    chain_samples = sum(values[0] for (stack, labels), values in profile.samples.items()
+                        if labels.pid == burner.pid and any(f.name == "chain_c" for f in stack))
+    assert chain_samples >= 100  # about 2 s at 99 Hz
+    kinds_and_services = [(labels[0][1], labels[1][1]) for labels in by_labels]
+    assert len(set(kinds_and_services)) == len(pushed.series)  # one series per profile type and service
+    assert {kind for kind, _ in kinds_and_services} == {"process_cpu", "block"}
+    assert all(len(s.samples) == 1 for s in pushed.series)
 
 
 def test_block_profiles_add_up_across_intervals(agent_in, tmp_path, build_c):

@@ -294,3 +294,7 @@ CHECKOUT = PodContainer("shop", "checkout-7d9f8b6c5d-x2x4q", "checkout", CHECKOU
 ])
 def test_service_name(pod, label_key, expected):
     assert service_name(pod, "python3", label_key) == expected
+
+
+def test_service_name_is_never_empty():
+    assert service_name(None, "") == "unknown"
