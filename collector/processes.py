@@ -67,7 +67,9 @@ def parse_maps(pid: int, text: str) -> List[Mapping]:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
+    # A name is any bytes (a comm cut inside a UTF-8 character, a file named in Latin-1):
+    # such a process is still profiled, with U+FFFD in its names.
+    with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
 

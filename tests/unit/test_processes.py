@@ -30,6 +30,16 @@ def _fake_proc(tmp_path, pid, maps, comm="prog"):
     return d
 
 
+def test_names_that_are_not_utf8_do_not_stop_the_snapshot(tmp_path):
+    d = tmp_path / "8"
+    d.mkdir()
+    (d / "maps").write_bytes(MAPS.replace("/usr/bin/prog", "/opt/caf\xe9/prog").encode("latin-1"))
+    (d / "comm").write_bytes("worker-ß".encode()[:-1] + b"\n")  # cut inside the last character
+    process = ProcessTable(NativeSymbolizer(), proc=str(tmp_path)).snapshot(8)
+    assert process.comm == "worker-\ufffd"
+    assert process.mappings[0].name == "/opt/caf\ufffd/prog"
+
+
 def test_snapshot_outlives_the_process(tmp_path):
     native = NativeSymbolizer()
     table = ProcessTable(native, proc=str(tmp_path))
