@@ -51,6 +51,9 @@ class Agent:
                 self._queue.close(max(0.5, stopped + STOP_WITHIN_S - 0.5 - time.monotonic()))
             self._update_stats(recording.losses)
             log.info("agent stopped", extra={"fields": {"samples": self._samples, "lost": recording.losses}})
+        except Exception:
+            log.exception("agent failed")  # the log keeps where; stderr gets the one-line summary
+            raise
         finally:
             signal.signal(signal.SIGHUP, previous)
 
