@@ -55,13 +55,14 @@ class _Symbols:
             elif size > current[1]:
                 best[start] = (start, size, current[2], current[3])
         ordered = sorted(best.values())
-        self.starts = [e[0] for e in ordered]
+        # Addresses as machine words (a whole-system agent holds symbols of every binary).
+        self.starts = array("Q", [e[0] for e in ordered])
         self.names = [e[2] for e in ordered]
         # A symbol without a size reaches to the next one.
-        self.ends = [
+        self.ends = array("Q", [
             e[0] + e[1] if e[1] else (ordered[i + 1][0] if i + 1 < len(ordered) else e[0] + 1)
             for i, e in enumerate(ordered)
-        ]
+        ])
 
     def find(self, vaddr: int) -> Optional[str]:
         i = bisect.bisect_right(self.starts, vaddr) - 1
