@@ -185,6 +185,8 @@ class Sampler:
 
         if self.headers.source:
             os.environ["BCC_KERNEL_SOURCE"] = self.headers.source
+        else:  # the running kernel's own headers, which bcc takes only when this is unset
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
         cflags = [f"-I{BPF_DIR}", *self.headers.cflags, *self.config.cflags()]
         try:
             self._bpf = BPF(text=PROGRAM, cflags=cflags)

@@ -36,6 +36,7 @@ class Agent:
         self._reopen_logs = False
         self._next_cut: Optional[float] = None  # time.monotonic() of the next cut
         self._samples: Dict[str, int] = {}
+        self._last_cut = 0.0
         self.stats = AgentStats()  # replaced whole after every drain: the metrics thread reads it
 
     def run(self) -> None:
@@ -78,6 +79,7 @@ class Agent:
         self._update_stats(self._recorder.losses())
 
     def _ship(self, profiles: Dict[str, Profile]) -> None:
+        self._last_cut = time.time()
         series: List[Series] = []
         for kind, profile in profiles.items():
             labelled = self._labeller.label(profile)
@@ -111,4 +113,5 @@ class Agent:
             pushes=queue.pushed if queue else 0,
             push_failures=queue.failed if queue else 0,
             pushes_dropped=queue.dropped if queue else 0,
+            last_cut=self._last_cut,
         )

@@ -29,6 +29,7 @@ class AgentStats:
     pushes: int = 0
     push_failures: int = 0
     pushes_dropped: int = 0
+    last_cut: float = 0.0  # Unix time of the last interval cut: a liveness probe's measure of progress
 
 
 # (metric name, help, AgentStats field); counters end in _total once exposed.
@@ -47,6 +48,7 @@ _GAUGES = (
     ("bpfprof_symbol_cache_binaries", "Binaries whose symbols are cached.", "cached_binaries"),
     ("bpfprof_symbol_cache_frames", "Named frames cached.", "cached_frames"),
     ("bpfprof_push_queue_depth", "Push requests waiting to be sent.", "queue_depth"),
+    ("bpfprof_last_interval_cut_timestamp_seconds", "When the last interval was cut (Unix time).", "last_cut"),
 )
 
 

@@ -199,6 +199,7 @@ def test_retention_and_metrics(agent_in, tmp_path):
     assert metrics[("bpfprof_profiles_removed_total", ())] >= 1
     assert metrics[("bpfprof_processes", ())] >= 1
     assert metrics[("bpfprof_symbol_cache_binaries", ())] >= 1
+    assert time.time() - metrics[("bpfprof_last_interval_cut_timestamp_seconds", ())] < 5
     assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
     assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
 
