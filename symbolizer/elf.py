@@ -24,6 +24,7 @@ from elftools.elf.elffile import ELFFile
 from bpfprof.symbolizer.demangle import demangle
 from bpfprof.symbolizer.dwarf_lines import line_sequences
 from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.packed_names import PackedNames
 
 STT_OBJECT = 1
 STT_FUNC = 2
@@ -57,7 +58,7 @@ class _Symbols:
         ordered = sorted(best.values())
         # Addresses as machine words (a whole-system agent holds symbols of every binary).
         self.starts = array("Q", [e[0] for e in ordered])
-        self.names = [e[2] for e in ordered]
+        self.names = PackedNames([e[2].encode() for e in ordered])
         # A symbol without a size reaches to the next one.
         self.ends = array("Q", [
             e[0] + e[1] if e[1] else (ordered[i + 1][0] if i + 1 < len(ordered) else e[0] + 1)
@@ -272,6 +273,8 @@ class _Lines:
         dwarf = self._dwarf
         for cache in ("_linetable_cache", "_abbrevtable_cache", "_cu_cache", "_cu_offsets_map"):
             getattr(dwarf, cache, {}).clear()
+        if self._mapped is not None:  # nor are the file's pages it read: out of our memory, not the page cache
+            self._mapped.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._dwarf = None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import bisect
-import itertools
 from array import array
 from typing import Dict, List, Optional, Tuple
 
 from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.symbolizer.packed_names import PackedNames
 
 KERNEL_MODULE = Module("[kernel.kallsyms]")
 _TEXT_TYPES = frozenset((b"t", b"T", b"w", b"W"))
@@ -21,8 +21,7 @@ class KernelSymbols:
     def __init__(self, path: str = "/proc/kallsyms"):
         self._path = path
         self._starts = array("Q")
-        self._names = b""  # NUL-separated, in address order
-        self._name_starts = array("L")  # where each name begins in _names
+        self._names = PackedNames([])  # in address order
         self._frames: Dict[int, Frame] = {}
         self._loaded = False
 
@@ -41,8 +40,7 @@ class KernelSymbols:
             return  # every frame then names its address; see get_frame
         symbols.sort()
         self._starts = array("Q", [a for a, _ in symbols])
-        self._names = b"\0".join([n for _, n in symbols]) + b"\0"
-        self._name_starts = array("L", itertools.accumulate([len(n) + 1 for _, n in symbols[:-1]], initial=0))
+        self._names = PackedNames([n for _, n in symbols])
 
     def get_name(self, address: int) -> Optional[str]:
         if not self._loaded:
@@ -50,8 +48,7 @@ class KernelSymbols:
         i = bisect.bisect_right(self._starts, address) - 1
         if i < 0:
             return None
-        start = self._name_starts[i]
-        return self._names[start:self._names.index(b"\0", start)].decode(errors="replace")
+        return self._names[i]
 
     def get_frame(self, address: int) -> Frame:
         frame = self._frames.get(address)

@@ -3,6 +3,7 @@ on disk and push them to the store."""
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import time
 from typing import Dict, List, Optional
@@ -20,6 +21,16 @@ from bpfprof.collector.recorder import Recorder
 STOP_WITHIN_S = 5.0  # from SIGTERM to exit, the last interval written and pushed if the store answers
 # The store's names for our profile types (its __name__ label).
 STORE_PROFILE_NAMES = {"cpu": "process_cpu", "block": "block", "wall": "wall"}
+
+
+_M_ARENA_MAX = -8  # mallopt(3)
+
+
+def use_one_malloc_arena() -> None:
+    """glibc gives each thread that allocates an arena of its own; the agent's few threads
+    (events, pushes, metrics) allocate little, and their arenas' free space stays resident
+    (about 10 MB over an hour). Call before any thread starts."""
+    ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
 
 
 class Agent:
