@@ -23,7 +23,7 @@ _END_SEQUENCE, _SET_ADDRESS = 1, 2
 
 
 
-def _leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
+def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
     """The LEB128 number at data[i] and the index after it."""
     value = shift = 0
     while True:
@@ -62,7 +62,7 @@ def line_sequences(program: bytes, header) -> List[Tuple[List[int], List[int]]]:
             add_address(address)
             add_place(file << 32 | line)
         elif opcode == 0:
-            length, i = _leb128(program, i)
+            length, i = leb128(program, i)
             sub = program[i]
             if sub == _END_SEQUENCE:
                 add_address(address)
@@ -78,13 +78,13 @@ def line_sequences(program: bytes, header) -> List[Tuple[List[int], List[int]]]:
             add_address(address)
             add_place(file << 32 | line)
         elif opcode == _ADVANCE_PC:
-            advance, i = _leb128(program, i)
+            advance, i = leb128(program, i)
             address += advance * unit
         elif opcode == _ADVANCE_LINE:
-            advance, i = _leb128(program, i, signed=True)
+            advance, i = leb128(program, i, signed=True)
             line += advance
         elif opcode == _SET_FILE:
-            file, i = _leb128(program, i)
+            file, i = leb128(program, i)
         elif opcode == _CONST_ADD_PC:
             address += const_add
         elif opcode == _FIXED_ADVANCE_PC:
@@ -92,7 +92,7 @@ def line_sequences(program: bytes, header) -> List[Tuple[List[int], List[int]]]:
             i += 2
         else:  # any other standard opcode: skip its operands, all ULEB128
             for _ in range(operand_counts[opcode - 1]):
-                _, i = _leb128(program, i)
+                _, i = leb128(program, i)
     if addresses:  # rows after the last end_sequence (malformed): kept
         sequences.append((addresses, places))
     return sequences

@@ -110,7 +110,7 @@ def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, .
     return entries, data
 
 
-def _build_id(elf: ELFFile) -> str:
+def read_build_id(elf: ELFFile) -> str:
     for section in elf.iter_sections():
         if section["sh_type"] == "SHT_NOTE":
             for note in section.iter_notes():
@@ -411,7 +411,7 @@ class ElfSymbols(LoadedData):
             self._lines.close()
 
 
-def _open(path: str) -> Tuple[BinaryIO, ELFFile]:
+def open_elf(path: str) -> Tuple[BinaryIO, ELFFile]:
     try:
         stream = open(path, "rb")
     except OSError as e:
@@ -428,7 +428,7 @@ def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
     """Function symbols, data addresses and lines if wanted, of a separate debug file;
     nothing from one that cannot be used, so the binary's own symbols still stand."""
     try:
-        stream, elf = _open(debug_path)
+        stream, elf = open_elf(debug_path)
     except SymbolizerError:
         return [], {}, None
     entries, data, lines = [], {}, None
@@ -451,7 +451,7 @@ def read_exported_data(open_path: str, data_names: Iterable[str]) -> LoadedData:
     """Only the data objects that the dynamic symbol table exports: it has a few thousand
     entries where .symtab has tens of thousands, so an interpreter's runtime is found in
     a few milliseconds, before the program it starts gets far."""
-    stream, elf = _open(open_path)
+    stream, elf = open_elf(open_path)
     try:
         _, data = _read_symbols(elf, frozenset(data_names), (".dynsym",))
         return LoadedData(_load_segments(elf), data)
@@ -466,10 +466,10 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
     `root` that process's filesystem root: both locate a separate debug file. The
     addresses of data objects named in data_names are kept too."""
     data_names = frozenset(data_names)
-    stream, elf = _open(open_path)
+    stream, elf = open_elf(open_path)
     lines = None
     try:
-        build_id = _build_id(elf)
+        build_id = read_build_id(elf)
         segments = _load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
         own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
