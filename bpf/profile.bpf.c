@@ -11,6 +11,10 @@
  *   OFFCPU_BLOCK    blocking delay, blocks of MIN_BLOCK_NS or more (block_N), and
  *   OFFCPU_WALL     off-CPU time of every kind, for wall-clock profiles (wall_N)
  *   OFFCPU_THREADS  threads away at once
+ *   NATIVE_UNWIND   unwind user stacks from the collector's unwind tables (frame pointers
+ *                   where a process has none yet); UNWIND_ROWS, UNWIND_MAPPINGS,
+ *                   NATIVE_STACK_ENTRIES size its maps, UNWIND_FRAMES_PER_PROGRAM frames
+ *                   are unwound by each of the unwinder's tail calls
  *
  * Double buffering: `control[0]` names the buffer samples go to. The collector flips it,
  * lets in-flight samples finish, then drains and clears the other buffer, so no sample
@@ -51,6 +55,21 @@ BPF_HASH(wall_1, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
 BPF_PERCPU_ARRAY(offcpu_stats, u64, OFFCPU_STATS);
 #if PYTHON_STACKS
 BPF_HASH(offcpu_python_stacks, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+#endif
+#endif
+#if NATIVE_UNWIND
+BPF_F_TABLE("array", u32, u64, unwind_rows, UNWIND_ROWS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct unwind_mapping, unwind_mappings, UNWIND_MAPPINGS, BPF_F_MMAPABLE);
+BPF_HASH(unwind_processes, u32, struct unwind_process, TARGET_ENTRIES);
+BPF_TABLE("lru_hash", u32, u64, unwind_stale, SEEN_ENTRIES);  /* pid -> when it was last asked to be read again */
+BPF_PERCPU_ARRAY(unwind_scratch, struct native_unwind, 2);   /* [0] CPU samples, [1] off-CPU */
+BPF_PERCPU_ARRAY(unwind_ends, u64, UNWIND_ENDS);
+BPF_HASH(native_stacks_0, u64, struct native_stack, NATIVE_STACK_ENTRIES);
+BPF_HASH(native_stacks_1, u64, struct native_stack, NATIVE_STACK_ENTRIES);
+BPF_PROG_ARRAY(cpu_unwinder, 1);     /* [0] unwind_cpu_stack, which calls itself */
+#if OFFCPU
+BPF_HASH(offcpu_native_stacks, u64, struct native_stack, NATIVE_STACK_ENTRIES);  /* as offcpu_stacks */
+BPF_PROG_ARRAY(offcpu_unwinder, 1);  /* [0] unwind_offcpu_stack */
 #endif
 #endif
 
@@ -230,6 +249,235 @@ static __always_inline void note_seen(u32 pid, u32 tid)
     }
 }
 
+#if NATIVE_UNWIND
+#define UNWIND_STALE_INTERVAL_NS 100000000ULL  /* a process's maps are asked for again at most this often */
+#define USER_SPACE_END 0x800000000000ULL
+
+/* The mapping of the process holding pc: a binary search of its run of unwind_mappings. */
+static __always_inline struct unwind_mapping *find_mapping(struct unwind_process *proc, u64 pc)
+{
+    u32 first = proc->first_mapping, lo = first, hi = first + proc->num_mappings;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < UNWIND_MAPPING_SEARCH; i++) {
+        if (lo >= hi)
+            break;
+        u32 mid = lo + (hi - lo) / 2;
+        struct unwind_mapping *m = unwind_mappings.lookup(&mid);
+        if (!m)
+            return NULL;
+        if (m->start <= pc)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == first)
+        return NULL;
+    u32 at = lo - 1;
+    struct unwind_mapping *m = unwind_mappings.lookup(&at);
+    return m && pc < m->end ? m : NULL;
+}
+
+/* The row in force at a binary's virtual address rel (0, CFA_NONE, before its first row). */
+static __always_inline u64 find_row(u32 first, u32 num_rows, u64 rel)
+{
+    u32 lo = first, hi = first + num_rows;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < UNWIND_ROW_SEARCH; i++) {
+        if (lo >= hi)
+            break;
+        u32 mid = lo + (hi - lo) / 2;
+        u64 *row = unwind_rows.lookup(&mid);
+        if (!row)
+            return 0;
+        if (UNWIND_ROW_PC(*row) <= rel)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == first)
+        return 0;
+    u32 at = lo - 1;
+    u64 *row = unwind_rows.lookup(&at);
+    return row ? *row : 0;
+}
+
+static __always_inline u64 read_user_word(u64 address, int *failed)
+{
+    u64 value = 0;
+    if (bpf_probe_read_user(&value, sizeof(value), (void *)address) != 0)
+        *failed = 1;
+    return value;
+}
+
+/* Records the frame s stands in and steps to its caller. Returns 0 when unwinding ends,
+ * with the reason in s->stack.end. */
+static __always_inline int unwind_frame(struct native_unwind *s, struct unwind_process *proc)
+{
+    u32 depth = s->stack.depth;
+    if (depth >= NATIVE_STACK_DEPTH) {
+        s->stack.end = UNWIND_TRUNCATED;
+        return 0;
+    }
+    s->stack.pcs[depth] = s->pc;
+    s->stack.depth = depth + 1;
+    /* A return address may be past the end of its function (a call to a noreturn
+     * function): the call itself is looked up. */
+    u64 pc = s->exact ? s->pc : s->pc - 1;
+    struct unwind_mapping *m = find_mapping(proc, pc);
+    if (!m) {
+        s->stack.end = depth == 0 ? UNWIND_FALLBACK : UNWIND_NO_MAPPING;
+        return 0;
+    }
+    u64 row = 0;
+    if (m->num_rows && pc - m->bias <= 0xFFFFFFFFULL)
+        row = find_row(m->first_row, m->num_rows, pc - m->bias);
+    u32 kind = UNWIND_ROW_KIND(row);
+    u64 cfa, bp = s->bp;
+    int failed = 0;
+    if (kind == CFA_SIGNAL) {  /* the kernel's signal frame: the interrupted code's registers */
+        u64 frame = s->sp;
+        s->pc = read_user_word(frame + SIGNAL_FRAME_RIP, &failed);
+        s->sp = read_user_word(frame + SIGNAL_FRAME_RSP, &failed);
+        s->bp = read_user_word(frame + SIGNAL_FRAME_RBP, &failed);
+        s->exact = 1;
+        s->stack.end = failed ? UNWIND_READ_FAILED : UNWIND_COMPLETE;
+        return !failed && s->pc;
+    }
+    if (kind == CFA_NONE) {  /* no unwind information here: frame pointers */
+        if (!bp || bp < s->sp) {
+            s->stack.end = UNWIND_FRAME_POINTER_END;
+            return 0;
+        }
+        cfa = bp + 16;
+        bp = read_user_word(bp, &failed);
+    } else if (kind == CFA_RSP) {
+        cfa = s->sp + UNWIND_ROW_CFA_OFFSET(row);
+    } else if (kind == CFA_RBP) {
+        if (!bp) {
+            s->stack.end = UNWIND_RBP_LOST;
+            return 0;
+        }
+        cfa = bp + UNWIND_ROW_CFA_OFFSET(row);
+    } else if (kind == CFA_PLT) {
+        u8 threshold = (u8)UNWIND_ROW_RBP(row);
+        cfa = s->sp + UNWIND_ROW_CFA_OFFSET(row) + ((s->pc & 15) >= threshold ? 8 : 0);
+    } else if (kind == CFA_END) {
+        s->stack.end = UNWIND_COMPLETE;
+        return 0;
+    } else {
+        s->stack.end = UNWIND_UNSUPPORTED_RULE;
+        return 0;
+    }
+    u64 ra = read_user_word(cfa - 8, &failed);
+    if (kind == CFA_RSP || kind == CFA_RBP) {
+        s8 rule = UNWIND_ROW_RBP(row);
+        if (rule == RBP_OTHER)
+            bp = 0;
+        else if (rule)
+            bp = read_user_word(cfa + 8 * (s64)rule, &failed);
+    }
+    if (failed) {
+        s->stack.end = UNWIND_READ_FAILED;
+        return 0;
+    }
+    s->pc = ra;
+    s->sp = cfa;
+    s->bp = bp;
+    s->exact = 0;
+    if (!ra) {
+        s->stack.end = UNWIND_COMPLETE;
+        return 0;
+    }
+    return 1;
+}
+
+/* Sets up the per-CPU unwind of the current thread's user stack (scratch slot `slot`)
+ * from the registers it left user space with; NULL when the process has no unwind
+ * mappings (not read yet, or a kernel thread): then frame pointers are followed. */
+static __always_inline struct native_unwind *begin_native_unwind(int slot, struct sample_key *key, u32 buffer)
+{
+    u32 pid = key->pid;
+    if (unwind_processes.lookup(&pid) == NULL)
+        return NULL;
+    struct native_unwind *s = unwind_scratch.lookup(&slot);
+    if (!s)
+        return NULL;
+    struct user_regs *regs = (struct user_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    s->pc = s->sp = s->bp = 0;
+    bpf_probe_read_kernel(&s->pc, sizeof(s->pc), &regs->ip);
+    bpf_probe_read_kernel(&s->sp, sizeof(s->sp), &regs->sp);
+    bpf_probe_read_kernel(&s->bp, sizeof(s->bp), &regs->bp);
+    s->exact = 1;
+    s->buffer = buffer;
+    s->key = *key;
+    s->stack.depth = 0;
+    s->stack.end = UNWIND_COMPLETE;
+    return s;
+}
+
+/* Unwinds UNWIND_FRAMES_PER_PROGRAM frames; returns 1 if there are more. */
+static __always_inline int unwind_frames(struct native_unwind *s)
+{
+    u32 pid = s->key.pid;
+    struct unwind_process *proc = unwind_processes.lookup(&pid);
+    if (!proc) {
+        s->stack.end = UNWIND_NO_MAPPING;
+        return 0;
+    }
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < UNWIND_FRAMES_PER_PROGRAM; i++) {
+        if (!unwind_frame(s, proc))
+            return 0;
+    }
+    return 1;
+}
+
+static __always_inline u64 native_stack_hash(struct native_stack *stack)
+{
+    u64 hash = 14695981039346656037ULL;  /* FNV-1a */
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < NATIVE_STACK_DEPTH; i++) {
+        if (i >= stack->depth)
+            break;
+        hash = (hash ^ stack->pcs[i]) * 1099511628211ULL;
+    }
+    return hash | 1;
+}
+
+/* An unwinding that ended: counts why, asks for the process's maps again when an
+ * address was in none of them, and returns the key of the stack to store (0: none, the
+ * frame-pointer stack stands in). */
+static __always_inline u64 end_native_unwind(struct native_unwind *s)
+{
+    u32 end = s->stack.end;
+    u64 *n = unwind_ends.lookup(&end);
+    if (n)
+        (*n)++;
+    if ((end == UNWIND_NO_MAPPING || end == UNWIND_FALLBACK) && s->pc < USER_SPACE_END) {
+        u32 pid = s->key.pid;
+        u64 now = bpf_ktime_get_ns();
+        u64 *last = unwind_stale.lookup(&pid);
+        if (!last || now - *last >= UNWIND_STALE_INTERVAL_NS) {
+            unwind_stale.update(&pid, &now);
+            seen.delete(&pid);
+            note_seen(pid, s->key.tid);
+        }
+    }
+    if (end == UNWIND_FALLBACK)
+        return 0;
+    return native_stack_hash(&s->stack);
+}
+
+/* A stored native stack's key for the sample, 0 if the map is full. */
+static __always_inline u64 kept_native_stack(int stored, u64 hash)
+{
+    if (stored == 0 || stored == -EEXIST)
+        return hash;
+    count_loss(LOSS_NATIVE_STACKS_FULL);
+    return 0;
+}
+#endif
+
 #if PYTHON_STACKS
 /* Walks the current thread's Python frames into the per-CPU scratch (*out) and returns
  * the stack's hash; 0 when the thread runs no Python. */
@@ -267,6 +515,30 @@ static __always_inline u64 kept_python_stack(int stored, struct python_stack_eve
 }
 #endif
 
+/* Counts a CPU sample under its key, whose user stack is the frame-pointer one unless a
+ * native stack was unwound. */
+static __always_inline void count_cpu_sample(void *ctx, struct sample_key *key, u32 buffer)
+{
+    /* bcc rewrites map calls only where they are written out, not in a macro or
+     * through a pointer, so each buffer gets its own lines. */
+    u64 zero = 0, *count;
+    if (buffer) {
+        if (!key->native_stack)
+            key->user_stack_id = stacks_1.get_stackid(ctx, BPF_F_USER_STACK);
+        count = counts_1.lookup_or_try_init(key, &zero);
+    } else {
+        if (!key->native_stack)
+            key->user_stack_id = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
+        count = counts_0.lookup_or_try_init(key, &zero);
+    }
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        count_loss(LOSS_COUNTS_FULL);
+    if (!key->native_stack)
+        count_stack_error(key->user_stack_id, LOSS_USER_STACK_COLLISION, LOSS_USER_STACK_FAILED);
+}
+
 int on_cpu_sample(void *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -277,44 +549,62 @@ int on_cpu_sample(void *ctx)
         return 0;
     note_seen(pid, tid);
 
-    struct sample_key key = {.pid = pid, .tid = tid};
+    struct sample_key key = {.pid = pid, .tid = tid, .user_stack_id = -EFAULT};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
 
-    /* bcc rewrites map calls only where they are written out, not in a macro or
-     * through a pointer, so each buffer gets its own lines. */
     int zero_index = 0;
-    u32 *buffer = control.lookup(&zero_index);
-    u64 zero = 0, *count;
+    u32 *control_buffer = control.lookup(&zero_index);
+    u32 buffer = control_buffer ? *control_buffer : 0;
 #if PYTHON_STACKS
     struct python_stack_event *python = NULL;
     u64 hash = take_python_stack(pid, tid, 1, &python);
     if (hash && python) {
         int stored;
-        if (buffer && *buffer)
+        if (buffer)
             stored = python_stacks_1.insert(&hash, &python->stack);
         else
             stored = python_stacks_0.insert(&hash, &python->stack);
         key.python_stack = kept_python_stack(stored, python, pid, hash);
     }
 #endif
-    if (buffer && *buffer) {
+    if (buffer)
         key.kernel_stack_id = KERNEL_STACKS ? stacks_1.get_stackid(ctx, 0) : -EFAULT;
-        key.user_stack_id = stacks_1.get_stackid(ctx, BPF_F_USER_STACK);
-        count = counts_1.lookup_or_try_init(&key, &zero);
-    } else {
-        key.kernel_stack_id = KERNEL_STACKS ? stacks_0.get_stackid(ctx, 0) : -EFAULT;
-        key.user_stack_id = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
-        count = counts_0.lookup_or_try_init(&key, &zero);
-    }
-    if (count)
-        __sync_fetch_and_add(count, 1);
     else
-        count_loss(LOSS_COUNTS_FULL);
-
+        key.kernel_stack_id = KERNEL_STACKS ? stacks_0.get_stackid(ctx, 0) : -EFAULT;
     count_stack_error(key.kernel_stack_id, LOSS_KERNEL_STACK_COLLISION, LOSS_KERNEL_STACK_FAILED);
-    count_stack_error(key.user_stack_id, LOSS_USER_STACK_COLLISION, LOSS_USER_STACK_FAILED);
+#if NATIVE_UNWIND
+    if (begin_native_unwind(0, &key, buffer))
+        cpu_unwinder.call(ctx, 0);  /* does not return unless the call fails */
+#endif
+    count_cpu_sample(ctx, &key, buffer);
     return 0;
 }
+
+#if NATIVE_UNWIND
+/* The CPU sampler's native unwinder: some frames per tail call, then the sample. */
+int unwind_cpu_stack(void *ctx)
+{
+    int slot = 0;
+    struct native_unwind *s = unwind_scratch.lookup(&slot);
+    if (!s)
+        return 0;
+    if (unwind_frames(s)) {
+        cpu_unwinder.call(ctx, 0);
+        s->stack.end = UNWIND_TRUNCATED;  /* out of tail calls */
+    }
+    u64 hash = end_native_unwind(s);
+    if (hash) {
+        int stored;
+        if (s->buffer)
+            stored = native_stacks_1.insert(&hash, &s->stack);
+        else
+            stored = native_stacks_0.insert(&hash, &s->stack);
+        s->key.native_stack = kept_native_stack(stored, hash);
+    }
+    count_cpu_sample(ctx, &s->key, s->buffer);
+    return 0;
+}
+#endif
 
 #if OFFCPU
 static __always_inline void count_offcpu(int stat)
@@ -334,47 +624,28 @@ static __always_inline void add_offcpu(struct offcpu_value *value, u64 delta, in
     }
 }
 
+/* A thread leaving the CPU, as kept until it runs again: the user stack is the
+ * frame-pointer one unless a native stack was unwound. */
+static __always_inline void keep_offcpu_start(void *ctx, struct offcpu_start *start)
+{
+    if (!start->key.native_stack) {
+        start->key.user_stack_id = offcpu_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        count_stack_error(start->key.user_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_USER_STACK_FAILED);
+    }
+    u32 tid = start->key.tid;
+    if (offcpu_starts.update(&tid, start) != 0)
+        count_loss(LOSS_OFFCPU_THREADS_FULL);
+}
+
 /* Off-CPU time, exactly: when a target thread leaves the CPU, its stacks and the time
  * are kept by tid (threads migrate between CPUs); when it runs again, the time it was
  * away is added to those stacks. The current task here is the one leaving. A task that
- * is still runnable was preempted (or yielded): that counts for wall time, not blocking. */
+ * is still runnable was preempted (or yielded): that counts for wall time, not blocking.
+ * The thread coming in is accounted first: the one leaving may go on to the unwinder. */
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 pid = pid_tgid >> 32;
-    u32 tid = (u32)pid_tgid;
     int zero = 0;
-
-    struct offcpu_start *start = offcpu_scratch.lookup(&zero);
-    long state = args->prev_state;
-    u32 blocked = (state & OFFCPU_BLOCKED_STATES) != 0;
-    u32 exiting = (state & OFFCPU_EXIT_STATES) != 0;
-    if (start && tid != 0 && (blocked || (OFFCPU_WALL && !exiting)) && is_target(pid)) {
-        note_seen(pid, tid);
-        if (blocked)
-            count_offcpu(OFFCPU_BLOCKED);
-        __builtin_memset(&start->key, 0, sizeof(start->key));
-        start->start_ns = now;
-        start->blocked = blocked;
-        start->key.pid = pid;
-        start->key.tid = tid;
-        bpf_get_current_comm(&start->key.thread_name, sizeof(start->key.thread_name));
-        start->key.kernel_stack_id = KERNEL_STACKS ? offcpu_stacks.get_stackid(args, 0) : -EFAULT;
-        start->key.user_stack_id = offcpu_stacks.get_stackid(args, BPF_F_USER_STACK);
-        count_stack_error(start->key.kernel_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_KERNEL_STACK_FAILED);
-        count_stack_error(start->key.user_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_USER_STACK_FAILED);
-#if PYTHON_STACKS
-        struct python_stack_event *python = NULL;
-        u64 hash = take_python_stack(pid, tid, 0, &python);
-        if (hash && python)
-            start->key.python_stack = kept_python_stack(offcpu_python_stacks.insert(&hash, &python->stack),
-                                                        python, pid, hash);
-#endif
-        if (offcpu_starts.update(&tid, start) != 0)
-            count_loss(LOSS_OFFCPU_THREADS_FULL);
-    }
-
     u32 next = args->next_pid;
     struct offcpu_start *away = offcpu_starts.lookup(&next);
     if (away) {
@@ -397,8 +668,63 @@ TRACEPOINT_PROBE(sched, sched_switch)
         }
         offcpu_starts.delete(&next);
     }
+
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
+    u32 tid = (u32)pid_tgid;
+    struct offcpu_start *start = offcpu_scratch.lookup(&zero);
+    long state = args->prev_state;
+    u32 blocked = (state & OFFCPU_BLOCKED_STATES) != 0;
+    u32 exiting = (state & OFFCPU_EXIT_STATES) != 0;
+    if (!start || tid == 0 || !(blocked || (OFFCPU_WALL && !exiting)) || !is_target(pid))
+        return 0;
+    note_seen(pid, tid);
+    if (blocked)
+        count_offcpu(OFFCPU_BLOCKED);
+    __builtin_memset(&start->key, 0, sizeof(start->key));
+    start->start_ns = now;
+    start->blocked = blocked;
+    start->key.pid = pid;
+    start->key.tid = tid;
+    start->key.user_stack_id = -EFAULT;
+    bpf_get_current_comm(&start->key.thread_name, sizeof(start->key.thread_name));
+    start->key.kernel_stack_id = KERNEL_STACKS ? offcpu_stacks.get_stackid(args, 0) : -EFAULT;
+    count_stack_error(start->key.kernel_stack_id, LOSS_OFFCPU_STACK_COLLISION, LOSS_KERNEL_STACK_FAILED);
+#if PYTHON_STACKS
+    struct python_stack_event *python = NULL;
+    u64 hash = take_python_stack(pid, tid, 0, &python);
+    if (hash && python)
+        start->key.python_stack = kept_python_stack(offcpu_python_stacks.insert(&hash, &python->stack),
+                                                    python, pid, hash);
+#endif
+#if NATIVE_UNWIND
+    if (begin_native_unwind(1, &start->key, 0))
+        offcpu_unwinder.call(args, 0);  /* does not return unless the call fails */
+#endif
+    keep_offcpu_start(args, start);
     return 0;
 }
+
+#if NATIVE_UNWIND
+/* The off-CPU native unwinder: some frames per tail call, then the thread is kept. */
+int unwind_offcpu_stack(void *ctx)
+{
+    int zero = 0, slot = 1;
+    struct native_unwind *s = unwind_scratch.lookup(&slot);
+    struct offcpu_start *start = offcpu_scratch.lookup(&zero);
+    if (!s || !start)
+        return 0;
+    if (unwind_frames(s)) {
+        offcpu_unwinder.call(ctx, 0);
+        s->stack.end = UNWIND_TRUNCATED;
+    }
+    u64 hash = end_native_unwind(s);
+    if (hash)
+        start->key.native_stack = kept_native_stack(offcpu_native_stacks.insert(&hash, &s->stack), hash);
+    keep_offcpu_start(ctx, start);
+    return 0;
+}
+#endif
 #endif
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -415,6 +741,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     struct python_thread thread = {.pid = pid, .tid = pid};
     python_threads.delete(&thread);
     python_processes.delete(&pid);
+#endif
+#if NATIVE_UNWIND
+    unwind_processes.delete(&pid);  /* the old image's mappings; the collector frees them */
 #endif
     if (known)
         emit(PROCESS_EXEC, pid, pid);
@@ -446,6 +775,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         seen.delete(&pid);
         maps_pending.delete(&pid);
         targets.delete(&pid);
+#if NATIVE_UNWIND
+        unwind_processes.delete(&pid);
+#endif
         if (known)
             emit(PROCESS_EXIT, pid, tid);
     }

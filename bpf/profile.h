@@ -13,6 +13,8 @@ struct sample_key {
     s32 kernel_stack_id;  /* < 0: no kernel stack (sample in user mode, or --no-kernel) */
     s32 user_stack_id;    /* < 0: no user stack (kernel thread) */
     u64 python_stack;     /* key in python_stacks_N; 0: no interpreter stack */
+    u64 native_stack;     /* key in native_stacks_N, unwound from unwind tables; 0: none,
+                           * the user stack (if any) is user_stack_id's, by frame pointers */
     char thread_name[THREAD_NAME_LEN];
 };
 
@@ -92,6 +94,81 @@ struct python_stack_event {
     struct python_stack stack;
 };
 
+/* Native unwinding from the unwind tables the collector builds (symbolizer/unwind_table.py).
+ * unwind_rows holds every loaded binary's rows, each binary a run sorted by PC; a
+ * process's executable mappings are a run of unwind_mappings sorted by start, found
+ * through unwind_processes. Runs are placed by the collector; BPF only reads them. */
+#define NATIVE_STACK_DEPTH 127
+#define UNWIND_MAPPING_SEARCH 10  /* binary search steps: 1024 mappings a process at most */
+#define UNWIND_ROW_SEARCH 22      /* 4M rows a binary at most */
+
+/* One unwind row (`UnwindRow` in unwind_table.py has the meaning of every field). */
+#define UNWIND_ROW_PC(row) ((row) >> 32)
+#define UNWIND_ROW_KIND(row) (((row) >> 16) & 0xFF)
+#define UNWIND_ROW_CFA_OFFSET(row) (((row) & 0xFFFF) * 8)
+#define UNWIND_ROW_RBP(row) ((s8)((row) >> 24))
+
+enum cfa_kind {  /* CfaKind in unwind_table.py; from 16 on, rules BPF cannot follow */
+    CFA_NONE = 0,
+    CFA_RSP = 1,
+    CFA_RBP = 2,
+    CFA_PLT = 3,
+    CFA_END = 4,
+    CFA_SIGNAL = 5,
+};
+#define RBP_OTHER -128
+
+struct unwind_mapping {
+    u64 start;      /* first address */
+    u64 end;        /* the address after the last */
+    u64 bias;       /* address - bias: the ELF virtual address that rows are keyed by */
+    u32 first_row;  /* its binary's run in unwind_rows */
+    u32 num_rows;   /* 0: no unwind table; frame pointers are followed */
+};
+
+struct unwind_process {
+    u32 first_mapping;  /* its run in unwind_mappings */
+    u32 num_mappings;
+};
+
+/* x86-64 registers as the kernel saves them on entry (struct pt_regs, which the BPF
+ * ABI exposes as bpf_user_pt_regs_t), and the signal frame glibc's __restore_rt returns
+ * through: a ucontext_t at the stack pointer, its mcontext's registers from byte 40. */
+struct user_regs {
+    u64 r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx, si, di, orig_ax, ip, cs, flags, sp, ss;
+};
+#define SIGNAL_FRAME_RBP 120
+#define SIGNAL_FRAME_RSP 160
+#define SIGNAL_FRAME_RIP 168
+
+struct native_stack {
+    u32 depth;
+    u32 end;  /* enum unwind_end: why unwinding stopped */
+    u64 pcs[NATIVE_STACK_DEPTH];  /* leaf first: where the thread is, then return addresses */
+};
+
+/* A stack being unwound, carried across the unwinder's tail calls (per CPU). */
+struct native_unwind {
+    u64 pc, sp, bp;      /* the frame's registers; bp 0: the caller's RBP was lost */
+    u32 exact;           /* pc is where the thread is (leaf, or a signal's interrupted code) */
+    u32 buffer;          /* the double buffer a CPU sample goes to */
+    struct sample_key key;  /* the sample's, native_stack set when it is stored */
+    struct native_stack stack;
+};
+
+/* Why unwinding a stack stopped, counted per stack (array index). */
+enum unwind_end {
+    UNWIND_COMPLETE,           /* reached the outermost frame (no return address) */
+    UNWIND_FRAME_POINTER_END,  /* a frame-pointer chain (no unwind table) ended */
+    UNWIND_TRUNCATED,          /* deeper than NATIVE_STACK_DEPTH */
+    UNWIND_NO_MAPPING,         /* an address in no known mapping (the collector is told to read the maps again) */
+    UNWIND_UNSUPPORTED_RULE,   /* a CFA rule BPF cannot follow (see CfaKind) */
+    UNWIND_RBP_LOST,           /* the CFA is from RBP, whose value was not recovered */
+    UNWIND_READ_FAILED,        /* the stack could not be read where the rule says */
+    UNWIND_FALLBACK,           /* the leaf's address in no mapping: the frame-pointer stack was taken */
+    UNWIND_ENDS,
+};
+
 /* Off-CPU time of one stack (block profile): times it left the CPU, and for how long. */
 struct offcpu_value {
     u64 count;
@@ -136,6 +213,7 @@ enum loss_reason {
     LOSS_BLOCK_FULL,
     LOSS_WALL_FULL,
     LOSS_OFFCPU_STACK_COLLISION,
+    LOSS_NATIVE_STACKS_FULL,
     LOSS_REASONS,
 };
 

@@ -33,6 +33,14 @@ LOSS_FIXES = {
     "LOSS_OFFCPU_THREADS_FULL": ("blocked threads not followed", "raise --map-size"),
     "LOSS_BLOCK_FULL": ("blocking events, block map full", "raise --map-size or --min-block"),
     "LOSS_OFFCPU_STACK_COLLISION": ("blocking stacks, stack collisions", "raise --stack-storage-size"),
+    "LOSS_NATIVE_STACKS_FULL": ("native stacks, stack map full (frame pointers stood in)",
+                                "raise --stack-storage-size"),
+}
+UNWIND_END_NAMES = {
+    "UNWIND_COMPLETE": "complete", "UNWIND_FRAME_POINTER_END": "frame pointers",
+    "UNWIND_TRUNCATED": "deeper than 127", "UNWIND_NO_MAPPING": "unmapped address",
+    "UNWIND_UNSUPPORTED_RULE": "unsupported rule", "UNWIND_RBP_LOST": "RBP lost",
+    "UNWIND_READ_FAILED": "stack unreadable", "UNWIND_FALLBACK": "not read yet (frame pointers)",
 }
 
 def _options(*decorators):
@@ -49,13 +57,18 @@ _map_size_options = _options(
                  help="Distinct stacks kept per drain interval."),
     click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
                  help="Distinct (thread, stack) keys per drain interval, and followed processes."),
+    click.option("--no-dwarf", is_flag=True,
+                 help="Unwind native stacks by frame pointers only, not from .eh_frame unwind tables."),
+    click.option("--unwind-rows", default=1 << 21, show_default=True, type=click.IntRange(1024, 1 << 28),
+                 help="Unwind table rows held in the kernel for all binaries at once (8 bytes each)."),
 )
 _min_block_option = click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0),
                                  metavar="MICROSECONDS", help="With -t block: leave out blocks shorter than this.")
 
 
 def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool, min_block: float,
-                    stack_storage_size: int, map_size: int, pids: Tuple[int, ...] = (), follow_children=False):
+                    stack_storage_size: int, map_size: int, no_dwarf: bool, unwind_rows: int,
+                    pids: Tuple[int, ...] = (), follow_children=False):
     """What the sampler must do to make the profiles of `types`."""
     from bpfprof.collector.sampler import SamplerConfig
 
@@ -63,7 +76,7 @@ def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_py
         frequency=frequency, pids=pids, follow_children=follow_children, kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
         python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
-        min_block_ns=int(min_block * 1000),
+        min_block_ns=int(min_block * 1000), native_unwind=not no_dwarf, unwind_rows=unwind_rows,
     )
 
 
@@ -95,6 +108,15 @@ def _parse_pids(values: Sequence[str]) -> Tuple[int, ...]:
         if not os.path.exists(f"/proc/{pid}"):
             raise UsageError(f"no process with PID {pid}")
     return pids
+
+
+def _unwind_summary(stats, ends) -> str:
+    """One line: native stacks by how their unwinding ended, and the tables' memory."""
+    total = sum(ends.values())
+    how = ", ".join(f"{n} {UNWIND_END_NAMES[end]}" for end, n in sorted(ends.items(), key=lambda e: -e[1]) if n)
+    return (f"native unwinding: {total} stacks ({how or 'none'}); tables: {stats.binaries} binaries, "
+            f"{stats.rows_used} of {stats.rows_capacity} rows, {stats.processes} processes, "
+            f"{stats.table_bytes / 2**20:.1f} MiB of kernel memory")
 
 
 def _check_command(command: Sequence[str]) -> None:
@@ -143,7 +165,7 @@ def cli() -> None:
 @_map_size_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
-           stack_storage_size, map_size, command) -> None:
+           stack_storage_size, map_size, no_dwarf, unwind_rows, command) -> None:
     """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
     from bpfprof.collector.functions import function_rows
     from bpfprof.collector.output import get_writer, path_for_type
@@ -159,7 +181,7 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
     config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
-                             pids, follow_children=bool(command))
+                             no_dwarf, unwind_rows, pids, follow_children=bool(command))
     recorder = _recorder(config, types)
 
     def progress() -> None:
@@ -188,6 +210,8 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     for reason, n in recording.losses.items():
         what, fix = LOSS_FIXES[reason]
         click.echo(f"bpfprof: lost {n} to {what}: {fix}", err=True)
+    if recording.unwind is not None:
+        click.echo(f"bpfprof: {_unwind_summary(recording.unwind, recording.unwind_ends)}", err=True)
     if recording.unreadable_processes:
         click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
                    "(their samples are marked)", err=True)
@@ -360,7 +384,8 @@ Examples:
 def agent(frequency, types, interval, min_block, no_kernel, no_python, node, output_dir, retention_age,
           retention_size, push_url, push_tenant, push_username_file, push_password_file, push_token_file,
           push_ca_file, push_insecure_skip_verify, push_queue, metrics_addr, log_file, log_level,
-          service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size) -> None:
+          service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size, no_dwarf,
+          unwind_rows) -> None:
     """Profile continuously: a labelled profile every interval, kept on disk and/or pushed to Pyroscope."""
     if not (output_dir or push_url):
         raise UsageError("the agent needs somewhere to put profiles: --output-dir DIR and/or --push-url URL")
@@ -389,7 +414,8 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
         client = PushClient(push_url, credentials, push_tenant or "", push_ca_file or "",
                             verify_tls=not push_insecure_skip_verify)
         queue = PushQueue(client.push, push_queue)
-    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size)
+    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
+                             no_dwarf, unwind_rows)
     recorder = _recorder(config, types, warn=log.warning)
     pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
     labeller = Labeller(node, pods, service_name_label or "")

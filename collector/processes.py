@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from bpfprof.collector.containers import Container, container_of
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
@@ -105,10 +105,10 @@ class ProcessTable:
     """Snapshots of every profiled process, refreshed on exec and dropped after exit."""
 
     def __init__(self, native: NativeSymbolizer, proc: str = "/proc",
-                 on_snapshot: Optional[Callable[[Process], None]] = None,
+                 on_snapshot: Sequence[Callable[[Process], None]] = (),
                  see_again: Optional[Callable[[int], None]] = None):
         self._native = native
-        self._on_snapshot = on_snapshot  # told of every fresh snapshot (e.g. to find CPython)
+        self._on_snapshot = on_snapshot  # told of every fresh snapshot (to find CPython, to unwind)
         self._see_again = see_again  # asks for a process to be read again soon
         self._proc = proc
         self._processes: Dict[int, Process] = {}
@@ -138,8 +138,9 @@ class ProcessTable:
         if self._see_again is not None and _still_loading(process):
             self._see_again(pid)
         self._processes[pid] = process
-        if self._on_snapshot is not None and process.readable:
-            self._on_snapshot(process)
+        if process.readable:
+            for told in self._on_snapshot:
+                told(process)
         return process
 
     def on_exec(self, pid: int) -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from bpfprof.collector.events import Arrival, EventReader
 from bpfprof.collector.kernel_headers import KernelHeaders
+from bpfprof.collector.native_unwinding import NativeUnwinding, UnwindStats
 from bpfprof.collector.processes import ProcFiles, ProcessTable
 from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
@@ -33,6 +34,8 @@ class Recording:
     unreadable_processes: int
     unreadable_binaries: Dict[str, str] = field(default_factory=dict)  # path -> why
     exit_status: Optional[int] = None  # of the command, when one was started
+    unwind: Optional[UnwindStats] = None  # the unwind tables, when native stacks were unwound from them
+    unwind_ends: Dict[str, int] = field(default_factory=dict)  # UNWIND_* -> native stacks that ended so
 
 
 class Command:
@@ -85,8 +88,9 @@ class Recorder:
         self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
         self._python = PythonProcesses(self._sampler, self._native, warn) if config.python else None
         self._events = EventReader(self._sampler, self._python)
-        self._processes = ProcessTable(self._native, on_snapshot=self._python.on_snapshot if self._python else None,
-                                       see_again=self._sampler.see_again)
+        self._unwinding = NativeUnwinding(self._sampler, self._native) if config.native_unwind else None
+        told = [told.on_snapshot for told in (self._python, self._unwinding) if told is not None]
+        self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again)
         self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
         self._live_targets = set(config.pids)
         self._stop = False
@@ -130,8 +134,12 @@ class Recorder:
         elif event.kind == "PROCESS_EXEC":
             if self._python:
                 self._python.on_exec(event.pid)
+            if self._unwinding:
+                self._unwinding.forget(event.pid)
             self._processes.on_exec(event.pid)
         elif event.kind == "PROCESS_EXIT":
+            if self._unwinding:
+                self._unwinding.forget(event.pid)
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
 
@@ -208,6 +216,7 @@ class Recorder:
             self._drain()
             losses = self.losses()
             offcpu = self._sampler.offcpu_stats()
+            unwind_ends = self._sampler.unwind_ends()
         finally:
             self._events.stop()
             self._sampler.close()
@@ -229,4 +238,6 @@ class Recorder:
             unreadable_processes=self._processes.num_unreadable,
             unreadable_binaries=dict(self._native.unreadable),
             exit_status=child.exit_status if child else None,
+            unwind=self._unwinding.stats() if self._unwinding else None,
+            unwind_ends=unwind_ends,
         )

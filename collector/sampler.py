@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import re
 import time
@@ -38,6 +39,8 @@ LOSS_REASONS = _enum_names(HEADER, "loss_reason")
 NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
 OFFCPU_STATS = _enum_names(HEADER, "offcpu_stat")
 OFFCPU_STATS.pop("OFFCPU_STATS")
+UNWIND_ENDS = _enum_names(HEADER, "unwind_end")
+UNWIND_ENDS.pop("UNWIND_ENDS")
 EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
@@ -88,6 +91,13 @@ class SamplerConfig:
     block: bool = False  # record blocking delay (sched_switch)
     wall: bool = False  # record off-CPU time of every kind (sched_switch), for wall-clock profiles
     min_block_ns: int = 1000
+    native_unwind: bool = True  # unwind user stacks from unwind tables (else frame pointers only)
+    unwind_rows: int = 1 << 21  # unwind table rows, of every binary, held at once (8 bytes each)
+    unwind_mappings: int = 1 << 16  # executable mappings of every process, held at once (32 bytes each)
+    unwind_frames_per_program: int = 8  # frames unwound per tail call of the unwinder
+
+    def native_stack_entries(self) -> int:
+        return max(64, self.stack_storage_size // 2)
 
     def cflags(self) -> List[str]:
         return [
@@ -110,6 +120,11 @@ class SamplerConfig:
             f"-DOFFCPU_THREADS={self.target_entries}",
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
             f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
+            f"-DNATIVE_UNWIND={int(self.native_unwind)}",
+            f"-DUNWIND_ROWS={self.unwind_rows}",
+            f"-DUNWIND_MAPPINGS={self.unwind_mappings}",
+            f"-DNATIVE_STACK_ENTRIES={self.native_stack_entries()}",
+            f"-DUNWIND_FRAMES_PER_PROGRAM={self.unwind_frames_per_program}",
         ]
 
 
@@ -147,6 +162,19 @@ class ProcessEvent:
     pid: int
     tid: int
     comm: str
+
+
+def _write_array(table, first: int, data: bytes) -> None:
+    """Write into an mmap-able BPF array from element `first`: only the pages written are
+    mapped, and only while they are, so they never count as this process's memory."""
+    start = first * ctypes.sizeof(table.Leaf)
+    page_start = start - start % mmap.PAGESIZE
+    length = start + len(data) - page_start
+    if not data:
+        return
+    with mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                   offset=page_start) as window:
+        window[start - page_start:] = data
 
 
 def _python_frames(stack) -> Tuple[RawPythonFrame, ...]:
@@ -192,6 +220,8 @@ class Sampler:
             self._bpf = BPF(text=PROGRAM, cflags=cflags)
         except Exception as e:  # bcc raises bare Exception for compile and load failures
             raise SetupError(f"cannot load the BPF program ({e}); kernel headers: {self.headers.description}") from e
+        if self.config.native_unwind:
+            self._load_unwinders(BPF)
         _release_compiler_memory()
         self.add_targets(self.config.pids)
 
@@ -223,6 +253,19 @@ class Sampler:
             self.close()
             raise SetupError(f"cannot open perf events ({e}); check /proc/sys/kernel/perf_event_paranoid") from e
 
+    def _load_unwinders(self, bpf_class) -> None:
+        """The native unwinder programs, each in the slot its sampler tail-calls."""
+        unwinders = [("cpu_unwinder", "unwind_cpu_stack", bpf_class.PERF_EVENT)]
+        if self.config.block or self.config.wall:
+            unwinders.append(("offcpu_unwinder", "unwind_offcpu_stack", bpf_class.TRACEPOINT))
+        for table, function, kind in unwinders:
+            try:
+                fn = self._bpf.load_func(function, kind)
+            except Exception as e:
+                self.close()
+                raise SetupError(f"cannot load the native unwinder ({e}); --no-dwarf unwinds by frame pointers only") from e
+            self._bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+
     def add_targets(self, pids: Iterable[int]) -> None:
         targets = self._bpf["targets"]
         for pid in pids:
@@ -252,16 +295,19 @@ class Sampler:
         time.sleep(_IN_FLIGHT_GRACE_S)
 
         stacks = self._bpf[f"stacks_{drained}"]
-        cpu = self._samples(self._bpf[f"counts_{drained}"], stacks, self._python_stacks(f"python_stacks_{drained}"))
+        cpu = self._samples(self._bpf[f"counts_{drained}"], stacks, self._python_stacks(f"python_stacks_{drained}"),
+                            self._native_stacks(f"native_stacks_{drained}"))
         # Also clears stacks whose sample found the counts map full.
         for key in list(stacks.keys()):
             del stacks[key]
         offcpu = {}
         if self.config.block or self.config.wall:  # their stacks stay: a thread may be away across drains
             python = self._python_stacks("offcpu_python_stacks", keep=True)
+            native = self._native_stacks("offcpu_native_stacks", keep=True)
             for kind in ("block", "wall"):
                 if getattr(self.config, kind):
-                    offcpu[kind] = self._samples(self._bpf[f"{kind}_{drained}"], self._bpf["offcpu_stacks"], python)
+                    offcpu[kind] = self._samples(self._bpf[f"{kind}_{drained}"], self._bpf["offcpu_stacks"], python,
+                                                 native)
         return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []))
 
     def prune_offcpu_stacks(self) -> int:
@@ -271,17 +317,22 @@ class Sampler:
         if not (self.config.block or self.config.wall):
             return 0
         tables = [self._bpf["offcpu_stacks"]] + ([self._bpf["offcpu_python_stacks"]] if self.config.python else [])
+        native = [self._bpf["offcpu_native_stacks"]] if self.config.native_unwind else []
         # Listed before the references are read: a stack made in between is not freed. One
         # that exists, unreferenced, and is taken again just before it is freed loses its
         # frames in that one count (a window of a few system calls).
-        listed = [list(table.keys()) for table in tables]
+        listed = [list(table.keys()) for table in tables + native]
         keys = [start.key for start in self._bpf["offcpu_starts"].values()]
         for kind in ("block", "wall"):
             if getattr(self.config, kind):
                 keys.extend(self._bpf[f"{kind}_{self._active}"].keys())
-        referenced = [{i for k in keys for i in (k.kernel_stack_id, k.user_stack_id)}, {k.python_stack for k in keys}]
+        referenced = [{i for k in keys for i in (k.kernel_stack_id, k.user_stack_id)}]
+        if self.config.python:
+            referenced.append({k.python_stack for k in keys})
+        if native:
+            referenced.append({k.native_stack for k in keys})
         freed = 0
-        for table, table_keys, in_use in zip(tables, listed, referenced):
+        for table, table_keys, in_use in zip(tables + native, listed, referenced):
             for key in table_keys:
                 if key.value not in in_use:
                     try:
@@ -292,8 +343,9 @@ class Sampler:
         return freed
 
     @staticmethod
-    def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]]) -> List[RawSample]:
-        """Read and clear one counts map; its keys' stacks are in `stacks` and `python`."""
+    def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
+                 native: Dict[int, Tuple[int, ...]]) -> List[RawSample]:
+        """Read and clear one counts map; its keys' stacks are in `stacks`, `python` and `native`."""
         resolved: Dict[int, Tuple[int, ...]] = {}
 
         def stack(stack_id: int) -> Tuple[int, ...]:
@@ -315,7 +367,7 @@ class Sampler:
                 tid=k.tid,
                 thread_name=_text(k.thread_name),
                 kernel_stack=stack(k.kernel_stack_id),
-                user_stack=stack(k.user_stack_id),
+                user_stack=native.get(k.native_stack, ()) if k.native_stack else stack(k.user_stack_id),
                 count=count,
                 python_stack=python_stack,
                 python_truncated=python_truncated,
@@ -330,6 +382,44 @@ class Sampler:
         table = self._bpf[table_name]
         items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
         return {key: (_python_frames(value), bool(value.truncated)) for key, value in items}  # batch keys come as ints
+
+    def _native_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[int, ...]]:
+        """Read (and clear, unless kept) a native stack map: hash -> addresses, leaf first."""
+        if not self.config.native_unwind:
+            return {}
+        table = self._bpf[table_name]
+        items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
+        return {key: tuple(value.pcs[: min(value.depth, len(value.pcs))]) for key, value in items}
+
+    def write_unwind_rows(self, first: int, records: bytes) -> None:
+        """Copy unwind rows (struct unwind_row records) into unwind_rows from index first."""
+        _write_array(self._bpf["unwind_rows"], first, records)
+
+    def new_unwind_mappings(self, count: int):
+        """An array of `count` struct unwind_mapping, to fill and pass to write_unwind_mappings."""
+        return (self._bpf["unwind_mappings"].Leaf * count)()
+
+    def write_unwind_mappings(self, first: int, mappings) -> None:
+        _write_array(self._bpf["unwind_mappings"], first, bytes(mappings))
+
+    def set_unwind_process(self, pid: int, first_mapping: int, num_mappings: int) -> None:
+        """From now on the process's user stacks are unwound through these mappings."""
+        table = self._bpf["unwind_processes"]
+        table[table.Key(pid)] = table.Leaf(first_mapping, num_mappings)
+
+    def clear_unwind_process(self, pid: int) -> None:
+        table = self._bpf["unwind_processes"]
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            pass
+
+    def unwind_ends(self) -> Dict[str, int]:
+        """Native stacks unwound so far, per why unwinding stopped (UNWIND_* names)."""
+        if not self.config.native_unwind:
+            return {}
+        table = self._bpf["unwind_ends"]
+        return {name: sum(table[table.Key(i)]) for name, i in UNWIND_ENDS.items()}
 
     def set_python_process(self, pid: int, fields: Dict[str, int]) -> None:
         """Start walking a CPython process: fields of struct python_process."""

@@ -443,7 +443,8 @@ def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
     return entries, data, lines
 
 
-def _load_segments(elf: ELFFile) -> List[Tuple[int, int, int]]:
+def load_segments(elf: ELFFile) -> List[Tuple[int, int, int]]:
+    """(file offset, size in the file, virtual address) of each PT_LOAD segment."""
     return [(s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
 
 
@@ -454,7 +455,7 @@ def read_exported_data(open_path: str, data_names: Iterable[str]) -> LoadedData:
     stream, elf = open_elf(open_path)
     try:
         _, data = _read_symbols(elf, frozenset(data_names), (".dynsym",))
-        return LoadedData(_load_segments(elf), data)
+        return LoadedData(load_segments(elf), data)
     except (ELFError, struct.error, ValueError) as e:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
     finally:
@@ -470,7 +471,7 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
     lines = None
     try:
         build_id = read_build_id(elf)
-        segments = _load_segments(elf)
+        segments = load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
         own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
         if elf.get_section_by_name(".symtab") is None or lines is None:

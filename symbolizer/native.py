@@ -65,16 +65,21 @@ class NativeSymbolizer:
                 self._fds[obj.file_id] = fd
                 self._roots[obj.file_id] = obj.root
 
+    def get_open_path(self, obj: ObjectFile) -> Optional[str]:
+        """A path that opens the binary (kept reachable), or None if it could not be kept."""
+        self.keep_reachable(obj)
+        fd = self._fds.get(obj.file_id)
+        return f"/proc/self/fd/{fd}" if fd is not None else None
+
     def get_exported_data(self, obj: ObjectFile) -> Optional[LoadedData]:
         """The data objects asked for at construction that the binary exports, read
         without its function symbols (much sooner); None when it cannot be read."""
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
         if obj.file_id not in self._exported:
-            self.keep_reachable(obj)
-            fd = self._fds.get(obj.file_id)
+            path = self.get_open_path(obj)
             try:
-                exported = read_exported_data(f"/proc/self/fd/{fd}", self._data_names) if fd is not None else None
+                exported = read_exported_data(path, self._data_names) if path is not None else None
             except SymbolizerError:
                 exported = None
             self._exported[obj.file_id] = exported
@@ -83,14 +88,13 @@ class NativeSymbolizer:
     def get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
-        self.keep_reachable(obj)
         symbols = None
-        fd = self._fds.get(obj.file_id)
-        if fd is None:
+        path = self.get_open_path(obj)
+        if path is None:
             self.unreadable[obj.path] = "gone before it could be opened"
         else:
             try:
-                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", obj.path, self._roots[obj.file_id], self._data_names)
+                symbols = open_elf_symbols(path, obj.path, self._roots[obj.file_id], self._data_names)
             except SymbolizerError as e:
                 self.unreadable[obj.path] = str(e)
             else:

@@ -15,11 +15,14 @@ import zlib
 from array import array
 from typing import Optional
 
+from elftools.common.exceptions import ELFError
+
 from bpfprof.collector.atomic_file import write_atomically
-from bpfprof.symbolizer.elf import open_elf, read_build_id
+from bpfprof.symbolizer.elf import load_segments, open_elf, read_build_id
+from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.unwind_table import RECORD_SIZE, UnwindTable, build_unwind_table
 
-FORMAT_VERSION = 1  # raise it whenever the record layout or the rules' meaning change
+FORMAT_VERSION = 2  # raise it whenever the record layout or the rules' meaning change
 _MAGIC = b"BPFUNWND"
 _HEADER = struct.Struct("<8sHHIII")  # magic, version, record size, rows, unreadable FDEs, CRC-32
 
@@ -46,11 +49,15 @@ def open_unwind_table(path: str, cache_dir: Optional[str] = None) -> UnwindTable
     stream, elf = open_elf(path)
     try:
         build_id = read_build_id(elf)
+        segments = load_segments(elf)
+    except (ELFError, struct.error, ValueError) as e:
+        raise SymbolizerError(f"not a readable ELF file: {e}") from None
     finally:
         stream.close()
     if build_id:
         cached = _read(cache_path(cache_dir, build_id), build_id)
         if cached is not None:
+            cached.segments = tuple(segments)
             return cached
     table = build_unwind_table(path)
     if table.build_id:  # the file's own, should it have been replaced meanwhile

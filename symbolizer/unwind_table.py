@@ -37,12 +37,12 @@ import bisect
 import struct
 from array import array
 from enum import IntEnum
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from elftools.common.exceptions import ELFError
 
 from bpfprof.symbolizer.dwarf_lines import leb128
-from bpfprof.symbolizer.elf import open_elf, read_build_id
+from bpfprof.symbolizer.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.errors import SymbolizerError
 
 
@@ -55,6 +55,7 @@ class CfaKind(IntEnum):
     RBP = 2  # CFA = RBP + 8 * cfa_offset
     PLT = 3  # PLT stubs: CFA = RSP + 8 * cfa_offset + ((RIP & 15) >= threshold ? 8 : 0)
     END = 4  # return address undefined: the outermost frame (_start, a thread's start)
+    SIGNAL = 5  # a signal trampoline (its CIE says 'S'): the registers are in the signal frame at RSP
     REGISTER = 16  # CFA = another register + offset (a realigned stack's R10, longjmp)
     EXPRESSION = 17  # CFA = any other DWARF expression (signal trampolines, realigned stacks)
     ODD_OFFSET = 18  # RSP/RBP + an offset the record cannot hold: not whole words, or 512 KiB+
@@ -109,10 +110,12 @@ class UnwindTable:
     """The unwind rows of one binary, sorted by PC. `unreadable_fdes` counts FDEs (or
     CIEs' FDEs) that could not be parsed: their PCs have no unwind information."""
 
-    def __init__(self, build_id: str, rows: array, unreadable_fdes: int = 0) -> None:
+    def __init__(self, build_id: str, rows: array, unreadable_fdes: int = 0,
+                 segments: Sequence[Tuple[int, int, int]] = ()) -> None:
         self.build_id = build_id
         self.rows = rows  # array("Q") of records, layout in the module docstring
         self.unreadable_fdes = unreadable_fdes
+        self.segments = tuple(segments)  # the binary's PT_LOAD segments, as elf.load_segments gives them
         # Set by unwind_cache: whether the rows were read from the cache, and why they
         # could not be written there, if they could not.
         self.from_cache = False
@@ -188,6 +191,7 @@ class _Cie(NamedTuple):
     ra_register: int
     fde_encoding: int
     has_augmentation_data: bool  # 'z': FDEs carry a length-prefixed augmentation block
+    signal_frame: bool  # 'S': its FDEs are signal trampolines (glibc's __restore_rt)
     initial: Tuple  # (cfa_reg, cfa_offset, cfa_expression, rules) after the initial instructions
 
 
@@ -228,7 +232,8 @@ def _parse_cie(data: bytes, start: int, end: int, section_address: int) -> _Cie:
         i = after
     elif augmentation:
         raise _Malformed(f"CIE augmentation {augmentation!r}")
-    cie = _Cie(code_align, data_align, ra_register, fde_encoding, has_data, (_RSP, 0, None, {}))
+    cie = _Cie(code_align, data_align, ra_register, fde_encoding, has_data, has_data and b"S" in augmentation,
+               (_RSP, 0, None, {}))
     initial = _run_program(data, i, end, cie, None, 0, 0, section_address)
     return cie._replace(initial=initial)
 
@@ -475,7 +480,10 @@ def _parse_fde(data: bytes, i: int, end: int, cie: _Cie, section_address: int) -
         skip, i = leb128(data, i)
         i += skip
     rows: List[int] = []
-    _run_program(data, i, end, cie, rows, start, start + length, section_address)
+    if cie.signal_frame:  # its rules describe the signal frame, which BPF reads itself
+        rows = [start << 32 | CfaKind.SIGNAL << 16, (start + length) << 32 | _NO_INFO]
+    else:
+        _run_program(data, i, end, cie, rows, start, start + length, section_address)
     return _Fde(start, start + length, rows)
 
 
@@ -530,7 +538,7 @@ def build_unwind_table(path: str) -> UnwindTable:
             fdes, bad = _section_fdes(data, address, is_eh)
             (eh_fdes if is_eh else debug_fdes).extend(fdes)
             unreadable += bad
-        return UnwindTable(build_id, _merge(eh_fdes, debug_fdes), unreadable)
+        return UnwindTable(build_id, _merge(eh_fdes, debug_fdes), unreadable, load_segments(elf))
     except (ELFError, struct.error, ValueError) as e:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
     finally:

@@ -1,0 +1,185 @@
+"""Unwind tables into the sampler's maps: each binary's rows once, each process's
+executable mappings as they are read, so that BPF unwinds native stacks without frame
+pointers.
+
+Rows of a binary stay loaded while any process maps it, and after that until the space
+is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
+a mapping without rows: BPF follows frame pointers there.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from bpfprof.collector.processes import Mapping, Process
+from bpfprof.collector.run_allocator import RunAllocator
+from bpfprof.collector.sampler import Sampler
+from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.native import FileId, NativeSymbolizer
+from bpfprof.symbolizer.unwind_cache import open_unwind_table
+from bpfprof.symbolizer.unwind_table import RECORD_SIZE, UnwindTable
+
+MAX_PROCESS_MAPPINGS = 1 << 10  # as many as UNWIND_MAPPING_SEARCH steps search (profile.h)
+MAX_BINARY_ROWS = 1 << 22  # as many as UNWIND_ROW_SEARCH steps search
+MAPPING_SIZE = 32  # sizeof(struct unwind_mapping)
+
+
+@dataclass
+class _LoadedTable:
+    """A binary's rows in unwind_rows."""
+
+    first_row: int
+    num_rows: int
+    segments: Tuple[Tuple[int, int, int], ...]
+    build_id: str
+    users: int = 0  # processes whose mappings point at these rows
+
+
+@dataclass
+class _InstalledProcess:
+    first_mapping: int
+    num_mappings: int
+    tables: List[_LoadedTable] = field(default_factory=list)
+
+
+@dataclass
+class UnwindStats:
+    rows_capacity: int
+    rows_used: int
+    mappings_capacity: int
+    mappings_used: int
+    binaries: int  # with rows loaded
+    processes: int  # whose mappings were installed, in all
+    without_table: Dict[str, str]  # binary path -> why it has no rows (frame pointers there)
+    evicted: int  # tables unloaded to make room
+
+    @property
+    def table_bytes(self) -> int:
+        return self.rows_capacity * RECORD_SIZE + self.mappings_capacity * MAPPING_SIZE
+
+
+class NativeUnwinding:
+    def __init__(self, sampler: Sampler, native: NativeSymbolizer, cache_dir: Optional[str] = None) -> None:
+        self._sampler = sampler
+        self._native = native
+        self._cache_dir = cache_dir
+        self._rows = RunAllocator(sampler.config.unwind_rows)
+        self._mappings = RunAllocator(sampler.config.unwind_mappings)
+        self._by_file: Dict[FileId, Optional[_LoadedTable]] = {}  # None: no table for this file
+        self._by_build_id: Dict[str, _LoadedTable] = {}
+        self._idle: "OrderedDict[int, _LoadedTable]" = OrderedDict()  # loaded, no users; oldest first
+        self._processes: Dict[int, _InstalledProcess] = {}
+        self._without_table: Dict[str, str] = {}
+        self._evicted = 0
+        self._num_processes = 0
+
+    def on_snapshot(self, process: Process) -> None:
+        """A fresh read of the process's maps: its mappings replace those installed."""
+        mappings = process.mappings[:MAX_PROCESS_MAPPINGS]
+        if not mappings:
+            return
+        records = self._sampler.new_unwind_mappings(len(mappings))
+        tables: List[_LoadedTable] = []
+        for record, mapping in zip(records, mappings):
+            record.start, record.end = mapping.start, mapping.end
+            table = self._table(mapping)
+            bias = _bias(table, mapping) if table is not None else None
+            if bias is not None:
+                record.bias = bias & 0xFFFFFFFFFFFFFFFF
+                record.first_row, record.num_rows = table.first_row, table.num_rows
+                tables.append(table)
+        first = self._mappings.allocate(len(mappings))
+        if first is None:
+            return  # no room: the process keeps frame pointers
+        self._sampler.write_unwind_mappings(first, records)
+        for table in tables:
+            self._use(table)
+        self._sampler.set_unwind_process(process.pid, first, len(mappings))
+        if process.pid not in self._processes:
+            self._num_processes += 1
+        self._release(process.pid)
+        self._processes[process.pid] = _InstalledProcess(first, len(mappings), tables)
+
+    def forget(self, pid: int) -> None:
+        """The process exec'd or exited: its mappings are stale."""
+        self._sampler.clear_unwind_process(pid)
+        self._release(pid)
+
+    def stats(self) -> UnwindStats:
+        binaries = len({t.first_row for t in self._by_file.values() if t is not None})
+        return UnwindStats(self._rows.capacity, self._rows.num_used, self._mappings.capacity,
+                           self._mappings.num_used, binaries, self._num_processes, dict(self._without_table),
+                           self._evicted)
+
+    def _release(self, pid: int) -> None:
+        installed = self._processes.pop(pid, None)
+        if installed is None:
+            return
+        self._mappings.free(installed.first_mapping, installed.num_mappings)
+        for table in installed.tables:
+            table.users -= 1
+            if table.users == 0:
+                self._idle[table.first_row] = table
+
+    def _use(self, table: _LoadedTable) -> None:
+        table.users += 1
+        self._idle.pop(table.first_row, None)
+
+    def _table(self, mapping: Mapping) -> Optional[_LoadedTable]:
+        obj = mapping.obj
+        if obj is None:
+            return None
+        if obj.file_id in self._by_file:
+            return self._by_file[obj.file_id]
+        loaded = None
+        path = self._native.get_open_path(obj)
+        if path is None:
+            self._without_table[obj.path] = "gone before it could be opened"
+        else:
+            try:
+                loaded = self._load(open_unwind_table(path, self._cache_dir), obj.path)
+            except SymbolizerError as e:
+                self._without_table[obj.path] = str(e)
+        self._by_file[obj.file_id] = loaded
+        return loaded
+
+    def _load(self, table: UnwindTable, path: str) -> Optional[_LoadedTable]:
+        shared = self._by_build_id.get(table.build_id) if table.build_id else None
+        if shared is not None:  # the same binary through another mount namespace
+            return shared
+        if not table.num_rows():
+            self._without_table[path] = "no .eh_frame or .debug_frame"
+            return None
+        if table.num_rows() > MAX_BINARY_ROWS:
+            self._without_table[path] = f"{table.num_rows()} unwind rows, more than the {MAX_BINARY_ROWS} searched"
+            return None
+        first = self._rows.allocate(table.num_rows())
+        while first is None and self._idle:
+            self._evict(self._idle.popitem(last=False)[1])
+            first = self._rows.allocate(table.num_rows())
+        if first is None:
+            self._without_table[path] = "no room left in the unwind table map (--unwind-rows)"
+            return None
+        self._sampler.write_unwind_rows(first, table.records())
+        loaded = _LoadedTable(first, table.num_rows(), table.segments, table.build_id)
+        if table.build_id:
+            self._by_build_id[table.build_id] = loaded
+        return loaded
+
+    def _evict(self, table: _LoadedTable) -> None:
+        self._rows.free(table.first_row, table.num_rows)
+        self._by_build_id.pop(table.build_id, None)
+        for file_id in [f for f, t in self._by_file.items() if t is table]:
+            del self._by_file[file_id]
+        self._evicted += 1
+
+
+def _bias(table: _LoadedTable, mapping: Mapping) -> Optional[int]:
+    """What to subtract from an address in the mapping to get the binary's virtual
+    address; None if no segment of the binary holds the mapping's offset."""
+    for p_offset, p_filesz, p_vaddr in table.segments:
+        if p_offset - p_offset % 4096 <= mapping.offset < p_offset + p_filesz:
+            return mapping.start - mapping.offset + p_offset - p_vaddr
+    return None

@@ -1,0 +1,106 @@
+"""Native stacks without frame pointers, unwound in BPF from .eh_frame: C fixtures built
+with -fomit-frame-pointer, and pyenv CPython (no frame pointers) calling into zlib."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, PYTHON_MINORS, pyenv_python, run_bpfprof
+from samples import read_samples, share
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+ROOT = ("_start", "__libc_start_main", "__libc_start_call_main", "main")
+CHAIN = tuple(f"level_{n}" for n in range(1, 9))
+ZLIB_SCRIPT = """
+import sys, time, zlib
+data = bytes(range(256)) * 4096
+def compress_all(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        zlib.compress(data, 9)
+compress_all(float(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def no_frame_pointers(build_dir) -> Path:
+    """The fixture and the shared library it calls, both without frame pointers."""
+    flags = ["gcc", "-O2", "-g", "-fomit-frame-pointer"]
+    out = build_dir / "no_frame_pointers"
+    if not out.exists():
+        subprocess.run([*flags, "-shared", "-fPIC", "-o", str(build_dir / "libunwind_lib.so"),
+                        str(FIXTURES / "unwind" / "unwind_lib.c")], check=True)
+        subprocess.run([*flags, "-o", str(out), str(FIXTURES / "unwind" / "no_frame_pointers.c"),
+                        f"-L{build_dir}", "-lunwind_lib", f"-Wl,-rpath,{build_dir}"], check=True)
+    return out
+
+
+def record(tmp_path, *args: str, name: str = "out.pb.gz"):
+    out = tmp_path / name
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    return result, [s for s in read_samples(out) if s.labels["comm"] != "bpfprof"]
+
+
+def test_eight_deep_chain_in_order(no_frame_pointers, tmp_path):
+    result, samples = record(tmp_path, "--", str(no_frame_pointers), "chain", "3")
+    assert share(samples, lambda s: s.has_chain(*ROOT, *CHAIN)) >= 0.9
+    assert "native unwinding:" in result.stderr and "complete" in result.stderr
+
+
+def test_frame_pointers_alone_lose_the_chain(no_frame_pointers, tmp_path):
+    _, samples = record(tmp_path, "--no-dwarf", "--", str(no_frame_pointers), "chain", "2")
+    assert share(samples, lambda s: s.has_chain("main", *CHAIN)) < 0.1
+
+
+def test_recursion(no_frame_pointers, tmp_path):
+    _, samples = record(tmp_path, "--", str(no_frame_pointers), "recursion", "2")
+    assert share(samples, lambda s: s.has_chain(*ROOT, *["recurse"] * 20, "spin_in_recursion")) >= 0.9
+
+
+def test_call_through_a_shared_library(no_frame_pointers, tmp_path):
+    _, samples = record(tmp_path, "--", str(no_frame_pointers), "library", "2")
+    assert share(samples, lambda s: s.has_chain(*ROOT, "call_library", "library_outer", "library_inner")) >= 0.9
+
+
+def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_path):
+    _, samples = record(tmp_path, "--", str(no_frame_pointers), "signal", "2")
+    in_handler = [s for s in samples if "on_alarm" in s.functions]
+    assert share(samples, lambda s: "on_alarm" in s.functions) >= 0.5  # the handler spins 8 ms of every 10
+    # Above the handler the kernel's signal frame (glibc's __restore_rt, unnamed in a
+    # stripped libc), then the code it interrupted (itself, or the clock_gettime it
+    # calls), down to main.
+    assert share(in_handler, lambda s: s.has_chain(*ROOT, "interrupted") and s.has_chain("on_alarm", "spin_in_handler")
+                 and s.functions.index("interrupted") > s.functions.index("on_alarm") + 1) >= 0.9
+
+
+def test_blocking_delay_stacks(no_frame_pointers, tmp_path):
+    _, samples = record(tmp_path, "-t", "block", "--", str(no_frame_pointers), "sleep", "1")
+    delay = [s for s in samples if "clock_nanosleep" in s.functions]
+    total = sum(s.values[1] for s in delay)
+    assert total >= 0.9e9
+    chained = sum(s.values[1] for s in delay if s.has_chain(*ROOT, *CHAIN))
+    assert chained / total >= 0.9
+
+
+@pytest.mark.parametrize("minor", [pytest.param(m, id=f"pyenv-3.{m}") for m in PYTHON_MINORS])
+def test_python_calling_a_c_extension(minor, tmp_path):
+    script = tmp_path / "compress.py"
+    script.write_text(ZLIB_SCRIPT)
+    _, samples = record(tmp_path, "--", pyenv_python(minor), str(script), "3")
+    in_zlib = [s for s in samples if "compress_all" in s.functions and "zlib_compress" in s.functions]
+    assert sum(s.count for s in in_zlib) / sum(s.count for s in samples) >= 0.7
+    # The interpreter's main above the Python frames, the extension and zlib below them
+    # (up to 3.10 with the interpreter's own C frames between a Python call and the next).
+    assert share(in_zlib, lambda s: s.has_chain(*ROOT[:3], "Py_BytesMain") and s.has_chain("zlib_compress", "deflate")
+                 and in_order(s, "Py_BytesMain", "<module>", "compress_all", "zlib_compress")) >= 0.8
+
+
+def in_order(sample, *root_to_leaf: str) -> bool:
+    """These functions are in the stack, root to leaf in this order (not only adjacent)."""
+    remaining = iter(sample.functions[::-1])
+    return all(name in remaining for name in root_to_leaf)
