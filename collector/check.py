@@ -105,9 +105,19 @@ def _check_bcc() -> Check:
     return Check("bcc", True, f"{getattr(bcc, '__version__', '?')} ({os.path.dirname(bcc.__file__)})")
 
 
+def _check_unwind_tables() -> Check:
+    from bpfprof.collector.sampler import SamplerConfig
+
+    config = SamplerConfig()
+    return Check("unwind tables", True,
+                 f"{config.unwind_memory_bytes() / 2**20:.1f} MiB of kernel memory when recording starts: "
+                 f"{config.unwind_rows} rows (--unwind-rows), {config.unwind_mappings} mappings, "
+                 f"{config.native_stack_entries()} native stacks per buffer; --no-dwarf needs none")
+
+
 CHECKS: Tuple[Callable[[], Check], ...] = (
     _check_privileges, _check_bpf_syscall, _check_perf_events, _check_tracefs,
-    _check_headers, _check_btf, _check_bcc,
+    _check_headers, _check_btf, _check_bcc, _check_unwind_tables,
 )
 
 

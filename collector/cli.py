@@ -116,7 +116,7 @@ def _unwind_summary(stats, ends) -> str:
     how = ", ".join(f"{n} {UNWIND_END_NAMES[end]}" for end, n in sorted(ends.items(), key=lambda e: -e[1]) if n)
     return (f"native unwinding: {total} stacks ({how or 'none'}); tables: {stats.binaries} binaries, "
             f"{stats.rows_used} of {stats.rows_capacity} rows, {stats.processes} processes, "
-            f"{stats.table_bytes / 2**20:.1f} MiB of kernel memory")
+            f"{stats.kernel_bytes / 2**20:.1f} MiB of kernel memory")
 
 
 def _check_command(command: Sequence[str]) -> None:

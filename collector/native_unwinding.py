@@ -4,11 +4,13 @@ pointers.
 
 Rows of a binary stay loaded while any process maps it, and after that until the space
 is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
-a mapping without rows: BPF follows frame pointers there.
+a mapping without rows: BPF follows frame pointers there. So does bpfprof itself: the
+compiler libraries bcc maps into it (LLVM, clang) hold 2M rows, the whole default map.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -19,11 +21,10 @@ from bpfprof.collector.sampler import Sampler
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native import FileId, NativeSymbolizer
 from bpfprof.symbolizer.unwind_cache import open_unwind_table
-from bpfprof.symbolizer.unwind_table import RECORD_SIZE, UnwindTable
+from bpfprof.symbolizer.unwind_table import UnwindTable
 
 MAX_PROCESS_MAPPINGS = 1 << 10  # as many as UNWIND_MAPPING_SEARCH steps search (profile.h)
 MAX_BINARY_ROWS = 1 << 22  # as many as UNWIND_ROW_SEARCH steps search
-MAPPING_SIZE = 32  # sizeof(struct unwind_mapping)
 
 
 @dataclass
@@ -54,10 +55,7 @@ class UnwindStats:
     processes: int  # whose mappings were installed, in all
     without_table: Dict[str, str]  # binary path -> why it has no rows (frame pointers there)
     evicted: int  # tables unloaded to make room
-
-    @property
-    def table_bytes(self) -> int:
-        return self.rows_capacity * RECORD_SIZE + self.mappings_capacity * MAPPING_SIZE
+    kernel_bytes: int  # of the unwinder's maps, allocated at start-up
 
 
 class NativeUnwinding:
@@ -78,7 +76,7 @@ class NativeUnwinding:
     def on_snapshot(self, process: Process) -> None:
         """A fresh read of the process's maps: its mappings replace those installed."""
         mappings = process.mappings[:MAX_PROCESS_MAPPINGS]
-        if not mappings:
+        if not mappings or process.pid == os.getpid():
             return
         records = self._sampler.new_unwind_mappings(len(mappings))
         tables: List[_LoadedTable] = []
@@ -111,7 +109,7 @@ class NativeUnwinding:
         binaries = len({t.first_row for t in self._by_file.values() if t is not None})
         return UnwindStats(self._rows.capacity, self._rows.num_used, self._mappings.capacity,
                            self._mappings.num_used, binaries, self._num_processes, dict(self._without_table),
-                           self._evicted)
+                           self._evicted, self._sampler.config.unwind_memory_bytes())
 
     def _release(self, pid: int) -> None:
         installed = self._processes.pop(pid, None)

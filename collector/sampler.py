@@ -47,6 +47,12 @@ PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).
 PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
 
 
+# Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.
+_NATIVE_STACK_DEPTH = int(re.search(r"#define NATIVE_STACK_DEPTH (\d+)", HEADER).group(1))
+_UNWIND_ROW_SIZE = 8  # u64
+_UNWIND_MAPPING_SIZE = 32  # struct unwind_mapping: three u64 and two u32
+_NATIVE_STACK_SIZE = 8 + 8 * _NATIVE_STACK_DEPTH  # struct native_stack
+
 _MADV_DONTNEED = 4
 _COMPILER_LIBRARY = re.compile(r"/lib(LLVM|clang)[^/]*$")
 
@@ -98,6 +104,15 @@ class SamplerConfig:
 
     def native_stack_entries(self) -> int:
         return max(64, self.stack_storage_size // 2)
+
+    def unwind_memory_bytes(self) -> int:
+        """Kernel memory of the native unwinder's maps: rows, mappings and native stacks
+        (two buffers, and one more for off-CPU stacks)."""
+        if not self.native_unwind:
+            return 0
+        stack_maps = 3 if self.block or self.wall else 2
+        return (self.unwind_rows * _UNWIND_ROW_SIZE + self.unwind_mappings * _UNWIND_MAPPING_SIZE
+                + stack_maps * self.native_stack_entries() * _NATIVE_STACK_SIZE)
 
     def cflags(self) -> List[str]:
         return [

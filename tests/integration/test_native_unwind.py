@@ -3,11 +3,14 @@ with -fomit-frame-pointer, and pyenv CPython (no frame pointers) calling into zl
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from bpfprof.collector.kernel_headers import find_kernel_headers
+from bpfprof.collector.sampler import Sampler, SamplerConfig
 from conftest import FIXTURES, PYTHON_MINORS, pyenv_python, run_bpfprof
 from samples import read_samples, share
 
@@ -37,6 +40,20 @@ def no_frame_pointers(build_dir) -> Path:
         subprocess.run([*flags, "-o", str(out), str(FIXTURES / "unwind" / "no_frame_pointers.c"),
                         f"-L{build_dir}", "-lunwind_lib", f"-Wl,-rpath,{build_dir}"], check=True)
     return out
+
+
+def test_unwinder_memory_is_what_its_maps_take():
+    """What `check` and the end summary say the unwinder's maps take, against the maps loaded."""
+    config = SamplerConfig(block=True)
+    sampler = Sampler(config, find_kernel_headers())
+    sampler.start(lambda event: None)
+    try:
+        tables = [sampler._bpf[name] for name in ("unwind_rows", "unwind_mappings", "native_stacks_0",
+                                                  "native_stacks_1", "offcpu_native_stacks")]
+        taken = sum(ctypes.sizeof(table.Leaf) * table.max_entries for table in tables)
+    finally:
+        sampler.close()
+    assert taken == config.unwind_memory_bytes()
 
 
 def record(tmp_path, *args: str, name: str = "out.pb.gz"):

@@ -394,3 +394,33 @@ def test_unusable_files(tmp_path, build_frames):
     other.write_bytes(bytes(data))
     with pytest.raises(SymbolizerError, match="x86-64 only"):
         build_unwind_table(str(other))
+
+
+def test_signal_trampolines_get_the_signal_rule():
+    """glibc's __restore_rt, described by a CIE whose augmentation says 'S': BPF reads the
+    interrupted registers from the signal frame rather than following its CFA expression."""
+    libc = Path("/lib/x86_64-linux-gnu/libc.so.6")
+    if not libc.exists():
+        skip_or_fail(f"no {libc}")
+    need("readelf")
+    text = run("readelf", "-wN", "--debug-dump=frames", str(libc))
+    signal_cies = set(re.findall(r'^([0-9a-f]{8}) \S+ \S+ CIE\n\s+Version:\s+\d+\n\s+Augmentation:\s+"z\w*S\w*"',
+                                 text, re.M))
+    trampolines = [(int(start, 16), int(end, 16)) for cie, start, end in
+                   re.findall(r"FDE cie=([0-9a-f]{8}) pc=([0-9a-f]+)\.\.([0-9a-f]+)", text) if cie in signal_cies]
+    assert trampolines, "libc has no signal trampoline FDE"
+    table = build_unwind_table(str(libc))
+    for start, end in trampolines:
+        assert {table.lookup(pc).cfa_kind for pc in (start, end - 1)} == {CfaKind.SIGNAL}
+    assert CfaKind.EXPRESSION not in table.cfa_kind_counts()  # __restore_rt was libc's only expression
+
+
+def test_tables_carry_the_load_segments(build_frames, tmp_path):
+    binary = build_frames(*NO_FRAME_POINTERS)
+    program_headers = run("readelf", "-lW", str(binary))
+    loads = [(int(o, 16), int(f, 16), int(v, 16)) for o, v, f in
+             re.findall(r"^\s+LOAD\s+(0x[0-9a-f]+) (0x[0-9a-f]+) 0x[0-9a-f]+ (0x[0-9a-f]+)", program_headers, re.M)]
+    assert loads and build_unwind_table(str(binary)).segments == tuple(loads)
+    open_unwind_table(str(binary), str(tmp_path))
+    cached = open_unwind_table(str(binary), str(tmp_path))
+    assert cached.from_cache and cached.segments == tuple(loads)
