@@ -2,8 +2,11 @@
 executable mappings as they are read, so that BPF unwinds native stacks without frame
 pointers.
 
-Rows of a binary stay loaded while any process maps it, and after that until the space
-is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
+Tables are built (or read from the disk cache) on a thread of their own, so that a large
+binary seen for the first time never holds up a drain: until its table is in, a process
+is unwound by frame pointers through that binary, and it is installed again once the
+table arrives. Rows of a binary stay loaded while any process maps it, and after that
+until the space is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
 a mapping without rows: BPF follows frame pointers there. So does bpfprof itself: the
 compiler libraries bcc maps into it (LLVM, clang) hold 2M rows, the whole default map.
 """
@@ -11,9 +14,11 @@ compiler libraries bcc maps into it (LLVM, clang) hold 2M rows, the whole defaul
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 from bpfprof.collector.processes import Mapping, Process
 from bpfprof.collector.run_allocator import RunAllocator
@@ -58,11 +63,59 @@ class UnwindStats:
     kernel_bytes: int  # of the unwinder's maps, allocated at start-up
 
 
+class _TableBuilder:
+    """A thread that builds unwind tables: submit() a binary, take_built() what is done."""
+
+    def __init__(self, cache_dir: Optional[str]) -> None:
+        self._cache_dir = cache_dir
+        self._todo: "queue.Queue[Optional[Tuple[FileId, str, str]]]" = queue.Queue()
+        self._done: "queue.Queue[Tuple[FileId, str, Union[UnwindTable, str]]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, file_id: FileId, open_path: str, path: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bpfprof-unwind-tables", daemon=True)
+            self._thread.start()
+        self._todo.put((file_id, open_path, path))
+
+    def take_built(self) -> List[Tuple[FileId, str, Union[UnwindTable, str]]]:
+        """(file, path, its table or why there is none) of each binary done since the last call."""
+        built = []
+        while True:
+            try:
+                built.append(self._done.get_nowait())
+            except queue.Empty:
+                return built
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            work = self._todo.get()
+            if work is None:
+                return
+            file_id, open_path, path = work
+            try:
+                result: Union[UnwindTable, str] = open_unwind_table(open_path, self._cache_dir)
+            except SymbolizerError as e:
+                result = str(e)
+            self._done.put((file_id, path, result))
+
+
 class NativeUnwinding:
+    """Call on_snapshot() for every fresh read of a process, forget() when it execs or
+    exits, and install_built() often (the recorder's loop): tables come in there."""
+
     def __init__(self, sampler: Sampler, native: NativeSymbolizer, cache_dir: Optional[str] = None) -> None:
         self._sampler = sampler
         self._native = native
-        self._cache_dir = cache_dir
+        self._builder = _TableBuilder(cache_dir)
+        self._building: Dict[FileId, Set[int]] = {}  # binaries being built -> pids waiting for them
+        self._snapshots: Dict[int, Process] = {}  # of the processes installed, to install again
         self._rows = RunAllocator(sampler.config.unwind_rows)
         self._mappings = RunAllocator(sampler.config.unwind_mappings)
         self._by_file: Dict[FileId, Optional[_LoadedTable]] = {}  # None: no table for this file
@@ -82,7 +135,7 @@ class NativeUnwinding:
         tables: List[_LoadedTable] = []
         for record, mapping in zip(records, mappings):
             record.start, record.end = mapping.start, mapping.end
-            table = self._table(mapping)
+            table = self._table(mapping, process.pid)
             bias = _bias(table, mapping) if table is not None else None
             if bias is not None:
                 record.bias = bias & 0xFFFFFFFFFFFFFFFF
@@ -99,11 +152,31 @@ class NativeUnwinding:
             self._num_processes += 1
         self._release(process.pid)
         self._processes[process.pid] = _InstalledProcess(first, len(mappings), tables)
+        self._snapshots[process.pid] = process
 
     def forget(self, pid: int) -> None:
         """The process exec'd or exited: its mappings are stale."""
         self._sampler.clear_unwind_process(pid)
         self._release(pid)
+        self._snapshots.pop(pid, None)
+
+    def install_built(self) -> None:
+        """Load the tables built since the last call, and install again the processes
+        that were waiting for them."""
+        waiting: Set[int] = set()
+        for file_id, path, result in self._builder.take_built():
+            waiting |= self._building.pop(file_id, set())
+            if isinstance(result, str):
+                self._without_table[path] = result
+                self._by_file[file_id] = None
+            else:
+                self._by_file[file_id] = self._load(result, path)
+        for pid in waiting:
+            if pid in self._snapshots:
+                self.on_snapshot(self._snapshots[pid])
+
+    def close(self) -> None:
+        self._builder.close()
 
     def stats(self) -> UnwindStats:
         binaries = len({t.first_row for t in self._by_file.values() if t is not None})
@@ -125,23 +198,24 @@ class NativeUnwinding:
         table.users += 1
         self._idle.pop(table.first_row, None)
 
-    def _table(self, mapping: Mapping) -> Optional[_LoadedTable]:
+    def _table(self, mapping: Mapping, pid: int) -> Optional[_LoadedTable]:
+        """The mapped binary's loaded table; None while it is being built (pid waits for
+        it), or if it has none."""
         obj = mapping.obj
         if obj is None:
             return None
         if obj.file_id in self._by_file:
             return self._by_file[obj.file_id]
-        loaded = None
-        path = self._native.get_open_path(obj)
-        if path is None:
-            self._without_table[obj.path] = "gone before it could be opened"
-        else:
-            try:
-                loaded = self._load(open_unwind_table(path, self._cache_dir), obj.path)
-            except SymbolizerError as e:
-                self._without_table[obj.path] = str(e)
-        self._by_file[obj.file_id] = loaded
-        return loaded
+        if obj.file_id not in self._building:
+            path = self._native.get_open_path(obj)
+            if path is None:
+                self._without_table[obj.path] = "gone before it could be opened"
+                self._by_file[obj.file_id] = None
+                return None
+            self._building[obj.file_id] = set()
+            self._builder.submit(obj.file_id, path, obj.path)
+        self._building[obj.file_id].add(pid)
+        return None
 
     def _load(self, table: UnwindTable, path: str) -> Optional[_LoadedTable]:
         shared = self._by_build_id.get(table.build_id) if table.build_id else None

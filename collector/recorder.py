@@ -127,6 +127,8 @@ class Recorder:
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
             self._on_event(event, early)
+        if self._unwinding:
+            self._unwinding.install_built()
 
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
@@ -220,6 +222,8 @@ class Recorder:
         finally:
             self._events.stop()
             self._sampler.close()
+            if self._unwinding:
+                self._unwinding.close()
             self._native.close()
             if self._python:
                 self._python.close()

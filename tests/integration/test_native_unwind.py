@@ -42,8 +42,10 @@ def no_frame_pointers(build_dir) -> Path:
     return out
 
 
-def test_unwinder_memory_is_what_its_maps_take():
+def test_unwinder_memory_is_what_its_maps_take(monkeypatch):
     """What `check` and the end summary say the unwinder's maps take, against the maps loaded."""
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", "")  # the sampler sets it: restored for the other tests
+    monkeypatch.delenv("BCC_KERNEL_SOURCE")
     config = SamplerConfig(block=True)
     sampler = Sampler(config, find_kernel_headers())
     sampler.start(lambda event: None)
@@ -96,8 +98,11 @@ def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_
 
 
 def test_blocking_delay_stacks(no_frame_pointers, tmp_path):
-    _, samples = record(tmp_path, "-t", "block", "--", str(no_frame_pointers), "sleep", "1")
-    delay = [s for s in samples if "clock_nanosleep" in s.functions]
+    # With CPU samples too, so that the process is read while it spins, before its first nap.
+    out = tmp_path / "out.pb.gz"
+    result = run_bpfprof("record", "-t", "cpu", "-t", "block", "-o", str(out), "--", str(no_frame_pointers), "sleep", "1")
+    assert result.returncode == 0, result.stderr
+    delay = [s for s in read_samples(tmp_path / "out.block.pb.gz") if "clock_nanosleep" in s.functions]
     total = sum(s.values[1] for s in delay)
     assert total >= 0.9e9
     chained = sum(s.values[1] for s in delay if s.has_chain(*ROOT, *CHAIN))
