@@ -340,6 +340,7 @@ static __always_inline int unwind_frame(struct native_unwind *s, struct unwind_p
         s->sp = read_user_word(frame + SIGNAL_FRAME_RSP, &failed);
         s->bp = read_user_word(frame + SIGNAL_FRAME_RBP, &failed);
         s->exact = 1;
+        s->from_table = 1;
         s->stack.end = failed ? UNWIND_READ_FAILED : UNWIND_COMPLETE;
         return !failed && s->pc;
     }
@@ -384,6 +385,7 @@ static __always_inline int unwind_frame(struct native_unwind *s, struct unwind_p
     s->sp = cfa;
     s->bp = bp;
     s->exact = 0;
+    s->from_table = kind != CFA_NONE;
     if (!ra) {
         s->stack.end = UNWIND_COMPLETE;
         return 0;
@@ -408,6 +410,7 @@ static __always_inline struct native_unwind *begin_native_unwind(int slot, struc
     bpf_probe_read_kernel(&s->sp, sizeof(s->sp), &regs->sp);
     bpf_probe_read_kernel(&s->bp, sizeof(s->bp), &regs->bp);
     s->exact = 1;
+    s->from_table = 1;
     s->buffer = buffer;
     s->key = *key;
     s->stack.depth = 0;
@@ -445,7 +448,8 @@ static __always_inline u64 native_stack_hash(struct native_stack *stack)
 }
 
 /* An unwinding that ended: counts why, asks for the process's maps again when an
- * address was in none of them, and returns the key of the stack to store (0: none, the
+ * address that ought to be mapped (where the thread is, or a return address an unwind
+ * table led to: not one that frame pointers made up) was in none of them, and returns the key of the stack to store (0: none, the
  * frame-pointer stack stands in). */
 static __always_inline u64 end_native_unwind(struct native_unwind *s)
 {
@@ -453,7 +457,7 @@ static __always_inline u64 end_native_unwind(struct native_unwind *s)
     u64 *n = unwind_ends.lookup(&end);
     if (n)
         (*n)++;
-    if ((end == UNWIND_NO_MAPPING || end == UNWIND_FALLBACK) && s->pc < USER_SPACE_END) {
+    if ((end == UNWIND_NO_MAPPING || end == UNWIND_FALLBACK) && s->from_table && s->pc < USER_SPACE_END) {
         u32 pid = s->key.pid;
         u64 now = bpf_ktime_get_ns();
         u64 *last = unwind_stale.lookup(&pid);

@@ -152,6 +152,8 @@ struct native_unwind {
     u64 pc, sp, bp;      /* the frame's registers; bp 0: the caller's RBP was lost */
     u32 exact;           /* pc is where the thread is (leaf, or a signal's interrupted code) */
     u32 buffer;          /* the double buffer a CPU sample goes to */
+    u32 from_table;      /* pc came from an unwind table's rule, so it ought to be mapped */
+    u32 reserved;
     struct sample_key key;  /* the sample's, native_stack set when it is stored */
     struct native_stack stack;
 };

@@ -154,6 +154,7 @@ class RawSample:
     python_stack: Tuple["RawPythonFrame", ...] = ()  # leaf first
     python_truncated: bool = False  # root-most Python frames were left out
     delay_ns: int = 0  # off-CPU samples: the time spent blocked, `count` times
+    user_stack_complete: bool = False  # the native unwinder reached the thread's outermost frame
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ class Sampler:
 
     @staticmethod
     def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
-                 native: Dict[int, Tuple[int, ...]]) -> List[RawSample]:
+                 native: Dict[int, Tuple[Tuple[int, ...], bool]]) -> List[RawSample]:
         """Read and clear one counts map; its keys' stacks are in `stacks`, `python` and `native`."""
         resolved: Dict[int, Tuple[int, ...]] = {}
 
@@ -376,17 +377,20 @@ class Sampler:
         samples = []
         for k, v in counts.items_lookup_and_delete_batch():
             python_stack, python_truncated = python.get(k.python_stack, ((), False))
+            user_stack, complete = native.get(k.native_stack, ((), False)) if k.native_stack else (
+                stack(k.user_stack_id), False)
             count, delay = (v.count, v.ns) if hasattr(v, "ns") else (v, 0)
             samples.append(RawSample(
                 pid=k.pid,
                 tid=k.tid,
                 thread_name=_text(k.thread_name),
                 kernel_stack=stack(k.kernel_stack_id),
-                user_stack=native.get(k.native_stack, ()) if k.native_stack else stack(k.user_stack_id),
+                user_stack=user_stack,
                 count=count,
                 python_stack=python_stack,
                 python_truncated=python_truncated,
                 delay_ns=delay,
+                user_stack_complete=complete,
             ))
         return samples
 
@@ -398,13 +402,16 @@ class Sampler:
         items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
         return {key: (_python_frames(value), bool(value.truncated)) for key, value in items}  # batch keys come as ints
 
-    def _native_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[int, ...]]:
-        """Read (and clear, unless kept) a native stack map: hash -> addresses, leaf first."""
+    def _native_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[Tuple[int, ...], bool]]:
+        """Read (and clear, unless kept) a native stack map: hash -> (addresses leaf first,
+        whether unwinding reached the outermost frame)."""
         if not self.config.native_unwind:
             return {}
         table = self._bpf[table_name]
         items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
-        return {key: tuple(value.pcs[: min(value.depth, len(value.pcs))]) for key, value in items}
+        complete = UNWIND_ENDS["UNWIND_COMPLETE"]
+        return {key: (tuple(value.pcs[: min(value.depth, len(value.pcs))]), value.end == complete)
+                for key, value in items}
 
     def write_unwind_rows(self, first: int, records: bytes) -> None:
         """Copy unwind rows (struct unwind_row records) into unwind_rows from index first."""

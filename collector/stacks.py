@@ -26,12 +26,19 @@ def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
         yield address if i == 0 else address - 1
 
 
-def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpreter: str) -> List[Frame]:
+def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpreter: str,
+                 complete: bool = False) -> List[Frame]:
     """One user stack, leaf first, from native frames and Python frames (leaf first, each
-    with whether the eval loop was entered there). Each eval-loop frame is replaced by
-    the Python frames it ran; where native unwinding did not reach the eval loop (no
-    frame pointers in the interpreter), Python frames take the place of the interpreter
-    and what it called sits on top of them; the rest of such a native stack is noise."""
+    with whether the eval loop was entered there). `complete`: the native unwinder
+    reached the thread's outermost frame (else a stack is taken as complete when it ends
+    in one of STACK_ROOTS).
+
+    In a complete stack each eval-loop frame is replaced by the Python frames it ran, and
+    the interpreter's own frames between two such groups (its call machinery) are left
+    out, so Python calls read as they do in Python; an extension's frames between them
+    stay. Where native unwinding did not reach the eval loop, Python frames take the
+    place of the interpreter and what it called sits on top of them; the rest of such a
+    native stack is noise."""
     groups: List[List[Frame]] = []  # root first, each group root first
     for frame, entry in reversed(python):
         if entry or not groups:
@@ -39,11 +46,17 @@ def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpre
         groups[-1].append(frame)
     python_root_first = [f for group in groups for f in group]
     root_first = native[::-1]
-    complete = bool(native) and native[-1].name in STACK_ROOTS
+    complete = bool(native) and (complete or native[-1].name in STACK_ROOTS)
     evals = [i for i, f in enumerate(root_first) if f.name in EVAL_FUNCTIONS] if complete else []
     if evals and len(evals) == len(groups):
-        remaining = iter(groups)
-        merged = [g for f in root_first for g in (next(remaining) if f.name in EVAL_FUNCTIONS else [f])]
+        merged = root_first[: evals[0]]
+        for n, (at, group) in enumerate(zip(evals, groups)):
+            merged += group
+            if n + 1 < len(evals):
+                merged += [f for f in root_first[at + 1: evals[n + 1]]
+                           if f.module is None or f.module.path != interpreter]
+            else:
+                merged += root_first[at + 1:]
     elif evals:
         merged = root_first[: evals[0]] + python_root_first + root_first[evals[-1] + 1:]
     else:
@@ -90,7 +103,7 @@ class StackResolver:
                 ]
                 if sample.python_truncated:
                     python.append((TRUNCATED, True))
-                user = merge_python(user, python, interpreter.module_path)
+                user = merge_python(user, python, interpreter.module_path, sample.user_stack_complete)
             frames.extend(user)
         thread = interpreter.names.get(sample.tid, sample.thread_name) if interpreter else sample.thread_name
         extra = process.container.labels if process.container else ()

@@ -185,14 +185,19 @@ def test_block_profiles_add_up_across_intervals(agent_in, tmp_path, build_c):
     assert sorted(out.glob("*.cpu.pb.gz"))
 
 
-def test_retention_and_metrics(agent_in, tmp_path):
+def test_retention_and_metrics(agent_in, tmp_path, build_c):
     out = tmp_path / "profiles"
     port = free_port()
     agent = agent_in("--output-dir", str(out), "--interval", "1s", "-F", "99", "--retention-size", "12KiB",
                      "--metrics-addr", f"127.0.0.1:{port}")
     agent.wait_for("agent started")
-    agent.wait_for("interval cut", count=6)
-    metrics = scrape(port)
+    burner = subprocess.Popen([str(build_c("chain")), "10"])  # samples enough to fill 12 KiB on an idle machine
+    try:
+        agent.wait_for("interval cut", count=6)
+        metrics = scrape(port)
+    finally:
+        burner.kill()
+        burner.wait()
     agent.stop()
     assert metrics[("bpfprof_samples_total", (("type", "cpu"),))] > 0
     assert metrics[("bpfprof_profiles_written_total", ())] >= 5

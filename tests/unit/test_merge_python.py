@@ -26,13 +26,26 @@ ROOT = [native("_PyEval_EvalFrameDefault", PYTHON), native("Py_RunMain", PYTHON)
 
 
 def test_each_eval_loop_frame_runs_its_group_of_python_frames():
-    # main -> eval loop (<module>, handler) -> C callback -> eval loop (key) -> compress
+    # main -> eval loop (<module>, handler) -> the interpreter's call machinery -> an
+    # extension calling back -> eval loop (key) -> compress
     stack = ([native("deflate", EXTENSION), native("zlib_compress", EXTENSION),
-              native("_PyEval_EvalFrameDefault", PYTHON), native("PyObject_Call", PYTHON)] + ROOT)
+              native("_PyEval_EvalFrameDefault", PYTHON), native("PyObject_Call", PYTHON),
+              native("call_back", EXTENSION), native("_PyObject_Call", PYTHON),
+              native("_PyEval_EvalFrameDefault", PYTHON), native("PyEval_EvalCode", PYTHON)] + ROOT[1:])
     python = [(py("key"), True), (py("handler"), False), (py("<module>"), True)]  # leaf first
     merged = merge_python(stack, python, PYTHON.path)
-    assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "<module>", "handler",
-                                   "PyObject_Call", "key", "zlib_compress", "deflate"]
+    assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "PyEval_EvalCode", "<module>",
+                                   "handler", "call_back", "key", "zlib_compress", "deflate"]
+
+
+def test_a_stack_the_unwinder_completed_needs_no_known_root():
+    # A thread's outermost frames in a stripped libc have no names (start_thread, clone3).
+    stack = [native("_PyEval_EvalFrameDefault", PYTHON), native("thread_run", PYTHON),
+             Frame(FrameKind.NATIVE, "[libc.so.6+0x891f4]", LIBC)]
+    python = [(py("work"), True)]
+    assert names(merge_python(stack, python, PYTHON.path, complete=True)[::-1]) == [
+        "[libc.so.6+0x891f4]", "thread_run", "work"]
+    assert names(merge_python(stack, python, PYTHON.path)[::-1]) == ["work"]
 
 
 def test_group_count_mismatch_puts_all_python_frames_between_the_outer_and_inner_eval_loops():
