@@ -4,11 +4,12 @@ pointers.
 
 Tables are built (or read from the disk cache) on a thread of their own, so that a large
 binary seen for the first time never holds up a drain: until its table is in, a process
-is unwound by frame pointers through that binary, and it is installed again once the
-table arrives. Rows of a binary stay loaded while any process maps it, and after that
+is unwound by frame pointers through that binary, and that thread installs it again as
+soon as the table is loaded. Rows of a binary stay loaded while any process maps it, and after that
 until the space is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
-a mapping without rows: BPF follows frame pointers there. So does bpfprof itself: the
-compiler libraries bcc maps into it (LLVM, clang) hold 2M rows, the whole default map.
+a mapping without rows: BPF follows frame pointers there. So does bpfprof itself, and a
+command it forks until that execs: the compiler libraries bcc maps into it (LLVM, clang)
+hold 2M rows, the whole default map.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from bpfprof.collector.processes import Mapping, Process
 from bpfprof.collector.run_allocator import RunAllocator
@@ -64,12 +65,14 @@ class UnwindStats:
 
 
 class _TableBuilder:
-    """A thread that builds unwind tables: submit() a binary, take_built() what is done."""
+    """A thread that builds the unwind tables submit() asks for, and hands each to
+    on_built(file, path, its table or why there is none)."""
 
-    def __init__(self, cache_dir: Optional[str]) -> None:
+    def __init__(self, cache_dir: Optional[str],
+                 on_built: Callable[[FileId, str, Union[UnwindTable, str]], None]) -> None:
         self._cache_dir = cache_dir
+        self._on_built = on_built
         self._todo: "queue.Queue[Optional[Tuple[FileId, str, str]]]" = queue.Queue()
-        self._done: "queue.Queue[Tuple[FileId, str, Union[UnwindTable, str]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
     def submit(self, file_id: FileId, open_path: str, path: str) -> None:
@@ -78,20 +81,9 @@ class _TableBuilder:
             self._thread.start()
         self._todo.put((file_id, open_path, path))
 
-    def take_built(self) -> List[Tuple[FileId, str, Union[UnwindTable, str]]]:
-        """(file, path, its table or why there is none) of each binary done since the last call."""
-        built = []
-        while True:
-            try:
-                built.append(self._done.get_nowait())
-            except queue.Empty:
-                return built
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-            self._thread = None
+    def stop(self) -> None:
+        """The thread ends after the table it may be building (it is a daemon: nobody waits)."""
+        self._todo.put(None)
 
     def _run(self) -> None:
         while True:
@@ -103,17 +95,19 @@ class _TableBuilder:
                 result: Union[UnwindTable, str] = open_unwind_table(open_path, self._cache_dir)
             except SymbolizerError as e:
                 result = str(e)
-            self._done.put((file_id, path, result))
+            self._on_built(file_id, path, result)
 
 
 class NativeUnwinding:
-    """Call on_snapshot() for every fresh read of a process, forget() when it execs or
-    exits, and install_built() often (the recorder's loop): tables come in there."""
+    """Call on_snapshot() for every fresh read of a process and forget() when it execs or
+    exits; tables come in on the builder's thread, hence the lock."""
 
     def __init__(self, sampler: Sampler, native: NativeSymbolizer, cache_dir: Optional[str] = None) -> None:
         self._sampler = sampler
         self._native = native
-        self._builder = _TableBuilder(cache_dir)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._builder = _TableBuilder(cache_dir, self._on_built)
         self._building: Dict[FileId, Set[int]] = {}  # binaries being built -> pids waiting for them
         self._snapshots: Dict[int, Process] = {}  # of the processes installed, to install again
         self._rows = RunAllocator(sampler.config.unwind_rows)
@@ -125,11 +119,43 @@ class NativeUnwinding:
         self._without_table: Dict[str, str] = {}
         self._evicted = 0
         self._num_processes = 0
+        self._skipped: Set[int] = {os.getpid()}
+
+    def skip_until_exec(self, pid: int) -> None:
+        """A copy of this process (a command forked, not yet exec'd): no tables for it."""
+        with self._lock:
+            self._skipped.add(pid)
 
     def on_snapshot(self, process: Process) -> None:
         """A fresh read of the process's maps: its mappings replace those installed."""
+        with self._lock:
+            self._install(process)
+
+    def forget(self, pid: int) -> None:
+        """The process exec'd or exited: its mappings are stale."""
+        with self._lock:
+            self._sampler.clear_unwind_process(pid)
+            self._release(pid)
+            self._snapshots.pop(pid, None)
+            if pid != os.getpid():
+                self._skipped.discard(pid)
+
+    def stats(self) -> UnwindStats:
+        with self._lock:
+            binaries = len({t.first_row for t in self._by_file.values() if t is not None})
+            return UnwindStats(self._rows.capacity, self._rows.num_used, self._mappings.capacity,
+                               self._mappings.num_used, binaries, self._num_processes, dict(self._without_table),
+                               self._evicted, self._sampler.config.unwind_memory_bytes())
+
+    def close(self) -> None:
+        """Before the sampler closes: no table is loaded or installed after this returns."""
+        with self._lock:
+            self._closed = True
+        self._builder.stop()
+
+    def _install(self, process: Process) -> None:
         mappings = process.mappings[:MAX_PROCESS_MAPPINGS]
-        if not mappings or process.pid == os.getpid():
+        if not mappings or process.pid in self._skipped:
             return
         records = self._sampler.new_unwind_mappings(len(mappings))
         tables: List[_LoadedTable] = []
@@ -154,35 +180,20 @@ class NativeUnwinding:
         self._processes[process.pid] = _InstalledProcess(first, len(mappings), tables)
         self._snapshots[process.pid] = process
 
-    def forget(self, pid: int) -> None:
-        """The process exec'd or exited: its mappings are stale."""
-        self._sampler.clear_unwind_process(pid)
-        self._release(pid)
-        self._snapshots.pop(pid, None)
-
-    def install_built(self) -> None:
-        """Load the tables built since the last call, and install again the processes
-        that were waiting for them."""
-        waiting: Set[int] = set()
-        for file_id, path, result in self._builder.take_built():
-            waiting |= self._building.pop(file_id, set())
+    def _on_built(self, file_id: FileId, path: str, result: Union[UnwindTable, str]) -> None:
+        """On the builder's thread: load the table, install again the processes waiting for it."""
+        with self._lock:
+            if self._closed:
+                return
+            waiting = self._building.pop(file_id, set())
             if isinstance(result, str):
                 self._without_table[path] = result
                 self._by_file[file_id] = None
             else:
                 self._by_file[file_id] = self._load(result, path)
-        for pid in waiting:
-            if pid in self._snapshots:
-                self.on_snapshot(self._snapshots[pid])
-
-    def close(self) -> None:
-        self._builder.close()
-
-    def stats(self) -> UnwindStats:
-        binaries = len({t.first_row for t in self._by_file.values() if t is not None})
-        return UnwindStats(self._rows.capacity, self._rows.num_used, self._mappings.capacity,
-                           self._mappings.num_used, binaries, self._num_processes, dict(self._without_table),
-                           self._evicted, self._sampler.config.unwind_memory_bytes())
+            for pid in waiting:
+                if pid in self._snapshots:
+                    self._install(self._snapshots[pid])
 
     def _release(self, pid: int) -> None:
         installed = self._processes.pop(pid, None)

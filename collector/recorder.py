@@ -127,8 +127,6 @@ class Recorder:
     def _apply(self, arrivals: List[Arrival]) -> None:
         for event, early in arrivals:
             self._on_event(event, early)
-        if self._unwinding:
-            self._unwinding.install_built()
 
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
@@ -196,6 +194,8 @@ class Recorder:
                 self._processes.snapshot(pid)
             if command:
                 child = Command(command)
+                if self._unwinding:
+                    self._unwinding.skip_until_exec(child.pid)
                 self._sampler.add_targets([child.pid])
                 child.release()
             next_drain = start + DRAIN_INTERVAL_S
@@ -221,9 +221,9 @@ class Recorder:
             unwind_ends = self._sampler.unwind_ends()
         finally:
             self._events.stop()
-            self._sampler.close()
             if self._unwinding:
                 self._unwinding.close()
+            self._sampler.close()
             self._native.close()
             if self._python:
                 self._python.close()
