@@ -91,7 +91,10 @@ class Recorder:
         self._unwinding = NativeUnwinding(self._sampler, self._native) if config.native_unwind else None
         told = [told.on_snapshot for told in (self._python, self._unwinding) if told is not None]
         self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again)
-        self._resolver = StackResolver(self._processes, self._native, KernelSymbols(), self._python)
+        self._events_due = 0.0
+        self._kernel = KernelSymbols()
+        self._resolver = StackResolver(self._processes, self._native, self._kernel, self._python,
+                                       between_frames=self._take_events_when_due)
         self._live_targets = set(config.pids)
         self._stop = False
         self.sampling_since: Optional[float] = None  # time.monotonic() when run() began sampling
@@ -143,11 +146,18 @@ class Recorder:
             self._processes.on_exit(event.pid)
             self._live_targets.discard(event.pid)
 
+    def _take_events_when_due(self) -> None:
+        """In a drain: new processes are read every EVENTS_IN_DRAIN_S, between samples and
+        between the frames of one (naming a binary's first frames can take 100 ms)."""
+        if time.monotonic() >= self._events_due:
+            self._apply(self._events.take(0))
+            self._events_due = time.monotonic() + EVENTS_IN_DRAIN_S
+
     def _drain(self) -> None:
         self._apply(self._events.take(0))  # snapshots first, so every sample finds its process
         exited = self._processes.exited()
         ended_threads = self._python.ended_threads() if self._python else {}
-        next_events = time.monotonic() + EVENTS_IN_DRAIN_S
+        self._events_due = time.monotonic() + EVENTS_IN_DRAIN_S
         drained = self._sampler.drain()
         cpu_period = 1_000_000_000 // self.config.frequency
         # Each kind of raw sample, and the values it adds to each profile type.
@@ -161,9 +171,7 @@ class Recorder:
                 for kind, values in values_by_type(sample).items():
                     if kind in self.profiles:
                         self.profiles[kind].add(stack, labels, values)
-                if time.monotonic() >= next_events:
-                    self._apply(self._events.take(0))
-                    next_events = time.monotonic() + EVENTS_IN_DRAIN_S
+                self._take_events_when_due()
         if self._python:
             self._python.drop_names(ended_threads)
         for pid in self._processes.end_drain(exited):
@@ -188,6 +196,8 @@ class Recorder:
         try:
             self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
             self._events.start()
+            if self.config.kernel_stacks:
+                self._kernel.load_in_background()
             self.profiles = self._new_profiles()  # from the first sample on
             self.sampling_since = time.monotonic()
             for pid in self.config.pids:  # read (and find CPython in) the targets before their first sample

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from bpfprof.collector.processes import ProcessTable
 from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Stack
@@ -75,7 +75,8 @@ def merge_python(native: List[Frame], python: List[Tuple[Frame, bool]], interpre
 
 class StackResolver:
     def __init__(self, processes: ProcessTable, native: NativeSymbolizer, kernel: KernelSymbols,
-                 python: Optional[PythonProcesses] = None):
+                 python: Optional[PythonProcesses] = None, between_frames: Callable[[], None] = lambda: None):
+        self._between_frames = between_frames  # called before each user frame is named
         self._processes = processes
         self._native = native
         self._kernel = kernel
@@ -111,6 +112,7 @@ class StackResolver:
         return tuple(frames), labels
 
     def _user_frame(self, pid: int, address: int) -> Frame:
+        self._between_frames()
         mapping = self._processes.get_mapping(pid, address)
         if mapping is None:
             return Frame(FrameKind.NATIVE, f"[unmapped {address:#x}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 from array import array
 from typing import Dict, List, Optional, Tuple
 
@@ -24,9 +25,19 @@ class KernelSymbols:
         self._names = PackedNames([])  # in address order
         self._frames: Dict[int, Frame] = {}
         self._loaded = False
+        self._loading = threading.Lock()
+
+    def load_in_background(self) -> None:
+        """Read kallsyms (0.2 s) on a thread of its own now, rather than in the first drain."""
+        threading.Thread(target=self._load, name="bpfprof-kallsyms", daemon=True).start()
 
     def _load(self) -> None:
-        self._loaded = True
+        with self._loading:
+            if not self._loaded:
+                self._read()
+                self._loaded = True
+
+    def _read(self) -> None:
         symbols: List[Tuple[int, bytes]] = []
         try:
             with open(self._path, "rb") as f:
