@@ -4,6 +4,7 @@ with -fomit-frame-pointer, and pyenv CPython (no frame pointers) calling into zl
 from __future__ import annotations
 
 import ctypes
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def test_recursion(no_frame_pointers, tmp_path):
 def test_call_through_a_shared_library(no_frame_pointers, tmp_path):
     _, samples = record(tmp_path, "--", str(no_frame_pointers), "library", "2")
     assert share(samples, lambda s: s.has_chain(*ROOT, "call_library", "library_outer", "library_inner")) >= 0.9
+
+
+def test_library_loaded_after_the_process_was_read(no_frame_pointers, tmp_path):
+    """The mappings BPF unwinds through are read again when the process runs code in none
+    of them (here a library dlopen'd 0.3 s in, after its first samples were taken)."""
+    library = tmp_path / "libunwind_loaded.so"
+    shutil.copy(no_frame_pointers.parent / "libunwind_lib.so", library)
+    _, samples = record(tmp_path, "--", str(no_frame_pointers), "dlopen", "4", str(library))
+    in_library = [s for s in samples if "library_inner" in s.functions]
+    assert sum(s.count for s in in_library) >= 4 * 199 * 0.8
+    assert share(in_library, lambda s: s.has_chain(*ROOT, "call_loaded", "library_outer", "library_inner")) >= 0.9
 
 
 def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_path):
