@@ -31,7 +31,7 @@ _INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
 _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
 _PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
-_NAME_SCANS = 3  # scans of a process with new threads, while some have no name
+_NAME_SCAN_S = 0.2  # how long a process with new threads is scanned again, while some have no name
 _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
 
 
@@ -89,7 +89,7 @@ class PythonProcesses:
         self._warned: Set[str] = set()
         self._looks: Dict[int, float] = {}  # pid -> when it was first looked at waiting for libpython
         self._unreadable: Set[int] = set()  # pids running a CPython that cannot be read
-        self._new_threads: Dict[int, int] = {}  # pid -> scans left; event thread only
+        self._new_threads: Dict[int, float] = {}  # pid -> scanned until (monotonic); event thread only
         self._scan_lock = threading.Lock()  # scans and name pruning, on either thread
 
     def on_snapshot(self, process: Process) -> None:
@@ -255,21 +255,21 @@ class PythonProcesses:
 
     def on_python_thread(self, pid: int) -> None:
         """The walker found a thread (or needs the pthread tid offset). Event thread."""
-        self._new_threads[pid] = _NAME_SCANS
+        self._new_threads[pid] = time.monotonic() + _NAME_SCAN_S
 
     def scan_new_threads(self) -> None:
         """Name the threads found since the last call, while they run. Event thread,
         after each batch of events. A thread that has only just started may not be in
-        threading's list yet: a process with unnamed threads is scanned again, a few
-        times, after the next batches."""
-        for pid, scans in list(self._new_threads.items()):
+        threading's list yet: a process with unnamed threads is scanned again after the
+        next batches, for _NAME_SCAN_S (a count of scans would run out in a burst of
+        events)."""
+        now = time.monotonic()
+        for pid, until in list(self._new_threads.items()):
             interpreter = self.interpreters.get(pid)
             if interpreter is not None:
                 self.scan_threads(interpreter)
-            if interpreter is None or scans <= 1 or interpreter.threads <= interpreter.names.keys():
+            if interpreter is None or now >= until or interpreter.threads <= interpreter.names.keys():
                 del self._new_threads[pid]
-            else:
-                self._new_threads[pid] = scans - 1
 
     def on_python_stack(self, pid: int, frames: Tuple[RawPythonFrame, ...]) -> None:
         """A stack the walker stored for the first time since a drain: read its code
