@@ -101,9 +101,9 @@ def main() -> None:
     bpfprof = [sys.executable, "-m", "bpfprof", "record", "-F", HZ]
     profilers: Dict[str, Tuple[Callable[[int, Path], List[str]], Callable[[subprocess.Popen, Path], Stacks]]] = {
         "bpfprof (.eh_frame in BPF)": (
-            lambda pid, t: bpfprof + ["-p", str(pid), "-o", str(t / "dwarf.folded")],
+            lambda pid, t: bpfprof + ["--dwarf", "-p", str(pid), "-o", str(t / "dwarf.folded")],
             lambda p, t: read_folded((t / "dwarf.folded").read_text())),
-        "bpfprof --no-dwarf": (
+        "bpfprof (frame pointers)": (
             lambda pid, t: bpfprof + ["--no-dwarf", "-p", str(pid), "-o", str(t / "fp.folded")],
             lambda p, t: read_folded((t / "fp.folded").read_text())),
         "bcc profile": (

@@ -57,8 +57,9 @@ _map_size_options = _options(
                  help="Distinct stacks kept per drain interval."),
     click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
                  help="Distinct (thread, stack) keys per drain interval, and followed processes."),
-    click.option("--no-dwarf", is_flag=True,
-                 help="Unwind native stacks by frame pointers only, not from .eh_frame unwind tables."),
+    click.option("--dwarf/--no-dwarf", default=False, show_default=True,
+                 help="Unwind native stacks from .eh_frame unwind tables in BPF (code without frame "
+                      "pointers), rather than by frame pointers only."),
     click.option("--unwind-rows", default=1 << 21, show_default=True, type=click.IntRange(1024, 1 << 28),
                  help="Unwind table rows held in the kernel for all binaries at once (8 bytes each)."),
 )
@@ -67,7 +68,7 @@ _min_block_option = click.option("--min-block", default=1.0, show_default=True, 
 
 
 def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool, min_block: float,
-                    stack_storage_size: int, map_size: int, no_dwarf: bool, unwind_rows: int,
+                    stack_storage_size: int, map_size: int, dwarf: bool, unwind_rows: int,
                     pids: Tuple[int, ...] = (), follow_children=False):
     """What the sampler must do to make the profiles of `types`."""
     from bpfprof.collector.sampler import SamplerConfig
@@ -76,7 +77,7 @@ def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_py
         frequency=frequency, pids=pids, follow_children=follow_children, kernel_stacks=not no_kernel,
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
         python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
-        min_block_ns=int(min_block * 1000), native_unwind=not no_dwarf, unwind_rows=unwind_rows,
+        min_block_ns=int(min_block * 1000), native_unwind=dwarf, unwind_rows=unwind_rows,
     )
 
 
@@ -165,7 +166,7 @@ def cli() -> None:
 @_map_size_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
-           stack_storage_size, map_size, no_dwarf, unwind_rows, command) -> None:
+           stack_storage_size, map_size, dwarf, unwind_rows, command) -> None:
     """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
     from bpfprof.collector.functions import function_rows
     from bpfprof.collector.output import get_writer, path_for_type
@@ -181,7 +182,7 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
     config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
-                             no_dwarf, unwind_rows, pids, follow_children=bool(command))
+                             dwarf, unwind_rows, pids, follow_children=bool(command))
     recorder = _recorder(config, types)
 
     def progress() -> None:
@@ -384,7 +385,7 @@ Examples:
 def agent(frequency, types, interval, min_block, no_kernel, no_python, node, output_dir, retention_age,
           retention_size, push_url, push_tenant, push_username_file, push_password_file, push_token_file,
           push_ca_file, push_insecure_skip_verify, push_queue, metrics_addr, log_file, log_level,
-          service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size, no_dwarf,
+          service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size, dwarf,
           unwind_rows) -> None:
     """Profile continuously: a labelled profile every interval, kept on disk and/or pushed to Pyroscope."""
     if not (output_dir or push_url):
@@ -415,7 +416,7 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
                             verify_tls=not push_insecure_skip_verify)
         queue = PushQueue(client.push, push_queue)
     config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
-                             no_dwarf, unwind_rows)
+                             dwarf, unwind_rows)
     recorder = _recorder(config, types, warn=log.warning)
     pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
     labeller = Labeller(node, pods, service_name_label or "")

@@ -97,7 +97,7 @@ class SamplerConfig:
     block: bool = False  # record blocking delay (sched_switch)
     wall: bool = False  # record off-CPU time of every kind (sched_switch), for wall-clock profiles
     min_block_ns: int = 1000
-    native_unwind: bool = True  # unwind user stacks from unwind tables (else frame pointers only)
+    native_unwind: bool = False  # unwind user stacks from unwind tables (else frame pointers only)
     unwind_rows: int = 1 << 21  # unwind table rows, of every binary, held at once (8 bytes each)
     unwind_mappings: int = 1 << 16  # executable mappings of every process, held at once (32 bytes each)
     unwind_frames_per_program: int = 8  # frames unwound per tail call of the unwinder
@@ -279,7 +279,7 @@ class Sampler:
                 fn = self._bpf.load_func(function, kind)
             except Exception as e:
                 self.close()
-                raise SetupError(f"cannot load the native unwinder ({e}); --no-dwarf unwinds by frame pointers only") from e
+                raise SetupError(f"cannot load the native unwinder ({e}); without --dwarf stacks are unwound by frame pointers") from e
             self._bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
 
     def add_targets(self, pids: Iterable[int]) -> None:

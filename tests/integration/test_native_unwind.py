@@ -47,7 +47,7 @@ def test_unwinder_memory_is_what_its_maps_take(monkeypatch):
     """What `check` and the end summary say the unwinder's maps take, against the maps loaded."""
     monkeypatch.setenv("BCC_KERNEL_SOURCE", "")  # the sampler sets it: restored for the other tests
     monkeypatch.delenv("BCC_KERNEL_SOURCE")
-    config = SamplerConfig(block=True)
+    config = SamplerConfig(block=True, native_unwind=True)
     sampler = Sampler(config, find_kernel_headers())
     sampler.start(lambda event: None)
     try:
@@ -61,7 +61,7 @@ def test_unwinder_memory_is_what_its_maps_take(monkeypatch):
 
 def record(tmp_path, *args: str, name: str = "out.pb.gz"):
     out = tmp_path / name
-    result = run_bpfprof("record", "-F", "199", "-o", str(out), *args)
+    result = run_bpfprof("record", "-F", "199", "--dwarf", "-o", str(out), *args)
     assert result.returncode == 0, result.stderr
     return result, [s for s in read_samples(out) if s.labels["comm"] != "bpfprof"]
 
@@ -112,7 +112,8 @@ def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_
 def test_blocking_delay_stacks(no_frame_pointers, tmp_path):
     # With CPU samples too, so that the process is read while it spins, before its first nap.
     out = tmp_path / "out.pb.gz"
-    result = run_bpfprof("record", "-t", "cpu", "-t", "block", "-o", str(out), "--", str(no_frame_pointers), "sleep", "1")
+    result = run_bpfprof("record", "--dwarf", "-t", "cpu", "-t", "block", "-o", str(out), "--",
+                         str(no_frame_pointers), "sleep", "1")
     assert result.returncode == 0, result.stderr
     delay = [s for s in read_samples(tmp_path / "out.block.pb.gz") if "clock_nanosleep" in s.functions]
     total = sum(s.values[1] for s in delay)
