@@ -5,11 +5,11 @@ pointers.
 Tables are built (or read from the disk cache) on a thread of their own, so that a large
 binary seen for the first time never holds up a drain: until its table is in, a process
 is unwound by frame pointers through that binary, and that thread installs it again as
-soon as the table is loaded. Rows of a binary stay loaded while any process maps it, and after that
-until the space is needed. A binary whose table cannot be built or placed, and anonymous code (JIT), get
-a mapping without rows: BPF follows frame pointers there. So does bpfprof itself, and a
-command it forks until that execs: the compiler libraries bcc maps into it (LLVM, clang)
-hold 2M rows, the whole default map.
+soon as the table is loaded. Rows of a binary stay loaded while any process maps it, and
+after that until the space is needed. A binary whose table cannot be built or placed,
+and anonymous code (JIT), get a mapping without rows: BPF follows frame pointers there.
+So does bpfprof itself, and a command it forks until that execs: the compiler libraries
+bcc maps into it (LLVM, clang) hold 2M rows, the whole default map.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes import Mapping, Process
 from bpfprof.collector.run_allocator import RunAllocator
@@ -46,40 +46,36 @@ class _LoadedTable:
 
 @dataclass
 class _InstalledProcess:
+    process: Process  # the snapshot installed, to install again as its tables arrive
     first_mapping: int
     num_mappings: int
-    tables: List[_LoadedTable] = field(default_factory=list)
+    tables: List[_LoadedTable]
 
 
 @dataclass
 class UnwindStats:
     rows_capacity: int
     rows_used: int
-    mappings_capacity: int
-    mappings_used: int
     binaries: int  # with rows loaded
     processes: int  # whose mappings were installed, in all
-    without_table: Dict[str, str]  # binary path -> why it has no rows (frame pointers there)
-    evicted: int  # tables unloaded to make room
     kernel_bytes: int  # of the unwinder's maps, allocated at start-up
 
 
 class _TableBuilder:
     """A thread that builds the unwind tables submit() asks for, and hands each to
-    on_built(file, path, its table or why there is none)."""
+    on_built(file, its table or None if it has none)."""
 
-    def __init__(self, cache_dir: Optional[str],
-                 on_built: Callable[[FileId, str, Union[UnwindTable, str]], None]) -> None:
+    def __init__(self, cache_dir: Optional[str], on_built: Callable[[FileId, Optional[UnwindTable]], None]) -> None:
         self._cache_dir = cache_dir
         self._on_built = on_built
-        self._todo: "queue.Queue[Optional[Tuple[FileId, str, str]]]" = queue.Queue()
+        self._todo: "queue.Queue[Optional[Tuple[FileId, str]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
-    def submit(self, file_id: FileId, open_path: str, path: str) -> None:
+    def submit(self, file_id: FileId, open_path: str) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="bpfprof-unwind-tables", daemon=True)
             self._thread.start()
-        self._todo.put((file_id, open_path, path))
+        self._todo.put((file_id, open_path))
 
     def stop(self) -> None:
         """The thread ends after the table it may be building (it is a daemon: nobody waits)."""
@@ -90,12 +86,12 @@ class _TableBuilder:
             work = self._todo.get()
             if work is None:
                 return
-            file_id, open_path, path = work
+            file_id, open_path = work
             try:
-                result: Union[UnwindTable, str] = open_unwind_table(open_path, self._cache_dir)
-            except SymbolizerError as e:
-                result = str(e)
-            self._on_built(file_id, path, result)
+                table: Optional[UnwindTable] = open_unwind_table(open_path, self._cache_dir)
+            except SymbolizerError:
+                table = None  # not an x86-64 ELF file, or gone: frame pointers there
+            self._on_built(file_id, table)
 
 
 class NativeUnwinding:
@@ -109,15 +105,12 @@ class NativeUnwinding:
         self._closed = False
         self._builder = _TableBuilder(cache_dir, self._on_built)
         self._building: Dict[FileId, Set[int]] = {}  # binaries being built -> pids waiting for them
-        self._snapshots: Dict[int, Process] = {}  # of the processes installed, to install again
         self._rows = RunAllocator(sampler.config.unwind_rows)
         self._mappings = RunAllocator(sampler.config.unwind_mappings)
         self._by_file: Dict[FileId, Optional[_LoadedTable]] = {}  # None: no table for this file
         self._by_build_id: Dict[str, _LoadedTable] = {}
         self._idle: "OrderedDict[int, _LoadedTable]" = OrderedDict()  # loaded, no users; oldest first
         self._processes: Dict[int, _InstalledProcess] = {}
-        self._without_table: Dict[str, str] = {}
-        self._evicted = 0
         self._num_processes = 0
         self._skipped: Set[int] = {os.getpid()}
 
@@ -136,16 +129,13 @@ class NativeUnwinding:
         with self._lock:
             self._sampler.clear_unwind_process(pid)
             self._release(pid)
-            self._snapshots.pop(pid, None)
-            if pid != os.getpid():
-                self._skipped.discard(pid)
+            self._skipped.discard(pid)
 
     def stats(self) -> UnwindStats:
         with self._lock:
             binaries = len({t.first_row for t in self._by_file.values() if t is not None})
-            return UnwindStats(self._rows.capacity, self._rows.num_used, self._mappings.capacity,
-                               self._mappings.num_used, binaries, self._num_processes, dict(self._without_table),
-                               self._evicted, self._sampler.config.unwind_memory_bytes())
+            return UnwindStats(self._rows.capacity, self._rows.num_used, binaries, self._num_processes,
+                               self._sampler.config.unwind_memory_bytes())
 
     def close(self) -> None:
         """Before the sampler closes: no table is loaded or installed after this returns."""
@@ -177,23 +167,18 @@ class NativeUnwinding:
         if process.pid not in self._processes:
             self._num_processes += 1
         self._release(process.pid)
-        self._processes[process.pid] = _InstalledProcess(first, len(mappings), tables)
-        self._snapshots[process.pid] = process
+        self._processes[process.pid] = _InstalledProcess(process, first, len(mappings), tables)
 
-    def _on_built(self, file_id: FileId, path: str, result: Union[UnwindTable, str]) -> None:
+    def _on_built(self, file_id: FileId, table: Optional[UnwindTable]) -> None:
         """On the builder's thread: load the table, install again the processes waiting for it."""
         with self._lock:
             if self._closed:
                 return
             waiting = self._building.pop(file_id, set())
-            if isinstance(result, str):
-                self._without_table[path] = result
-                self._by_file[file_id] = None
-            else:
-                self._by_file[file_id] = self._load(result, path)
+            self._by_file[file_id] = self._load(table) if table is not None else None
             for pid in waiting:
-                if pid in self._snapshots:
-                    self._install(self._snapshots[pid])
+                if pid in self._processes:
+                    self._install(self._processes[pid].process)
 
     def _release(self, pid: int) -> None:
         installed = self._processes.pop(pid, None)
@@ -219,31 +204,27 @@ class NativeUnwinding:
             return self._by_file[obj.file_id]
         if obj.file_id not in self._building:
             path = self._native.get_open_path(obj)
-            if path is None:
-                self._without_table[obj.path] = "gone before it could be opened"
+            if path is None:  # gone before it could be opened
                 self._by_file[obj.file_id] = None
                 return None
             self._building[obj.file_id] = set()
-            self._builder.submit(obj.file_id, path, obj.path)
+            self._builder.submit(obj.file_id, path)
         self._building[obj.file_id].add(pid)
         return None
 
-    def _load(self, table: UnwindTable, path: str) -> Optional[_LoadedTable]:
+    def _load(self, table: UnwindTable) -> Optional[_LoadedTable]:
+        """The table's rows placed in unwind_rows; None for a binary without rows (no
+        .eh_frame or .debug_frame), with more than BPF searches, or with no room left."""
         shared = self._by_build_id.get(table.build_id) if table.build_id else None
         if shared is not None:  # the same binary through another mount namespace
             return shared
-        if not table.num_rows():
-            self._without_table[path] = "no .eh_frame or .debug_frame"
-            return None
-        if table.num_rows() > MAX_BINARY_ROWS:
-            self._without_table[path] = f"{table.num_rows()} unwind rows, more than the {MAX_BINARY_ROWS} searched"
+        if not table.num_rows() or table.num_rows() > MAX_BINARY_ROWS:
             return None
         first = self._rows.allocate(table.num_rows())
         while first is None and self._idle:
             self._evict(self._idle.popitem(last=False)[1])
             first = self._rows.allocate(table.num_rows())
         if first is None:
-            self._without_table[path] = "no room left in the unwind table map (--unwind-rows)"
             return None
         self._sampler.write_unwind_rows(first, table.records())
         loaded = _LoadedTable(first, table.num_rows(), table.segments, table.build_id)
@@ -256,7 +237,6 @@ class NativeUnwinding:
         self._by_build_id.pop(table.build_id, None)
         for file_id in [f for f, t in self._by_file.items() if t is table]:
             del self._by_file[file_id]
-        self._evicted += 1
 
 
 def _bias(table: _LoadedTable, mapping: Mapping) -> Optional[int]:
