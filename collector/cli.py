@@ -393,7 +393,7 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
     if interval < 1:
         raise UsageError("--interval must be at least 1s (profiles are drained every second)")
 
-    from bpfprof.collector.agent.agent import Agent, use_one_malloc_arena
+    from bpfprof.collector.agent.agent import Agent, tune_malloc
     from bpfprof.collector.agent.disk_sink import DiskSink
     from bpfprof.collector.agent.kubernetes import PodMetadata
     from bpfprof.collector.agent.labels import Labeller
@@ -402,7 +402,7 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
     from bpfprof.collector.agent.push_queue import PushQueue
     from bpfprof.collector.agent.pyroscope import Credentials, PushClient
 
-    use_one_malloc_arena()
+    tune_malloc()
     types = tuple(dict.fromkeys(types or ("cpu",)))
     try:
         log_handler = setup_logging(log_file, log_level)

@@ -1,8 +1,9 @@
-"""Load, attach and drain the BPF sampler; the only module that touches bcc and ctypes."""
+"""Load, attach and drain the BPF sampler; the only module that touches bcc."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import re
@@ -76,6 +77,43 @@ def _release_compiler_memory() -> None:
                 region = (start, end) if shared_file else None
             elif fields[0] == "Anonymous:" and region is not None and fields[1] == "0":
                 libc.madvise(region[0], region[1] - region[0], _MADV_DONTNEED)  # advice only: failure is harmless
+
+
+class _Batches:
+    """Reads a BPF hash map (and clears it, when asked) a batch at a time through buffers
+    made once: bcc's items_*_batch makes and zeroes buffers for every entry the map can
+    hold on each call, megabytes per drain that glibc then keeps in its heap."""
+
+    SIZE = 256  # entries a call
+
+    def __init__(self, table, name: str) -> None:
+        from bcc import lib
+
+        self._table = table
+        self._name = name
+        self._lib = lib
+        self._size = min(self.SIZE, table.max_entries)
+        self._keys = (table.Key * self._size)()
+        self._values = (table.Leaf * self._size)()
+
+    def read(self, delete: bool) -> Iterable[Tuple[object, object]]:
+        """Every (key, value) in the map. Both live in the shared buffers: read each pair
+        before asking for the next."""
+        call = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
+        position, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            count.value = self._size
+            result = call(self._table.map_fd, None if first else ctypes.byref(position), ctypes.byref(position),
+                          self._keys, self._values, ctypes.byref(count))
+            error = ctypes.get_errno()
+            if result != 0 and error != errno.ENOENT:
+                raise OSError(error, f"reading BPF map {self._name} in batches: {os.strerror(error)}")
+            for i in range(count.value):
+                yield self._keys[i], self._values[i]
+            if result != 0:  # ENOENT: that was the last batch
+                return
+            first = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +256,7 @@ class Sampler:
         self.headers = headers
         self._bpf = None
         self._active = 0
+        self._batches: Dict[str, _Batches] = {}
         self._loss_totals = dict.fromkeys(LOSS_REASONS, 0)
         self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
 
@@ -311,8 +350,8 @@ class Sampler:
         time.sleep(_IN_FLIGHT_GRACE_S)
 
         stacks = self._bpf[f"stacks_{drained}"]
-        cpu = self._samples(self._bpf[f"counts_{drained}"], stacks, self._python_stacks(f"python_stacks_{drained}"),
-                            self._native_stacks(f"native_stacks_{drained}"))
+        cpu = self._samples(self._entries(f"counts_{drained}"), stacks,
+                            self._python_stacks(f"python_stacks_{drained}"), self._native_stacks(f"native_stacks_{drained}"))
         # Also clears stacks whose sample found the counts map full.
         for key in list(stacks.keys()):
             del stacks[key]
@@ -322,8 +361,8 @@ class Sampler:
             native = self._native_stacks("offcpu_native_stacks", keep=True)
             for kind in ("block", "wall"):
                 if getattr(self.config, kind):
-                    offcpu[kind] = self._samples(self._bpf[f"{kind}_{drained}"], self._bpf["offcpu_stacks"], python,
-                                                 native)
+                    offcpu[kind] = self._samples(self._entries(f"{kind}_{drained}"), self._bpf["offcpu_stacks"],
+                                                 python, native)
         return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []))
 
     def prune_offcpu_stacks(self) -> int:
@@ -358,10 +397,17 @@ class Sampler:
                         pass
         return freed
 
+    def _entries(self, table_name: str, keep: bool = False) -> Iterable[Tuple[object, object]]:
+        """Every (key, value) of a hash map, cleared unless kept; read each pair before the next."""
+        if table_name not in self._batches:
+            self._batches[table_name] = _Batches(self._bpf[table_name], table_name)
+        return self._batches[table_name].read(delete=not keep)
+
     @staticmethod
-    def _samples(counts, stacks, python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
+    def _samples(counts: Iterable[Tuple[object, object]], stacks,
+                 python: Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
                  native: Dict[int, Tuple[Tuple[int, ...], bool]]) -> List[RawSample]:
-        """Read and clear one counts map; its keys' stacks are in `stacks`, `python` and `native`."""
+        """Raw samples from one counts map's entries; their stacks are in `stacks`, `python` and `native`."""
         resolved: Dict[int, Tuple[int, ...]] = {}
 
         def stack(stack_id: int) -> Tuple[int, ...]:
@@ -375,7 +421,7 @@ class Sampler:
             return resolved[stack_id]
 
         samples = []
-        for k, v in counts.items_lookup_and_delete_batch():
+        for k, v in counts:
             python_stack, python_truncated = python.get(k.python_stack, ((), False))
             user_stack, complete = native.get(k.native_stack, ((), False)) if k.native_stack else (
                 stack(k.user_stack_id), False)
@@ -398,20 +444,16 @@ class Sampler:
         """Read (and clear, unless kept) a Python stack map: hash -> (frames leaf first, truncated)."""
         if not self.config.python:
             return {}
-        table = self._bpf[table_name]
-        items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
-        return {key: (_python_frames(value), bool(value.truncated)) for key, value in items}  # batch keys come as ints
+        return {key: (_python_frames(value), bool(value.truncated)) for key, value in self._entries(table_name, keep)}
 
     def _native_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[Tuple[int, ...], bool]]:
         """Read (and clear, unless kept) a native stack map: hash -> (addresses leaf first,
         whether unwinding reached the outermost frame)."""
         if not self.config.native_unwind:
             return {}
-        table = self._bpf[table_name]
-        items = ((k.value, v) for k, v in table.items()) if keep else table.items_lookup_and_delete_batch()
         complete = UNWIND_ENDS["UNWIND_COMPLETE"]
         return {key: (tuple(value.pcs[: min(value.depth, len(value.pcs))]), value.end == complete)
-                for key, value in items}
+                for key, value in self._entries(table_name, keep)}
 
     def write_unwind_rows(self, first: int, records: bytes) -> None:
         """Copy unwind rows (struct unwind_row records) into unwind_rows from index first."""

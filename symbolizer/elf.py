@@ -238,7 +238,7 @@ class _Lines:
         self._dwarf, self._mapped = _dwarf_info(elf, stream)
         self._aranges = self._dwarf.get_aranges()
         self._spans: Optional[Tuple[List[int], List[Tuple[int, int]]]] = None  # without .debug_aranges
-        self._tables: Dict[int, Tuple[List[int], list]] = {}
+        self._tables: Dict[int, tuple] = {}  # CU offset -> _line_table()
 
     def _cu_offset(self, vaddr: int) -> Optional[int]:
         if self._aranges:
@@ -261,8 +261,8 @@ class _Lines:
                 self._forget_parsed()
         except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
             return None  # malformed DWARF: names still come from the symbol tables
-        addresses, lines, files, names = table
-        i = bisect.bisect_right(addresses, vaddr) - 1
+        base, addresses, lines, files, names = table
+        i = bisect.bisect_right(addresses, vaddr - base) - 1
         if i < 0 or not lines[i]:
             return None
         return names[files[i]], lines[i]
@@ -307,10 +307,11 @@ def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
     return spans
 
 
-def _line_table(cus, dwarf) -> Tuple[array, array, array, List[str]]:
-    """Sorted addresses and, for each, the line (0 where a sequence ends) and the index
-    of its file name in the list that ends the tuple. Compact: 14 bytes a row, and a
-    row that names the same place as the one before it is left out."""
+def _line_table(cus, dwarf) -> Tuple[int, array, array, array, List[str]]:
+    """A base address; sorted addresses, as offsets from the base, and for each the line
+    (0 where a sequence ends) and the index of its file name in the list that ends the
+    tuple. Compact: 10 bytes a row, and a row that names the same place as the one before
+    it is left out."""
     sequences = []
     for n, cu in enumerate(cus):
         program = dwarf.line_program_for_CU(cu)
@@ -327,7 +328,8 @@ def _line_table(cus, dwarf) -> Tuple[array, array, array, List[str]]:
     else:  # overlapping sequences: every row sorted, a sequence's end before a start at the same address
         rows = sorted(((address, place, s[1], s[4]) for s in sequences for address, place in zip(s[2], s[3])),
                       key=lambda r: (r[0], r[1] >= 0))
-    addresses, lines, files = array("Q"), array("L"), array("H")
+    base = sequences[0][0] if sequences else 0  # every address of a compilation unit is within 4 GiB of it
+    addresses, lines, files = array("I"), array("I"), array("H")
     index: Dict[Tuple[int, int, int], int] = {}
     file_names: List[str] = []
     previous = None
@@ -342,15 +344,15 @@ def _line_table(cus, dwarf) -> Tuple[array, array, array, List[str]]:
                 name = _file_name(program, key[1])
                 i = index[key] = len(file_names)
                 file_names.append(name)
-            addresses.append(address)
+            addresses.append(address - base)
             lines.append(place & 0xFFFFFFFF)
             files.append(i)
         else:
             previous = None
-            addresses.append(address)
+            addresses.append(address - base)
             lines.append(0)
             files.append(0)
-    return addresses, lines, files, file_names
+    return base, addresses, lines, files, file_names
 
 
 def _file_name(program, index: int) -> str:

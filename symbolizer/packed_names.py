@@ -11,8 +11,8 @@ from typing import Sequence
 class PackedNames:
     def __init__(self, names: Sequence[bytes]) -> None:
         self._block = b"\0".join(names) + b"\0"
-        self._starts = array("L", itertools.accumulate([len(n) + 1 for n in names[:-1]], initial=0)) if names \
-            else array("L")
+        self._starts = array("I", itertools.accumulate([len(n) + 1 for n in names[:-1]], initial=0)) if names \
+            else array("I")
 
     def __len__(self) -> int:
         return len(self._starts)

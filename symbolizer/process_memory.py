@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
+
+# pread(2) called with the GIL held (a PyDLL function): a read of /proc/PID/mem takes
+# microseconds, while giving the GIL up for it (as os.pread does) makes every read wait
+# for the thread holding it to let go, a switch interval each, whenever a drain is busy
+# on another thread. Names of a short thread's threading.Thread take hundreds of reads.
+_pread = ctypes.PyDLL(None, use_errno=True).pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+_MAX_ADDRESS = (1 << 63) - 1
 
 
 class UnreadableMemory(Exception):
@@ -19,13 +29,12 @@ class ProcessMemory:
             raise UnreadableMemory(f"cannot open the memory of {pid}: {e.strerror or e}") from None
 
     def read(self, address: int, size: int) -> bytes:
-        try:
-            data = os.pread(self._fd, size, address) if address > 0 else b""
-        except (OSError, OverflowError):
-            data = b""
-        if len(data) != size:
+        if size == 0 and address > 0:
+            return b""
+        buffer = ctypes.create_string_buffer(size)
+        if not 0 < address <= _MAX_ADDRESS - size or _pread(self._fd, buffer, size, address) != size:
             raise UnreadableMemory(f"cannot read {size} bytes at {address:#x} in {self.pid}")
-        return data
+        return buffer.raw
 
     def pointer(self, address: int) -> int:
         return struct.unpack("<Q", self.read(address, 8))[0]
