@@ -89,11 +89,12 @@ static __always_inline void emit(u32 kind, u32 pid, u32 tid)
 }
 
 /* Whether the collector may hold a snapshot of the process, and so must hear of its exec
- * and exit: one it was told of (seen), or a target named at start. Most short-lived
+ * and exit: one it was told of (seen), one it asked to be told of again (maps_pending:
+ * its seen entry was dropped for that), or a target named at start. Most short-lived
  * processes are never sampled, and cost the collector nothing. */
 static __always_inline int is_known(u32 pid)
 {
-    return FILTER_PIDS || seen.lookup(&pid) != NULL;
+    return FILTER_PIDS || seen.lookup(&pid) != NULL || maps_pending.lookup(&pid) != NULL;
 }
 
 static __always_inline int is_target(u32 pid)

@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 from bpfprof.collector.containers import Container, container_of
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
 
+_LOOK_FOR_GONE_DRAINS = 10
+
 
 @dataclass(frozen=True)
 class Mapping:
@@ -113,6 +115,7 @@ class ProcessTable:
         self._proc = proc
         self._processes: Dict[int, Process] = {}
         self._refreshed: Set[int] = set()  # pids re-read since the last drain
+        self._drains = 0
         self.num_seen = 0
         self.num_unreadable = 0  # processes gone before they could be read
 
@@ -176,9 +179,17 @@ class ProcessTable:
 
     def end_drain(self, exited: List[int]) -> List[int]:
         """Forget the processes that had exited before the drain began (unless the pid
-        has since been taken by a new process), and say which were forgotten."""
+        has since been taken by a new process), and say which were forgotten. Every
+        _LOOK_FOR_GONE_DRAINS drains, a process no longer in /proc is taken as exited:
+        no exit event comes for one that was read for a sample drained after its exec, or
+        after the kernel forgot having told us of it."""
         self._refreshed.clear()
         gone = [pid for pid in exited if pid in self._processes and self._processes[pid].exited]
         for pid in gone:
             del self._processes[pid]
+        self._drains += 1
+        if self._drains % _LOOK_FOR_GONE_DRAINS == 0:
+            for pid, process in self._processes.items():
+                if not process.exited and not os.path.exists(f"{self._proc}/{pid}"):
+                    process.exited = True
         return gone

@@ -22,7 +22,7 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfCon
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.demangle import demangle
-from bpfprof.symbolizer.dwarf_lines import line_sequences
+from bpfprof.symbolizer.dwarf_lines import line_program, line_sequences
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.packed_names import PackedNames
 
@@ -257,7 +257,7 @@ class _Lines:
                 return None
             table = self._tables.get(cu_offset)
             if table is None:
-                table = self._tables[cu_offset] = _line_table([self._dwarf.get_CU_at(cu_offset)], self._dwarf)
+                table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, cu_offset))
                 self._forget_parsed()
         except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
             return None  # malformed DWARF: names still come from the symbol tables
@@ -307,43 +307,36 @@ def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
     return spans
 
 
-def _line_table(cus, dwarf) -> Tuple[int, array, array, array, List[str]]:
+def _line_table(program) -> Tuple[int, array, array, array, List[str]]:
     """A base address; sorted addresses, as offsets from the base, and for each the line
     (0 where a sequence ends) and the index of its file name in the list that ends the
     tuple. Compact: 10 bytes a row, and a row that names the same place as the one before
     it is left out."""
     sequences = []
-    for n, cu in enumerate(cus):
-        program = dwarf.line_program_for_CU(cu)
-        if program is None:
-            continue
+    if program is not None:
         program.stream.seek(program.program_start_offset)
         code = program.stream.read(program.program_end_offset - program.program_start_offset)
-        for addresses, places in line_sequences(code, program.header):
-            sequences.append((addresses[0], n, addresses, places, program))
-    sequences.sort(key=lambda s: s[0])
-    ordered = all(a[2][-1] <= b[0] for a, b in zip(sequences, sequences[1:]))
+        sequences = sorted(line_sequences(code, program.header), key=lambda s: s[0][0])
+    ordered = all(a[0][-1] <= b[0][0] for a, b in zip(sequences, sequences[1:]))
     if ordered:
-        rows = ((address, place, s[1], s[4]) for s in sequences for address, place in zip(s[2], s[3]))
+        rows = (row for addresses, places in sequences for row in zip(addresses, places))
     else:  # overlapping sequences: every row sorted, a sequence's end before a start at the same address
-        rows = sorted(((address, place, s[1], s[4]) for s in sequences for address, place in zip(s[2], s[3])),
+        rows = sorted((row for addresses, places in sequences for row in zip(addresses, places)),
                       key=lambda r: (r[0], r[1] >= 0))
-    base = sequences[0][0] if sequences else 0  # every address of a compilation unit is within 4 GiB of it
+    base = sequences[0][0][0] if sequences else 0  # every address of a compilation unit is within 4 GiB of it
     addresses, lines, files = array("I"), array("I"), array("H")
-    index: Dict[Tuple[int, int, int], int] = {}
+    index: Dict[int, int] = {}  # file number in the program -> index in file_names
     file_names: List[str] = []
     previous = None
-    for address, place, n, program in rows:
+    for address, place in rows:
         if place >= 0:
-            key = (n, place >> 32)
-            if (key, place & 0xFFFFFFFF) == previous:
+            if place == previous:
                 continue
-            previous = (key, place & 0xFFFFFFFF)
-            i = index.get(key)
+            previous = place
+            i = index.get(place >> 32)
             if i is None:
-                name = _file_name(program, key[1])
-                i = index[key] = len(file_names)
-                file_names.append(name)
+                i = index[place >> 32] = len(file_names)
+                file_names.append(_file_name(program, place >> 32))
             addresses.append(address - base)
             lines.append(place & 0xFFFFFFFF)
             files.append(i)

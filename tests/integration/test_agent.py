@@ -193,7 +193,7 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
     agent.wait_for("agent started")
     burner = subprocess.Popen([str(build_c("chain")), "10"])  # samples enough to fill 12 KiB on an idle machine
     try:
-        agent.wait_for("interval cut", count=6)
+        agent.wait_for("interval cut", count=10)
         metrics = scrape(port)
     finally:
         burner.kill()
@@ -207,6 +207,24 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
     assert time.time() - metrics[("bpfprof_last_interval_cut_timestamp_seconds", ())] < 5
     assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
     assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
+
+
+def test_processes_that_come_and_go_are_forgotten(agent_in, tmp_path):
+    """Short processes sampled by the thousand, many of them while the loader still maps
+    their libraries (they are asked for again then): once they exit, the agent holds
+    none of them."""
+    port = free_port()
+    agent = agent_in("--output-dir", str(tmp_path / "profiles"), "--interval", "1s", "-F", "999",
+                     "--metrics-addr", f"127.0.0.1:{port}")
+    agent.wait_for("agent started")
+    subprocess.run(["sh", "-c", "i=0; while [ $i -lt 3000 ]; do /bin/true; i=$((i + 1)); done"], check=True)
+    cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
+    agent.wait_for("interval cut", count=cuts + 12)  # ten drains (one a cut) and the look for those gone
+    metrics = scrape(port)
+    alive = sum(name.isdigit() for name in os.listdir("/proc"))
+    agent.stop()
+    assert metrics[("bpfprof_processes_seen_total", ())] >= 300
+    assert metrics[("bpfprof_processes", ())] <= alive
 
 
 def test_a_full_disk_is_logged_and_the_agent_goes_on(agent_in, tmp_path):

@@ -1,11 +1,12 @@
 """Our line-program runner against pyelftools' full decoder, row for row (an
 end-of-sequence row by its address alone), on DWARF that
-gcc writes here (versions 4 and 5) and on a CPython shared library."""
+gcc writes here (versions 4 and 5) and on a CPython shared library; and the line
+program we find for each compilation unit against the one pyelftools finds."""
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.dwarf_lines import line_sequences
+from bpfprof.symbolizer.dwarf_lines import line_program, line_sequences
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 
@@ -46,3 +47,29 @@ def test_rows_match_pyelftools_for_libpython():
         assert ours == theirs
         compared += len(ours)
     assert compared > 10000
+
+
+def programs_both_ways(path):
+    """(ours, pyelftools') line program of every compilation unit, as (start, end, file names)."""
+    with open(path, "rb") as f:
+        dwarf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False)
+        for cu in dwarf.iter_CUs():
+            theirs, ours = dwarf.line_program_for_CU(cu), line_program(dwarf, cu.cu_offset)
+            yield tuple((p.program_start_offset, p.program_end_offset, [e.name for e in p.header.file_entry])
+                        if p is not None else None for p in (ours, theirs))
+
+
+@pytest.mark.parametrize("flags", [("-gdwarf-4",), ("-gdwarf-5",), ("-gdwarf-2", "-gstrict-dwarf"), ("-gsplit-dwarf",)],
+                         ids=["dwarf-4", "dwarf-5", "dwarf-2", "split-dwarf-skeleton"])
+def test_line_programs_are_found_as_pyelftools_finds_them(build_c, flags):
+    pairs = list(programs_both_ways(build_c("chain", *flags)))
+    assert pairs and all(ours == theirs and ours is not None for ours, theirs in pairs)
+
+
+def test_line_programs_of_every_unit_of_libpython_are_found_as_pyelftools_finds_them():
+    libraries = sorted(PYENV_VERSIONS.glob("3.13.*/lib/libpython3.13.so.1.0"))
+    if not libraries:
+        skip_or_fail(f"no CPython 3.13 shared library under {PYENV_VERSIONS}")
+    pairs = list(programs_both_ways(libraries[-1]))
+    assert len(pairs) > 100
+    assert [ours for ours, _ in pairs] == [theirs for _, theirs in pairs]
