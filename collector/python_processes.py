@@ -195,8 +195,12 @@ class PythonProcesses:
             interpreter.names.update({tid: by_ident[ident] for tid, ident in threads.items()
                                       if again.get(tid) == ident and ident in by_ident})
             threads = again
-        interpreter.ended |= interpreter.threads - threads.keys()
-        interpreter.threads = set(threads)
+        # A walk of a thread list that changes under it can miss threads that live on:
+        # one has ended when the kernel no longer has it (its name goes after the drain).
+        missing = interpreter.threads - threads.keys()
+        alive = {tid for tid in missing if os.path.exists(f"/proc/{interpreter.pid}/task/{tid}")}
+        interpreter.ended |= missing - alive
+        interpreter.threads = set(threads) | alive
         interpreter.scanned = True
 
     def _thread_ids(self, interpreter: Interpreter) -> Dict[int, int]:
