@@ -169,7 +169,6 @@ def line_program(dwarf, cu_offset: int):
     return dwarf._parse_line_program_at_offset(offset, structs)  # what line_program_for_CU calls, with the offset
 
 
-
 def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
     """The LEB128 number at data[i] and the index after it."""
     value = shift = 0
