@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import BinaryIO, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, NamedTuple, Optional, Tuple
 
 from elftools.dwarf.structs import DWARFStructs
 
@@ -51,15 +51,20 @@ def _read(stream: BinaryIO, offset: int, size: int) -> bytes:
     return stream.read(size)
 
 
+def _unit_extent(head: bytes, offset: int) -> Tuple[int, int]:
+    """(offset size, end) of the unit at `offset` in .debug_info that starts with `head`."""
+    (length,) = struct.unpack_from("<I", head)
+    if length == 0xFFFFFFFF:
+        return 8, offset + 12 + struct.unpack_from("<Q", head, 4)[0]
+    return 4, offset + 4 + length
+
+
 def _unit_header(info: BinaryIO, offset: int) -> Tuple[int, int, int, int, bytes]:
     """(version, offset size, address size, abbreviation table offset, the unit's bytes
     from its top DIE on) of the compilation unit at `offset` in .debug_info."""
     head = _read(info, offset, 4 + 8 + 2 + 2 + 8 + 16)
-    (length,) = struct.unpack_from("<I", head)
-    offset_size, i = (8, 12) if length == 0xFFFFFFFF else (4, 4)
-    if offset_size == 8:
-        (length,) = struct.unpack_from("<Q", head, 4)
-    end = offset + i + length
+    offset_size, end = _unit_extent(head, offset)
+    i = 12 if offset_size == 8 else 4
     offset_format = "<Q" if offset_size == 8 else "<I"
     (version,) = struct.unpack_from("<H", head, i)
     i += 2
@@ -153,9 +158,17 @@ def _structs(little_endian: bool, offset_size: int, address_size: int, version: 
                         dwarf_version=version)
 
 
-def line_program(dwarf, cu_offset: int):
-    """pyelftools' LineProgram of the compilation unit at `cu_offset` (its header decoded),
-    or None if it has none or its top DIE cannot be read."""
+class ProgramPlace(NamedTuple):
+    """Where a compilation unit's line program is in .debug_line, and how its unit is encoded."""
+    offset: int
+    offset_size: int
+    address_size: int
+    version: int
+
+
+def program_place(dwarf, cu_offset: int) -> Optional[ProgramPlace]:
+    """Where the line program of the compilation unit at `cu_offset` is, or None if it
+    has none or its top DIE cannot be read."""
     try:
         version, offset_size, address_size, abbrev, die = _unit_header(dwarf.debug_info_sec.stream, cu_offset)
         code, i = leb128(die, 0)
@@ -163,10 +176,32 @@ def line_program(dwarf, cu_offset: int):
         offset = _stmt_list(die[i:], forms, offset_size, address_size, version) if forms is not None else None
     except (IndexError, ValueError, struct.error):
         return None
-    if offset is None:
+    return ProgramPlace(offset, offset_size, address_size, version) if offset is not None else None
+
+
+def every_program_place(dwarf) -> Dict[int, ProgramPlace]:
+    """program_place() of every compilation unit, by unit offset: what a line lookup needs
+    of .debug_info, read in one pass."""
+    places = {}
+    info = dwarf.debug_info_sec
+    offset = 0
+    while offset < info.size:
+        place = program_place(dwarf, offset)
+        if place is not None:
+            places[offset] = place
+        try:
+            offset = _unit_extent(_read(info.stream, offset, 12), offset)[1]
+        except struct.error:
+            break
+    return places
+
+
+def line_program(dwarf, place: Optional[ProgramPlace]):
+    """pyelftools' LineProgram at `place` (its header decoded), or None for no place."""
+    if place is None:
         return None
-    structs = _structs(dwarf.config.little_endian, offset_size, address_size, version)
-    return dwarf._parse_line_program_at_offset(offset, structs)  # what line_program_for_CU calls, with the offset
+    structs = _structs(dwarf.config.little_endian, place.offset_size, place.address_size, place.version)
+    return dwarf._parse_line_program_at_offset(place.offset, structs)  # what line_program_for_CU calls, with the offset
 
 
 def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:

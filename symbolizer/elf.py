@@ -13,7 +13,6 @@ import os
 import struct
 import zlib
 from array import array
-from io import BytesIO
 from dataclasses import dataclass
 from typing import BinaryIO, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
@@ -22,7 +21,7 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfCon
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.demangle import demangle
-from bpfprof.symbolizer.dwarf_lines import line_program, line_sequences
+from bpfprof.symbolizer.dwarf_lines import every_program_place, line_program, line_sequences, program_place
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.packed_names import PackedNames
 
@@ -189,9 +188,49 @@ class _Window:
 
     def read(self, n: int = -1) -> bytes:
         end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        data = self._data[self._start + self._pos:self._start + end] if end > self._pos else b""
+        data = self._bytes()[self._start + self._pos:self._start + end] if end > self._pos else b""
         self._pos = max(self._pos, end)
         return data
+
+    def _bytes(self):
+        return self._data
+
+
+class _Inflated(_Window):
+    """A zlib-compressed section (SHF_COMPRESSED) of a mapped file as a read-only stream:
+    inflated when read, and dropped again by forget() once a line table is built from it.
+    Debug files are often compressed; libc's holds 8.5 MB of DWARF in 3, and a whole-system
+    agent that kept it inflated would hold those 8.5 MB for good."""
+
+    def __init__(self, mapped, start: int, size: int, inflated_size: int) -> None:
+        super().__init__(None, 0, inflated_size)
+        self._mapped, self._compressed_start, self._compressed_size = mapped, start, size
+
+    def _bytes(self) -> bytes:
+        if self._data is None:
+            with memoryview(self._mapped) as view:
+                compressed = view[self._compressed_start:self._compressed_start + self._compressed_size]
+                self._data = zlib.decompress(compressed, bufsize=self._size)
+                compressed.release()
+        return self._data
+
+    def forget(self) -> None:
+        self._data = None
+
+
+ELFCOMPRESS_ZLIB = 1
+
+
+def _section_stream(elf: ELFFile, mapped, section) -> _Window:
+    """A stream of a debug section's contents, read in place or inflated when read."""
+    offset, size = section["sh_offset"], section["sh_size"]
+    if not section.compressed:
+        return _Window(mapped, offset, size)
+    header_size = 24 if elf.elfclass == 64 else 12  # Elf64_Chdr, Elf32_Chdr
+    kind = struct.unpack_from("<I" if elf.little_endian else ">I", mapped, offset)[0]
+    if kind != ELFCOMPRESS_ZLIB:
+        raise ELFError(f"section {section.name} has compression type {kind}, not zlib")
+    return _Inflated(mapped, offset + header_size, size - header_size, section.data_size)
 
 
 # What line lookups read: CU headers and top DIEs, aranges, line programs and the
@@ -207,27 +246,25 @@ _UNUSED_SECTIONS = ("debug_frame_sec", "eh_frame_sec", "debug_loc_sec", "debug_p
                     "debug_loclists_sec", "debug_sup_sec", "gnu_debugaltlink_sec", "debug_types_sec")
 
 
-def _dwarf_info(elf: ELFFile, stream: BinaryIO):
-    """DWARFInfo for line lookups: uncompressed sections are read in place from a
-    read-only mapping of the file; compressed ones (SHF_COMPRESSED) are inflated, only
-    those that line lookups read. Anything unusual goes to pyelftools as before."""
+def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, Optional[mmap.mmap], List[_Inflated]]:
+    """DWARFInfo for line lookups, reading only the sections that line lookups read, from
+    a read-only mapping of the file; with the mapping and the compressed sections among
+    them. Anything unusual goes to pyelftools as before."""
     if elf.has_section(".zdebug_info") or elf.has_section(".gnu_debugaltlink") or elf.has_section(".debug_sup"):
-        return elf.get_dwarf_info(relocate_dwarf_sections=False), None
+        return elf.get_dwarf_info(relocate_dwarf_sections=False), None, []
     mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
     sections = dict.fromkeys(_UNUSED_SECTIONS)
     for key, name in _LINE_SECTIONS.items():
         section = elf.get_section_by_name(name)
         if section is None or section["sh_type"] == "SHT_NOBITS":
             sections[key] = None
-        elif section.compressed:
-            sections[key] = DebugSectionDescriptor(BytesIO(section.data()), name, section["sh_offset"],
-                                                   section.data_size, section["sh_addr"])
         else:
-            sections[key] = DebugSectionDescriptor(_Window(mapped, section["sh_offset"], section["sh_size"]), name,
-                                                   section["sh_offset"], section["sh_size"], section["sh_addr"])
+            sections[key] = DebugSectionDescriptor(_section_stream(elf, mapped, section), name, section["sh_offset"],
+                                                   section.data_size, section["sh_addr"])
     config = DwarfConfig(little_endian=elf.little_endian, default_address_size=elf.elfclass // 8,
                          machine_arch=elf.get_machine_arch())
-    return DWARFInfo(config=config, **sections), mapped
+    inflated = [s.stream for s in sections.values() if s is not None and isinstance(s.stream, _Inflated)]
+    return DWARFInfo(config=config, **sections), mapped, inflated
 
 
 class _Lines:
@@ -235,8 +272,13 @@ class _Lines:
 
     def __init__(self, elf: ELFFile, stream: BinaryIO) -> None:
         self._stream = stream  # kept open: compilation units are read lazily
-        self._dwarf, self._mapped = _dwarf_info(elf, stream)
+        self._dwarf, self._mapped, self._inflated = _dwarf_info(elf, stream)
         self._aranges = self._dwarf.get_aranges()
+        # A compressed .debug_info (6 MB in libc's debug file, and 30 ms to inflate) is read
+        # once, here, for where each unit's line program is: all that lookups need of it.
+        self._places = every_program_place(self._dwarf) if self._dwarf.debug_info_sec.stream in self._inflated \
+            else None
+        self._forget_parsed()
         self._spans: Optional[Tuple[List[int], List[Tuple[int, int]]]] = None  # without .debug_aranges
         self._tables: Dict[int, tuple] = {}  # CU offset -> _line_table()
 
@@ -246,6 +288,7 @@ class _Lines:
         if self._spans is None:
             spans = sorted(_cu_spans(self._dwarf))
             self._spans = [s[0] for s in spans], [(s[1], s[2]) for s in spans]
+            self._forget_parsed()
         starts, rest = self._spans
         i = bisect.bisect_right(starts, vaddr) - 1
         return rest[i][1] if i >= 0 and vaddr < rest[i][0] else None
@@ -257,7 +300,8 @@ class _Lines:
                 return None
             table = self._tables.get(cu_offset)
             if table is None:
-                table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, cu_offset))
+                place = self._places.get(cu_offset) if self._places is not None else program_place(self._dwarf, cu_offset)
+                table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed()
         except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
             return None  # malformed DWARF: names still come from the symbol tables
@@ -275,6 +319,8 @@ class _Lines:
             getattr(dwarf, cache, {}).clear()
         if self._mapped is not None:  # nor are the file's pages it read: out of our memory, not the page cache
             self._mapped.madvise(mmap.MADV_DONTNEED)
+        for stream in self._inflated:
+            stream.forget()
 
     def close(self) -> None:
         self._dwarf = None

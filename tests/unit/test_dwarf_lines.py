@@ -6,7 +6,7 @@ program we find for each compilation unit against the one pyelftools finds."""
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.dwarf_lines import line_program, line_sequences
+from bpfprof.symbolizer.dwarf_lines import every_program_place, line_program, line_sequences, program_place
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 
@@ -53,8 +53,10 @@ def programs_both_ways(path):
     """(ours, pyelftools') line program of every compilation unit, as (start, end, file names)."""
     with open(path, "rb") as f:
         dwarf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False)
+        places = every_program_place(dwarf)
         for cu in dwarf.iter_CUs():
-            theirs, ours = dwarf.line_program_for_CU(cu), line_program(dwarf, cu.cu_offset)
+            assert places.get(cu.cu_offset) == program_place(dwarf, cu.cu_offset)
+            theirs, ours = dwarf.line_program_for_CU(cu), line_program(dwarf, places.get(cu.cu_offset))
             yield tuple((p.program_start_offset, p.program_end_offset, [e.name for e in p.header.file_entry])
                         if p is not None else None for p in (ours, theirs))
 

@@ -49,8 +49,18 @@ def without_aranges(binary):
     return copy
 
 
-@pytest.mark.parametrize("flags, edit", [((), None), (("-no-pie",), None), ((), without_aranges)],
-                         ids=["pie", "fixed-address", "no-aranges"])
+def compressed(binary):
+    """The binary with its DWARF compressed (SHF_COMPRESSED), as many distributions ship debug files."""
+    copy = binary.with_name(binary.name + "_compressed")
+    subprocess.run(["objcopy", "--compress-debug-sections=zlib", str(binary), str(copy)], check=True)
+    sections = subprocess.run(["readelf", "-SW", str(copy)], check=True, capture_output=True, text=True).stdout
+    assert re.search(r"\.debug_info .* C ", sections) and re.search(r"\.debug_line .* C ", sections)
+    return copy
+
+
+@pytest.mark.parametrize("flags, edit", [((), None), (("-no-pie",), None), ((), without_aranges), ((), compressed),
+                                         ((), lambda binary: compressed(without_aranges(binary)))],
+                         ids=["pie", "fixed-address", "no-aranges", "compressed", "compressed-no-aranges"])
 def test_functions_and_lines_at_file_offsets(build_c, flags, edit):
     binary = build_c("chain", *flags)
     if edit:
