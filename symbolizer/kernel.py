@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from array import array
 from typing import Dict, List, Optional, Tuple
@@ -11,13 +12,16 @@ from bpfprof.collector.profile import Frame, FrameKind, Module
 from bpfprof.symbolizer.packed_names import PackedNames
 
 KERNEL_MODULE = Module("[kernel.kallsyms]")
-_TEXT_TYPES = frozenset((b"t", b"T", b"w", b"W"))
+# Address, type and name (a module's name may follow) of a text symbol. Not the __pfx_
+# ones: since 6.2 the kernel pads every function with a few bytes it names so, which are
+# never run (as perf does, a sample is not attributed to them); half the symbols of 6.x.
+_TEXT_SYMBOL = re.compile(rb"^([0-9a-f]+) [tTwW] (?!__pfx_)(\S+)", re.MULTILINE)
 
 
 class KernelSymbols:
     """Sorted text symbols of the running kernel and its modules, loaded on first use.
-    About 100k of them: kept as an array of addresses and one block of names (13 MB less
-    than as Python ints and strs)."""
+    Some 60k of them: kept as an array of addresses and one block of names, a fraction of
+    the memory of as many Python ints and strs."""
 
     def __init__(self, path: str = "/proc/kallsyms"):
         self._path = path
@@ -38,20 +42,28 @@ class KernelSymbols:
                 self._loaded = True
 
     def _read(self) -> None:
-        symbols: List[Tuple[int, bytes]] = []
         try:
             with open(self._path, "rb") as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 3 and parts[1] in _TEXT_TYPES:
-                        address = int(parts[0], 16)
-                        if address:  # all zero when kptr_restrict hides them
-                            symbols.append((address, parts[2]))
+                text = f.read()
         except OSError:
             return  # every frame then names its address; see get_frame
-        symbols.sort()
-        self._starts = array("Q", [a for a, _ in symbols])
-        self._names = PackedNames([n for _, n in symbols])
+        # Straight into arrays and one block of bytes, without a Python object a symbol
+        # on the way: 100k short-lived objects made beside the agent's lasting ones would
+        # leave the heap fragmented, a few MB bigger for good.
+        starts, names, name_starts = array("Q"), bytearray(), array("I")
+        for symbol in _TEXT_SYMBOL.finditer(text):
+            address = int(symbol[1], 16)
+            if address:  # all zero when kptr_restrict hides them
+                starts.append(address)
+                name_starts.append(len(names))
+                names += symbol[2]
+                names.append(0)
+        if any(a > b for a, b in zip(starts, starts[1:])):  # the kernel sorts them, but need not
+            order = sorted(range(len(starts)), key=starts.__getitem__)
+            starts = array("Q", (starts[i] for i in order))
+            names, name_starts = _reordered(names, name_starts, order)
+        self._starts = starts
+        self._names = PackedNames.from_block(bytes(names), name_starts)
 
     def get_name(self, address: int) -> Optional[str]:
         if not self._loaded:
@@ -68,3 +80,12 @@ class KernelSymbols:
             frame = Frame(FrameKind.KERNEL, name, KERNEL_MODULE, address)
             self._frames[address] = frame
         return frame
+
+
+def _reordered(names: bytearray, starts: array, order: List[int]) -> Tuple[bytearray, array]:
+    """The packed names (each ending at a zero byte) in a new order of their indices."""
+    block, new_starts = bytearray(), array("I")
+    for i in order:
+        new_starts.append(len(block))
+        block += names[starts[i]:names.index(0, starts[i]) + 1]
+    return block, new_starts

@@ -14,6 +14,13 @@ class PackedNames:
         self._starts = array("I", itertools.accumulate([len(n) + 1 for n in names[:-1]], initial=0)) if names \
             else array("I")
 
+    @classmethod
+    def from_block(cls, block: bytes, starts: array) -> PackedNames:
+        """Names already packed: each at its start in the block, ending at a zero byte."""
+        packed = cls([])
+        packed._block, packed._starts = block, starts
+        return packed
+
     def __len__(self) -> int:
         return len(self._starts)
 
