@@ -25,7 +25,7 @@ and 3.11+ offsets are measured in the code units after co_code_adaptive.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 CODE_UNIT = 2  # bytes per instruction word (opcode + argument), 3.6 onwards
 
@@ -45,16 +45,7 @@ def line_table(version: Tuple[int, int], linetable: bytes, firstlineno: int) -> 
     """The whole table as ascending, contiguous (start, end, line) byte ranges, each
     covering [start, end); line is 0 where the table gives the instructions no line.
     Zero-length ranges are left out."""
-    version = tuple(version[:2])
-    if version < (3, 8):
-        raise ValueError(f"no line table decoder for Python {version[0]}.{version[1]}")
-    if version < (3, 10):
-        ranges = _lnotab_ranges(linetable, firstlineno)
-    elif version < (3, 11):
-        ranges = _linetable_310_ranges(linetable, firstlineno)
-    else:
-        ranges = _location_ranges(linetable, firstlineno)
-    return [r for r in ranges if r[0] < r[1]]
+    return [r for r in _ranges(version, linetable, firstlineno) if r[0] < r[1]]
 
 
 def line_for_offset(version: Tuple[int, int], linetable: bytes, firstlineno: int, offset: int) -> int:
@@ -65,43 +56,49 @@ def line_for_offset(version: Tuple[int, int], linetable: bytes, firstlineno: int
     the first instruction (e.g. negative)."""
     if offset < 0:
         return firstlineno
-    for start, end, line in line_table(version, linetable, firstlineno):
+    for start, end, line in _ranges(version, linetable, firstlineno):  # decoded only as far as the offset
         if start <= offset < end:
             return line
     return 0
 
 
-def _lnotab_ranges(lnotab: bytes, firstlineno: int) -> List[LineRange]:
+def _ranges(version: Tuple[int, int], linetable: bytes, firstlineno: int) -> Iterator[LineRange]:
+    version = tuple(version[:2])
+    if version < (3, 8):
+        raise ValueError(f"no line table decoder for Python {version[0]}.{version[1]}")
+    if version < (3, 10):
+        return _lnotab_ranges(linetable, firstlineno)
+    if version < (3, 11):
+        return _linetable_310_ranges(linetable, firstlineno)
+    return _location_ranges(linetable, firstlineno)
+
+
+def _lnotab_ranges(lnotab: bytes, firstlineno: int) -> Iterator[LineRange]:
     # A pair moves the address first, then the line: the bytes the address skips over
     # still belong to the line before the pair's increment. An odd trailing byte (a
     # torn read) is ignored.
-    ranges = []
     address, line = 0, firstlineno
     for address_step, line_step in zip(lnotab[0::2], lnotab[1::2]):
         if address_step:
-            ranges.append((address, address + address_step, line))
+            yield address, address + address_step, line
             address += address_step
         line += _signed_byte(line_step)
-    ranges.append((address, OPEN_END, line))
-    return ranges
+    yield address, OPEN_END, line
 
 
-def _linetable_310_ranges(linetable: bytes, firstlineno: int) -> List[LineRange]:
-    ranges = []
+def _linetable_310_ranges(linetable: bytes, firstlineno: int) -> Iterator[LineRange]:
     end, line = 0, firstlineno
     for length, line_change in zip(linetable[0::2], linetable[1::2]):
         start, end = end, end + length
         line_change = _signed_byte(line_change)
         if line_change == -128:
-            ranges.append((start, end, 0))
+            yield start, end, 0
         else:
             line += line_change
-            ranges.append((start, end, line))
-    return ranges
+            yield start, end, line
 
 
-def _location_ranges(table: bytes, firstlineno: int) -> List[LineRange]:
-    ranges = []
+def _location_ranges(table: bytes, firstlineno: int) -> Iterator[LineRange]:
     end, line = 0, firstlineno
     pos = 0
     while pos < len(table):
@@ -109,19 +106,18 @@ def _location_ranges(table: bytes, firstlineno: int) -> List[LineRange]:
         code = (first >> 3) & 15
         start, end = end, end + ((first & 7) + 1) * CODE_UNIT
         if code == _NO_LOCATION:
-            ranges.append((start, end, 0))
+            yield start, end, 0
         else:
             if code in (_NO_COLUMNS, _LONG_FORM):
                 line += _signed_varint(table, pos + 1)
             elif _ONE_LINE_FIRST <= code <= _ONE_LINE_LAST:
                 line += code - _ONE_LINE_FIRST
-            ranges.append((start, end, line))
+            yield start, end, line
         # The rest of the entry (varints, column bytes) never has the top bit set,
         # so the next entry starts at the next byte that does.
         pos += 1
         while pos < len(table) and not table[pos] & 0x80:
             pos += 1
-    return ranges
 
 
 def _signed_byte(value: int) -> int:
