@@ -31,6 +31,7 @@ class Process:
     readable: bool = True
     exited: bool = False
     container: Optional[Container] = None  # None on the host
+    maps_hash: int = 0  # of the /proc/PID/maps text the mappings were parsed from
 
     def __post_init__(self) -> None:
         self._starts = [m.start for m in self.mappings]
@@ -127,7 +128,7 @@ class ProcessTable:
         files = early or read_proc_files(pid, self._proc)
         if files is not None:
             process = Process(pid, files.comm or comm, parse_maps(pid, files.maps),
-                              container=container_of(files.cgroup))
+                              container=container_of(files.cgroup), maps_hash=hash(files.maps))
         elif earlier is not None:
             return earlier
         else:
@@ -166,7 +167,10 @@ class ProcessTable:
         mapping = process.get_mapping(address)
         if mapping is None and not process.exited and pid not in self._refreshed:
             self._refreshed.add(pid)
-            mapping = self.snapshot(pid, process.comm).get_mapping(address)
+            files = read_proc_files(pid, self._proc)
+            # Mostly the address is no code at all (a frame pointer that is not one).
+            if files is not None and hash(files.maps) != process.maps_hash:
+                mapping = self.snapshot(pid, process.comm, files).get_mapping(address)
         return mapping
 
     def num_live(self) -> int:

@@ -64,6 +64,15 @@ def test_address_outside_snapshot_rereads_live_process_once_per_drain(tmp_path):
     assert table.get_mapping(8, 0x7F0000000010).name == "/lib/libc.so.6"
 
 
+def test_address_in_no_mapping_of_unchanged_maps_keeps_the_snapshot(tmp_path):
+    snapshots = []
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), on_snapshot=[snapshots.append])
+    _fake_proc(tmp_path, 8, MAPS)
+    process = table.snapshot(8)
+    assert table.get_mapping(8, 0x1234) is None  # a frame pointer that was not one
+    assert table.get(8) is process and snapshots == [process]
+
+
 def test_a_process_in_a_container_carries_its_ids(tmp_path):
     table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path))
     container_id = "ab" * 32
