@@ -356,8 +356,8 @@ def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
 def _line_table(program) -> Tuple[int, array, array, array, List[str]]:
     """A base address; sorted addresses, as offsets from the base, and for each the line
     (0 where a sequence ends) and the index of its file name in the list that ends the
-    tuple. Compact: 10 bytes a row, and a row that names the same place as the one before
-    it is left out."""
+    tuple. Compact: 5 to 10 bytes a row, and a row that names the same place as the one
+    before it is left out."""
     sequences = []
     if program is not None:
         program.stream.seek(program.program_start_offset)
@@ -391,7 +391,17 @@ def _line_table(program) -> Tuple[int, array, array, array, List[str]]:
             addresses.append(address - base)
             lines.append(0)
             files.append(0)
-    return base, addresses, lines, files, file_names
+    return base, _narrowest(addresses), _narrowest(lines), _narrowest(files), file_names
+
+
+def _narrowest(values: array) -> array:
+    """The values in the smallest unsigned items that hold them: most compilation units
+    have under 64 KiB of code, 64k lines and 256 files, so most rows take 5 bytes."""
+    top = max(values, default=0)
+    for typecode in "BHI":
+        if top < 1 << (8 * array(typecode).itemsize):
+            return values if typecode == values.typecode else array(typecode, values)
+    return values
 
 
 def _file_name(program, index: int) -> str:
