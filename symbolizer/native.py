@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -11,6 +12,11 @@ from bpfprof.symbolizer.elf import ElfSymbols, LoadedData, open_elf_symbols, rea
 from bpfprof.symbolizer.errors import SymbolizerError
 
 FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them
+
+# A binary's symbols that name no new address for this long are closed (read again if one
+# comes): a whole-system agent sees most binaries briefly (a compiler's libraries, 4 MB of
+# names for LLVM's, while it compiles), and their frames once named stay named.
+IDLE_SYMBOLS_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class NativeSymbolizer:
         self._fds: Dict[FileId, int] = {}
         self._roots: Dict[FileId, str] = {}
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
+        self._used: Dict[FileId, float] = {}  # binaries with symbols -> when last asked for them
         self._exported: Dict[FileId, Optional[LoadedData]] = {}
         self._by_build_id: Dict[str, ElfSymbols] = {}
         self._modules: Dict[FileId, Module] = {}
@@ -86,6 +93,8 @@ class NativeSymbolizer:
         return self._exported[obj.file_id]
 
     def get_symbols(self, obj: ObjectFile) -> Optional[ElfSymbols]:
+        if obj.file_id in self._used:
+            self._used[obj.file_id] = time.monotonic()
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
         symbols = None
@@ -105,6 +114,7 @@ class NativeSymbolizer:
                     symbols = shared
                 elif symbols.build_id:
                     self._by_build_id[symbols.build_id] = symbols
+                self._used[obj.file_id] = time.monotonic()
         self._symbols[obj.file_id] = symbols
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
         return symbols
@@ -129,6 +139,21 @@ class NativeSymbolizer:
                 frame = Frame(FrameKind.NATIVE, info.name, module, file_offset, info.file, info.line)
             self._frames[key] = frame
         return frame
+
+    def close_idle(self, now: Optional[float] = None) -> None:
+        """Close the symbols that no new frame asked for in IDLE_SYMBOLS_S (the binaries stay
+        reachable: a new address in one reads them again). Binaries known unreadable stay so."""
+        now = time.monotonic() if now is None else now
+        idle = [file_id for file_id, used in self._used.items() if now - used > IDLE_SYMBOLS_S]
+        closing = {id(s): s for s in (self._symbols.pop(file_id) for file_id in idle)}
+        for file_id in idle:
+            del self._used[file_id]
+        for symbols in self._symbols.values():  # shared by build ID with a binary still in use
+            closing.pop(id(symbols), None)
+        for symbols in closing.values():
+            if self._by_build_id.get(symbols.build_id) is symbols:
+                del self._by_build_id[symbols.build_id]
+            symbols.close()
 
     def close(self) -> None:
         for fd in self._fds.values():

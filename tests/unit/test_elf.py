@@ -5,12 +5,13 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
 from bpfprof.symbolizer.elf import open_elf_symbols
 from bpfprof.symbolizer.errors import SymbolizerError
-from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
+from bpfprof.symbolizer.native import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
 from conftest import skip_or_fail
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")
@@ -167,6 +168,28 @@ def test_native_symbolizer_names_unknown_frames_by_module(build_c):
         known = native.get_frame(obj, file_offset(binary, symbol_addresses(binary)["chain_c"]))
         assert known.name == "chain_c" and known.module.build_id
         assert native.get_frame(obj, 0x10).name == f"[{binary.name}+0x10]"
+    finally:
+        native.close()
+
+
+def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp_path):
+    binary = tmp_path / "chain"
+    shutil.copy(build_c("chain"), binary)
+    native = NativeSymbolizer()
+    st = os.stat(binary)
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary), str(binary), "/")
+    native.keep_reachable(obj)
+    offsets = {name: file_offset(binary, symbol_addresses(binary)[name]) for name in CHAIN}
+    try:
+        first = native.get_frame(obj, offsets["chain_a"])
+        native.close_idle(time.monotonic() + IDLE_SYMBOLS_S / 2)
+        assert native.num_binaries() == 1
+        native.close_idle(time.monotonic() + IDLE_SYMBOLS_S * 2)
+        assert native.num_binaries() == 0
+        binary.unlink()  # still reachable
+        assert native.get_frame(obj, offsets["chain_a"]) is first  # named frames stay named
+        assert native.get_frame(obj, offsets["chain_b"]).name == "chain_b"
+        assert native.num_binaries() == 1
     finally:
         native.close()
 
