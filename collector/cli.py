@@ -152,7 +152,7 @@ def cli() -> None:
 @click.option("-F", "-r", "--rate", "--frequency", "frequency", default=99, show_default=True,
               type=click.IntRange(1, MAX_FREQUENCY), help="Samples per second on each CPU.")
 @click.option("-d", "--duration", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="Stop after this long (default: Ctrl-C, or when the command or processes exit).")
+              help="Stop after sampling this long (default: Ctrl-C, or when the command or processes exit).")
 @click.option("-o", "--output", metavar="FILE",
               help="Where to write: .pb.gz (pprof) or .folded; with several -t, one file per type (out.cpu.pb.gz).")
 @click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",

@@ -190,10 +190,12 @@ class Recorder:
         on_drain: Optional[Callable[[], None]] = None,
     ) -> Recording:
         """Record until the duration ends, the command or every target process exits, or
-        SIGINT/SIGTERM; whatever was collected is returned in every case."""
+        SIGINT/SIGTERM; whatever was collected is returned in every case. The duration
+        counts from when sampling starts: loading the BPF program can take seconds when
+        the compiler's libraries are out of the page cache (2 s recordings got a handful
+        of samples)."""
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         child = None
-        start = time.monotonic()
         try:
             self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
             self._events.start()
@@ -209,11 +211,11 @@ class Recorder:
                     self._unwinding.skip_until_exec(child.pid)
                 self._sampler.add_targets([child.pid])
                 child.release()
-            next_drain = start + DRAIN_INTERVAL_S
+            next_drain = self.sampling_since + DRAIN_INTERVAL_S
             while not self._stop:
                 self._apply(self._events.take(EVENT_WAIT_S))
                 now = time.monotonic()
-                if duration is not None and now - start >= duration:
+                if duration is not None and now - self.sampling_since >= duration:
                     break
                 if child is not None and child.poll():
                     break
