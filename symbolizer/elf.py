@@ -8,7 +8,6 @@ compilation unit at a time and only when a frame falls in it.
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import struct
 import zlib
@@ -173,11 +172,15 @@ def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optio
 
 
 class _Window:
-    """A section of a mapped file as a read-only stream: pyelftools reads DWARF through
-    it straight from the page cache, with no copy of the section in the heap."""
+    """A section of a file as a read-only stream: pyelftools reads DWARF through it
+    straight from the page cache, with no copy of the section in the heap. Read with
+    pread, which lets go of the GIL while the disk is read: a page fault in a mapping of
+    the file held it, and with a binary's debug sections out of the page cache the first
+    lines named in a drain kept the event thread waiting for up to a second (short-lived
+    threads ended before their names were read)."""
 
-    def __init__(self, data, start: int, size: int) -> None:
-        self._data, self._start, self._size, self._pos = data, start, size, 0
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
 
     def seek(self, pos: int, whence: int = 0) -> int:
         self._pos = pos if whence == 0 else (self._pos + pos if whence == 1 else self._size + pos)
@@ -188,31 +191,30 @@ class _Window:
 
     def read(self, n: int = -1) -> bytes:
         end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        data = self._bytes()[self._start + self._pos:self._start + end] if end > self._pos else b""
+        data = self._read(self._start + self._pos, end - self._pos) if end > self._pos else b""
         self._pos = max(self._pos, end)
         return data
 
-    def _bytes(self):
-        return self._data
+    def _read(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
 
 
 class _Inflated(_Window):
-    """A zlib-compressed section (SHF_COMPRESSED) of a mapped file as a read-only stream:
+    """A zlib-compressed section (SHF_COMPRESSED) of a file as a read-only stream:
     inflated when read, and dropped again by forget() once a line table is built from it.
     Debug files are often compressed; libc's holds 8.5 MB of DWARF in 3, and a whole-system
     agent that kept it inflated would hold those 8.5 MB for good."""
 
-    def __init__(self, mapped, start: int, size: int, inflated_size: int) -> None:
-        super().__init__(None, 0, inflated_size)
-        self._mapped, self._compressed_start, self._compressed_size = mapped, start, size
+    def __init__(self, fd: int, start: int, size: int, inflated_size: int) -> None:
+        super().__init__(fd, 0, inflated_size)
+        self._compressed_start, self._compressed_size = start, size
+        self._data: Optional[bytes] = None
 
-    def _bytes(self) -> bytes:
+    def _read(self, offset: int, size: int) -> bytes:
         if self._data is None:
-            with memoryview(self._mapped) as view:
-                compressed = view[self._compressed_start:self._compressed_start + self._compressed_size]
-                self._data = zlib.decompress(compressed, bufsize=self._size)
-                compressed.release()
-        return self._data
+            compressed = os.pread(self._fd, self._compressed_size, self._compressed_start)
+            self._data = zlib.decompress(compressed, bufsize=self._size)
+        return self._data[offset:offset + size]
 
     def forget(self) -> None:
         self._data = None
@@ -221,16 +223,16 @@ class _Inflated(_Window):
 ELFCOMPRESS_ZLIB = 1
 
 
-def _section_stream(elf: ELFFile, mapped, section) -> _Window:
+def _section_stream(elf: ELFFile, fd: int, section) -> _Window:
     """A stream of a debug section's contents, read in place or inflated when read."""
     offset, size = section["sh_offset"], section["sh_size"]
     if not section.compressed:
-        return _Window(mapped, offset, size)
+        return _Window(fd, offset, size)
     header_size = 24 if elf.elfclass == 64 else 12  # Elf64_Chdr, Elf32_Chdr
-    kind = struct.unpack_from("<I" if elf.little_endian else ">I", mapped, offset)[0]
+    kind = struct.unpack("<I" if elf.little_endian else ">I", os.pread(fd, 4, offset))[0]
     if kind != ELFCOMPRESS_ZLIB:
         raise ELFError(f"section {section.name} has compression type {kind}, not zlib")
-    return _Inflated(mapped, offset + header_size, size - header_size, section.data_size)
+    return _Inflated(fd, offset + header_size, size - header_size, section.data_size)
 
 
 # What line lookups read: CU headers and top DIEs, aranges, line programs and the
@@ -246,25 +248,24 @@ _UNUSED_SECTIONS = ("debug_frame_sec", "eh_frame_sec", "debug_loc_sec", "debug_p
                     "debug_loclists_sec", "debug_sup_sec", "gnu_debugaltlink_sec", "debug_types_sec")
 
 
-def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, Optional[mmap.mmap], List[_Inflated]]:
-    """DWARFInfo for line lookups, reading only the sections that line lookups read, from
-    a read-only mapping of the file; with the mapping and the compressed sections among
-    them. Anything unusual goes to pyelftools as before."""
+def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, List[_Inflated]]:
+    """DWARFInfo for line lookups, reading only the sections that line lookups read,
+    straight from the file; with the compressed sections among them. Anything unusual
+    goes to pyelftools as before."""
     if elf.has_section(".zdebug_info") or elf.has_section(".gnu_debugaltlink") or elf.has_section(".debug_sup"):
-        return elf.get_dwarf_info(relocate_dwarf_sections=False), None, []
-    mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        return elf.get_dwarf_info(relocate_dwarf_sections=False), []
     sections = dict.fromkeys(_UNUSED_SECTIONS)
     for key, name in _LINE_SECTIONS.items():
         section = elf.get_section_by_name(name)
         if section is None or section["sh_type"] == "SHT_NOBITS":
             sections[key] = None
         else:
-            sections[key] = DebugSectionDescriptor(_section_stream(elf, mapped, section), name, section["sh_offset"],
+            sections[key] = DebugSectionDescriptor(_section_stream(elf, stream.fileno(), section), name, section["sh_offset"],
                                                    section.data_size, section["sh_addr"])
     config = DwarfConfig(little_endian=elf.little_endian, default_address_size=elf.elfclass // 8,
                          machine_arch=elf.get_machine_arch())
     inflated = [s.stream for s in sections.values() if s is not None and isinstance(s.stream, _Inflated)]
-    return DWARFInfo(config=config, **sections), mapped, inflated
+    return DWARFInfo(config=config, **sections), inflated
 
 
 class _Lines:
@@ -272,7 +273,7 @@ class _Lines:
 
     def __init__(self, elf: ELFFile, stream: BinaryIO) -> None:
         self._stream = stream  # kept open: compilation units are read lazily
-        self._dwarf, self._mapped, self._inflated = _dwarf_info(elf, stream)
+        self._dwarf, self._inflated = _dwarf_info(elf, stream)
         self._aranges = self._dwarf.get_aranges()
         # A compressed .debug_info (6 MB in libc's debug file, and 30 ms to inflate) is read
         # once, here, for where each unit's line program is: all that lookups need of it.
@@ -317,15 +318,11 @@ class _Lines:
         dwarf = self._dwarf
         for cache in ("_linetable_cache", "_abbrevtable_cache", "_cu_cache", "_cu_offsets_map"):
             getattr(dwarf, cache, {}).clear()
-        if self._mapped is not None:  # nor are the file's pages it read: out of our memory, not the page cache
-            self._mapped.madvise(mmap.MADV_DONTNEED)
         for stream in self._inflated:
             stream.forget()
 
     def close(self) -> None:
         self._dwarf = None
-        if self._mapped is not None:
-            self._mapped.close()
         self._stream.close()
 
 
