@@ -23,7 +23,7 @@ from bpfprof.symbolizer.python_layouts import (
     parse_debug_offsets,
 )
 from bpfprof.symbolizer.python_frames import PythonSymbolizer
-from bpfprof.symbolizer.python_thread_names import thread_names
+from bpfprof.symbolizer.python_thread_names import Searches, thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
 PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
@@ -49,6 +49,7 @@ class Interpreter:
     ended: Set[int] = field(default_factory=set)  # tids that left the thread list since ended_threads()
     pthread_tid_offset: Optional[int] = None  # <= 3.10: where the C library keeps a thread's tid
     scanned: bool = False
+    name_searches: Searches = field(default_factory=Searches)  # what reading the names found on the way
 
 
 def _candidates(process: Process) -> List[Mapping]:
@@ -185,8 +186,10 @@ class PythonProcesses:
     def _scan_threads(self, interpreter: Interpreter) -> None:
         threads = self._thread_ids(interpreter)  # tid -> pthread_t
         if set(threads) - interpreter.names.keys():  # names are read for unnamed threads only
+            named = {ident for tid, ident in threads.items() if tid in interpreter.names}
             try:
-                by_ident = thread_names(interpreter.memory, interpreter.layout, interpreter.runtime)
+                by_ident = thread_names(interpreter.memory, interpreter.layout, interpreter.runtime,
+                                        interpreter.name_searches, named)
             except (UnreadableMemory, ValueError):
                 by_ident = {}
             # A thread may end and another take its pthread_t while the names are read:

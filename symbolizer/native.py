@@ -16,7 +16,7 @@ FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PI
 # A binary's symbols that name no new address for this long are closed (read again if one
 # comes): a whole-system agent sees most binaries briefly (a compiler's libraries, 4 MB of
 # names for LLVM's, while it compiles), and their frames once named stay named.
-IDLE_SYMBOLS_S = 120.0
+IDLE_SYMBOLS_S = 180.0
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ release builds with the GIL (the free-threaded 3.13 build is refused).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Container, Dict, Iterator, Optional, Tuple
 
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import ABSENT, DEBUG_OFFSETS_COOKIE, PythonLayout
@@ -174,17 +174,36 @@ _DEBUG_IMPORTS_MODULES = {(3, 13): 88}
 SUPPORTED_VERSIONS = tuple(sorted(_OFFSETS))
 
 
-def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> Dict[int, str]:
+@dataclass
+class _Search:
+    """How far one interpreter's sys.modules was searched for threading, or where its
+    `_active` dict is once found (the module is never replaced, nor is that dict)."""
+    keys: int = 0       # the dict's keys object searched; a resize makes a new one
+    searched: int = 0   # its entries looked at: new ones are only ever appended after them
+    active: int = 0
+
+
+@dataclass
+class Searches:
+    """What reads of one process's thread names found on the way, for the next read: a
+    process that has started threads is read again and again while it starts up, and its
+    sys.modules, searched afresh, cost most of each read (1-2 ms)."""
+    by_modules: Dict[int, _Search] = field(default_factory=dict)  # sys.modules dict -> search
+
+
+def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, searches: Optional[Searches] = None,
+                 known: Container[int] = ()) -> Dict[int, str]:
     """{thread ident: name} of the `threading.Thread`s of every interpreter in a process
-    (`runtime` is the address of its `_PyRuntime`). The ident equals the thread state's
-    `thread_id` (pthread_t). A process that has not imported threading has none: {}.
+    (`runtime` is the address of its `_PyRuntime`), but for the idents in `known`. The
+    ident equals the thread state's `thread_id` (pthread_t). A process that has not
+    imported threading has none: {}. Pass the same `searches` to every read of a process.
 
     Raises UnreadableMemory when the process is gone or its memory does not hold what it
     should, and ValueError for a CPython this module has no offsets for."""
     offsets = _OFFSETS.get(tuple(layout.version))
     if offsets is None:
         raise ValueError(f"no thread-name offsets for CPython {layout.version[0]}.{layout.version[1]}")
-    reader = _Reader(memory, layout, offsets)
+    reader = _Reader(memory, layout, offsets, searches or Searches(), known)
     interp_modules = offsets.interp_modules
     if interp_modules == ABSENT:
         interp_modules = _debug_imports_modules(memory, layout, runtime)
@@ -220,10 +239,13 @@ def _debug_imports_modules(memory: ProcessMemory, layout: PythonLayout, runtime:
 class _Reader:
     """Reads dicts, ints, str and instance attributes of one process."""
 
-    def __init__(self, memory: ProcessMemory, layout: PythonLayout, offsets: _Offsets) -> None:
+    def __init__(self, memory: ProcessMemory, layout: PythonLayout, offsets: _Offsets, searches: Searches,
+                 known: Container[int]) -> None:
         self.memory = memory
         self.layout = layout
         self.o = offsets
+        self.searches = searches
+        self.known = known
         self.dict_type = 0  # the address of PyDict_Type, learnt from sys.modules
         self.work_left = MAX_WORK
 
@@ -231,22 +253,39 @@ class _Reader:
         if not modules:
             return {}  # an interpreter being created or torn down
         self.dict_type = self.type_of(modules)
-        threading = self.dict_get(modules, "threading")
-        if threading is None:
-            return {}
-        active = self.dict_get(self.memory.pointer(threading + self.o.module_dict), "_active")
+        active = self.active_threads(modules)
         if active is None:
             return {}
         names: Dict[int, str] = {}
         for _, key, thread in self.dict_items(active, MAX_THREADS):
             try:
                 ident = self.read_ident(key)
+                if ident is None or ident in self.known:
+                    continue
                 name_address = self.attribute(thread, "_name")
-                if ident is not None and name_address is not None:
+                if name_address is not None:
                     names[ident] = self.read_str(name_address, MAX_NAME_LENGTH)
             except UnreadableMemory:
                 continue  # a thread ending while we look: skip it
         return names
+
+    def active_threads(self, modules: int) -> Optional[int]:
+        """threading._active of the interpreter whose sys.modules is at `modules`, searching
+        only the entries added since the last search."""
+        search = self.searches.by_modules.setdefault(modules, _Search())
+        if search.active and self.type_of(search.active) == self.dict_type:
+            return search.active
+        keys = self.memory.pointer(modules + self.o.dict_keys)
+        if keys != search.keys:
+            search.keys, search.searched = keys, 0
+        for index, key, value in self.dict_items(modules, first=search.searched):
+            if self.is_str(key, "threading"):
+                # The module is in sys.modules before its body has run: until _active is
+                # made, the search stays at this entry.
+                search.active = self.dict_get(self.memory.pointer(value + self.o.module_dict), "_active") or 0
+                return search.active or None
+            search.searched = index + 1
+        return None
 
     # --- objects --------------------------------------------------------------------
 
@@ -298,10 +337,10 @@ class _Reader:
 
     # --- dicts ----------------------------------------------------------------------
 
-    def keys_entries(self, keys: int, limit: int) -> Iterator[Tuple[int, int, int]]:
+    def keys_entries(self, keys: int, limit: int, first: int = 0) -> Iterator[Tuple[int, int, int]]:
         """(index, key, value) of each used entry among the first `limit` entries of a
-        PyDictKeysObject; value is the entry's own (meaningless in a split table, whose
-        values live elsewhere)."""
+        PyDictKeysObject, from entry `first` on; value is the entry's own (meaningless in
+        a split table, whose values live elsewhere)."""
         o = self.o
         head = self.memory.read(keys, o.keys_indices)
         nentries = struct.unpack_from("<q", head, o.keys_nentries)[0]
@@ -321,24 +360,27 @@ class _Reader:
         if not 0 <= nentries <= MAX_DICT_ENTRIES:
             raise UnreadableMemory(f"dict keys at {keys:#x} claim {nentries} entries")
         nentries = min(nentries, limit)
-        self.work_left -= nentries
+        first = min(first, nentries)
+        self.work_left -= nentries - first
         if self.work_left < 0:
             raise UnreadableMemory(f"more than {MAX_WORK} dict entries to look at: not a sane process")
         entry_size = 24 if general else 16      # {hash, key, value} or {key, value}
         key_at = 8 if general else 0
-        data = self.memory.read(keys + o.keys_indices + table_bytes, nentries * entry_size)
-        for index in range(nentries):
-            key, value = struct.unpack_from("<QQ", data, index * entry_size + key_at)
+        data = self.memory.read(keys + o.keys_indices + table_bytes + first * entry_size,
+                                (nentries - first) * entry_size)
+        for index in range(first, nentries):
+            key, value = struct.unpack_from("<QQ", data, (index - first) * entry_size + key_at)
             if key:  # a deleted entry has none
                 yield index, key, value
 
-    def dict_items(self, address: int, limit: int = MAX_DICT_ENTRIES) -> Iterator[Tuple[int, int, int]]:
-        """(index, key, value) of each item of a dict object (among its first `limit`)."""
+    def dict_items(self, address: int, limit: int = MAX_DICT_ENTRIES, first: int = 0) -> Iterator[Tuple[int, int, int]]:
+        """(index, key, value) of each item of a dict object (among its first `limit`,
+        from entry `first` on)."""
         if not address or self.type_of(address) != self.dict_type:
             raise UnreadableMemory(f"not a dict at {address:#x}")
         keys = self.memory.pointer(address + self.o.dict_keys)
         values = self.memory.pointer(address + self.o.dict_values)
-        for index, key, value in self.keys_entries(keys, limit):
+        for index, key, value in self.keys_entries(keys, limit, first):
             if values:  # a split table: the values are in their own array
                 value = self.memory.pointer(values + self.o.values_items + 8 * index)
             if value:

@@ -39,6 +39,7 @@ from bpfprof.symbolizer.python_thread_names import (
     INLINE_VALUES_FLAG,
     MANAGED_DICT_FLAG,
     SUPPORTED_VERSIONS,
+    Searches,
     thread_names,
 )
 
@@ -189,6 +190,44 @@ def test_a_process_without_threading(python):
         assert list(names.values()) == ["MainThread"]
     else:
         assert names == {}
+
+
+LATE_THREADING_SCRIPT = r"""
+import sys
+print("started", flush=True)
+sys.stdin.readline()
+import threading
+stop = threading.Event()
+threading.Thread(target=stop.wait, name="late-worker", daemon=True).start()
+print("one thread", flush=True)
+sys.stdin.readline()
+import decimal, email.parser, json, logging  # sys.modules grows, and is resized
+threading.Thread(target=stop.wait, name="later-worker", daemon=True).start()
+print("two threads", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_reads_again_find_what_was_added_since(python):
+    """Reads that keep what they found of sys.modules name the same threads as a first
+    read would: threading imported after the first, threads started after the second,
+    and threads named already left out."""
+    with Running(python, LATE_THREADING_SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, python)
+        searches = Searches()
+        reads = [thread_names(running.memory, layout, running.runtime, searches)]
+        for _ in range(2):
+            running.process.stdin.write(b"\n")
+            running.process.stdin.flush()
+            running.process.stdout.readline()
+            reads.append(thread_names(running.memory, layout, running.runtime, searches))
+            assert reads[-1] == thread_names(running.memory, layout, running.runtime)
+        named = {ident for ident, name in reads[-1].items() if name != "later-worker"}
+        left = thread_names(running.memory, layout, running.runtime, searches, known=named)
+    assert set(reads[0].values()) <= {"MainThread"}
+    assert sorted(reads[1].values()) == ["MainThread", "late-worker"]
+    assert sorted(reads[2].values()) == ["MainThread", "late-worker", "later-worker"]
+    assert list(left.values()) == ["later-worker"]
 
 
 def test_a_process_that_is_gone(python):
