@@ -62,6 +62,15 @@ def _candidates(process: Process) -> List[Mapping]:
     return list(found.values())
 
 
+def _still_mapped(pid: int, mapping: Mapping) -> bool:
+    """Whether the process still maps the interpreter where it was seen."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.startswith(f"{mapping.start:08x}-") for line in f)
+    except OSError:
+        return False
+
+
 def _layout(memory: ProcessMemory, runtime: int, version_address: Optional[int], path: str) -> Optional[PythonLayout]:
     """From 3.13 on _PyRuntime starts with _Py_DebugOffsets; before, the table by version."""
     head = memory.read(runtime, len(DEBUG_OFFSETS_COOKIE))
@@ -128,6 +137,9 @@ class PythonProcesses:
             reason = "no known layout"
         except (UnreadableMemory, ValueError) as e:
             layout, reason = None, str(e)
+        if layout is None and not _still_mapped(process.pid, mapping):
+            memory.close()  # it exited or exec'd while being read: nothing to say of its interpreter
+            return
         if layout is None:
             memory.close()
             self._unreadable.add(process.pid)  # not looked at again until it execs
