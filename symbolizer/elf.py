@@ -260,8 +260,8 @@ def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, List[_Inflat
         if section is None or section["sh_type"] == "SHT_NOBITS":
             sections[key] = None
         else:
-            sections[key] = DebugSectionDescriptor(_section_stream(elf, stream.fileno(), section), name, section["sh_offset"],
-                                                   section.data_size, section["sh_addr"])
+            sections[key] = DebugSectionDescriptor(_section_stream(elf, stream.fileno(), section), name,
+                                                   section["sh_offset"], section.data_size, section["sh_addr"])
     config = DwarfConfig(little_endian=elf.little_endian, default_address_size=elf.elfclass // 8,
                          machine_arch=elf.get_machine_arch())
     inflated = [s.stream for s in sections.values() if s is not None and isinstance(s.stream, _Inflated)]
@@ -277,8 +277,8 @@ class _Lines:
         self._aranges = self._dwarf.get_aranges()
         # A compressed .debug_info (6 MB in libc's debug file, and 30 ms to inflate) is read
         # once, here, for where each unit's line program is: all that lookups need of it.
-        self._places = every_program_place(self._dwarf) if self._dwarf.debug_info_sec.stream in self._inflated \
-            else None
+        compressed_info = isinstance(self._dwarf.debug_info_sec.stream, _Inflated)
+        self._places = every_program_place(self._dwarf) if compressed_info else None
         self._forget_parsed()
         self._spans: Optional[Tuple[List[int], List[Tuple[int, int]]]] = None  # without .debug_aranges
         self._tables: Dict[int, tuple] = {}  # CU offset -> _line_table()
@@ -301,7 +301,8 @@ class _Lines:
                 return None
             table = self._tables.get(cu_offset)
             if table is None:
-                place = self._places.get(cu_offset) if self._places is not None else program_place(self._dwarf, cu_offset)
+                place = self._places.get(cu_offset) if self._places is not None \
+                    else program_place(self._dwarf, cu_offset)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed()
         except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):

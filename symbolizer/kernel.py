@@ -14,7 +14,7 @@ from bpfprof.symbolizer.packed_names import PackedNames
 KERNEL_MODULE = Module("[kernel.kallsyms]")
 # Address, type and name (a module's name may follow) of a text symbol. Not the __pfx_
 # ones: since 6.2 the kernel pads every function with a few bytes it names so, which are
-# never run (as perf does, a sample is not attributed to them); half the symbols of 6.x.
+# never run (a sample is not attributed to them); half the symbols of 6.x.
 _TEXT_SYMBOL = re.compile(rb"^([0-9a-f]+) [tTwW] (?!__pfx_)(\S+)", re.MULTILINE)
 
 
