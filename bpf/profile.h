@@ -216,6 +216,7 @@ enum loss_reason {
     LOSS_WALL_FULL,
     LOSS_OFFCPU_STACK_COLLISION,
     LOSS_NATIVE_STACKS_FULL,
+    LOSS_OFFCPU_RETURN_UNTRACED,  /* a thread left the CPU with no sched_switch seen bringing it back */
     LOSS_REASONS,
 };
 

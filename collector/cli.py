@@ -32,9 +32,12 @@ LOSS_FIXES = {
                                 "frames of a process that exited before the next drain may be unnamed"),
     "LOSS_OFFCPU_THREADS_FULL": ("blocked threads not followed", "raise --map-size"),
     "LOSS_BLOCK_FULL": ("blocking events, block map full", "raise --map-size or --min-block"),
+    "LOSS_WALL_FULL": ("off-CPU time, wall map full", "raise --map-size"),
     "LOSS_OFFCPU_STACK_COLLISION": ("blocking stacks, stack collisions", "raise --stack-storage-size"),
     "LOSS_NATIVE_STACKS_FULL": ("native stacks, stack map full (frame pointers stood in)",
                                 "raise --stack-storage-size"),
+    "LOSS_OFFCPU_RETURN_UNTRACED": ("off-CPU intervals whose end the kernel did not trace",
+                                    "none: those threads' time away is left out"),
 }
 UNWIND_END_NAMES = {
     "UNWIND_COMPLETE": "complete", "UNWIND_FRAME_POINTER_END": "frame pointers",
