@@ -3,7 +3,8 @@
 A process that lives 30 ms is gone before a busy drain ends, so the sampler's ring
 buffers are polled on a separate thread, which reads the process's /proc files as each
 event arrives, and for CPython the names of new threads and the code objects of new
-stacks. The recorder applies the events, in order, on its own thread.
+stacks, and starts walking a new CPython process (or stops, at its exec). The recorder
+applies the events, in order, on its own thread.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class EventReader:
                 self._python.on_python_thread(event.pid)
             return
         early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
+        if self._python and event.kind == "PROCESS_EXEC":
+            self._python.on_exec(event.pid)
+        elif self._python and early is not None:
+            self._python.on_first_read(event.pid, early)
         self._arrived.put((event, early))
 
     def start(self) -> None:

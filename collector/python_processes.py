@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from bpfprof.collector.processes import Mapping, Process
+from bpfprof.collector.processes import Mapping, ProcFiles, Process, parse_maps
 from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, RawPythonFrame, Sampler
 from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
@@ -101,19 +101,38 @@ class PythonProcesses:
         self._unreadable: Set[int] = set()  # pids running a CPython that cannot be read
         self._new_threads: Dict[int, float] = {}  # pid -> scanned until (monotonic); event thread only
         self._scan_lock = threading.Lock()  # scans and name pruning, on either thread
+        self._walk_lock = threading.Lock()  # starting and ending walks, on either thread
+
+    def on_first_read(self, pid: int, files: ProcFiles) -> None:
+        """On the event thread, as a process's first sample arrives with its /proc files:
+        start walking its CPython now if the interpreter exports _PyRuntime, rather than
+        when the recorder's thread takes the snapshot. Naming a binary's first frames in
+        a drain can keep that thread from it for a few hundred milliseconds: a short
+        process's whole life. Anything else is left to on_snapshot."""
+        if "python" in files.maps:  # as every interpreter binary is named
+            self._start_walking(Process(pid, files.comm, parse_maps(pid, files.maps)), exported_only=True)
 
     def on_snapshot(self, process: Process) -> None:
         """A process was (re)read: start walking it if it runs a CPython we know."""
+        self._start_walking(process, exported_only=False)
+
+    def _start_walking(self, process: Process, exported_only: bool) -> None:
+        with self._walk_lock:
+            self._start_walking_locked(process, exported_only)
+
+    def _start_walking_locked(self, process: Process, exported_only: bool) -> None:
         if process.pid in self.interpreters or process.pid in self._unreadable or not process.readable:
             return
         candidates = _candidates(process)
         for mapping in candidates:
             symbols = self._native.get_exported_data(mapping.obj)
-            if symbols is None or "_PyRuntime" not in symbols.data:
+            if (symbols is None or "_PyRuntime" not in symbols.data) and not exported_only:
                 symbols = self._native.get_symbols(mapping.obj)  # a build may not export it
             if symbols is not None and "_PyRuntime" in symbols.data:
                 break
         else:
+            if exported_only:
+                return
             # A libpython from before 3.7 has no _PyRuntime. An executable without it may
             # just not have mapped its libpython yet: read it again at its next mmap or sample.
             old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
@@ -302,8 +321,9 @@ class PythonProcesses:
         """pid -> tids seen to end since the last call. Called before a drain, whose
         samples are the last these threads can have, so that drop_names can follow it."""
         with self._scan_lock:
-            ended = {pid: i.ended for pid, i in self.interpreters.items() if i.ended}
-            for interpreter in self.interpreters.values():
+            interpreters = list(self.interpreters.items())  # the event thread adds and removes them
+            ended = {pid: i.ended for pid, i in interpreters if i.ended}
+            for _, interpreter in interpreters:
                 interpreter.ended = set()
         return ended
 
@@ -315,17 +335,19 @@ class PythonProcesses:
                     interpreter.names = {t: name for t, name in interpreter.names.items() if t not in tids}
 
     def on_exec(self, pid: int) -> None:
-        """A new image: the walker dropped the process, and so does this."""
+        """A new image: the walker dropped the process, and so does this. On the event
+        thread, as the exec arrives: before the new image's first sample can start a walk."""
         self.forget(pid)
 
     def forget(self, pid: int) -> None:
         """After the last drain that can hold the process's samples."""
-        interpreter = self.interpreters.pop(pid, None)
-        if interpreter is not None:
-            interpreter.memory.close()
-        self.symbols.forget(pid)
-        self._looks.pop(pid, None)
-        self._unreadable.discard(pid)
+        with self._walk_lock:
+            interpreter = self.interpreters.pop(pid, None)
+            if interpreter is not None:
+                interpreter.memory.close()
+            self.symbols.forget(pid)
+            self._looks.pop(pid, None)
+            self._unreadable.discard(pid)
 
     def close(self) -> None:
         for pid in list(self.interpreters):

@@ -134,9 +134,7 @@ class Recorder:
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
             self._processes.snapshot(event.pid, event.comm, early)
-        elif event.kind == "PROCESS_EXEC":
-            if self._python:
-                self._python.on_exec(event.pid)
+        elif event.kind == "PROCESS_EXEC":  # the event thread told PythonProcesses
             if self._unwinding:
                 self._unwinding.forget(event.pid)
             self._processes.on_exec(event.pid)

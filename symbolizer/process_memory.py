@@ -49,6 +49,6 @@ class ProcessMemory:
         return struct.unpack("<I", self.read(address, 4))[0]
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1  # never a closed fd (whose number may be reused) to read from
+        if fd >= 0:
+            os.close(fd)
