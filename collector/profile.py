@@ -34,6 +34,15 @@ class Frame:
     line: int = 0  # the line being executed
     start_line: int = 0  # first line of the function, where known
 
+    def __post_init__(self) -> None:
+        # A frame is hashed again in every stack that holds it, whenever a stack is a key
+        # (each sample added to each profile, each writer): the hash is made once.
+        object.__setattr__(self, "_hash", hash((self.kind, self.name, self.module, self.address, self.file,
+                                                self.line, self.start_line)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
 
 Stack = Tuple[Frame, ...]  # leaf first, as pprof stores it
 

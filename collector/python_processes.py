@@ -295,6 +295,10 @@ class PythonProcesses:
         """The walker found a thread (or needs the pthread tid offset). Event thread."""
         self._new_threads[pid] = time.monotonic() + _NAME_SCAN_S
 
+    def scans_pending(self) -> bool:
+        """Whether scan_new_threads has processes to scan again. Event thread."""
+        return bool(self._new_threads)
+
     def scan_new_threads(self) -> None:
         """Name the threads found since the last call, while they run. Event thread,
         after each batch of events. A thread that has only just started may not be in

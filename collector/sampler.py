@@ -271,7 +271,6 @@ class Sampler:
         self._bpf = None
         self._active = 0
         self._batches: Dict[str, _Batches] = {}
-        self._loss_totals = dict.fromkeys(LOSS_REASONS, 0)
         self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
 
     def start(self, on_event: Callable[[ProcessEvent], None],

@@ -2,13 +2,13 @@
 addresses, each with the file and line it belongs to.
 
 The program is found here: the compilation unit's header and its top DIE are read only
-as far as the DIE's DW_AT_stmt_list. (pyelftools parses the unit's whole abbreviation
-table and the DIE through its struct library first, which took more than half the time
-of reading a line table.) pyelftools decodes the program's header (file names, opcode
-base, line base and range); the program itself is run here, keeping only the registers
-a profiler needs (address, file, line). pyelftools' own decoder keeps every register and
-copies the state for every row, which is several times slower: big compilation units
-such as CPython's unicodeobject.c take most of a second there.
+as far as the DIE's DW_AT_stmt_list, and the program's header only for what running it
+needs and its file names. (pyelftools parses the unit's whole abbreviation table, the
+DIE and the header through its struct library, which took more than half the time of
+reading a line table.) The program is run keeping only the registers a profiler needs
+(address, file, line). pyelftools' own decoder keeps every register and copies the
+state for every row, which is several times slower: big compilation units such as
+CPython's unicodeobject.c take most of a second there.
 
 The state machine is DWARF 2 to 5's (section 6.2 of the DWARF 5 standard), for
 targets with one operation per instruction (op_index is always 0).
@@ -16,14 +16,12 @@ targets with one operation per instruction (op_index is always 0).
 
 from __future__ import annotations
 
-import functools
+import os
 import struct
 from typing import BinaryIO, Dict, List, NamedTuple, Optional, Tuple
 
-from elftools.dwarf.structs import DWARFStructs
-
 # Standard opcodes
-_COPY, _ADVANCE_PC, _ADVANCE_LINE, _SET_FILE = 1, 2, 3, 4
+_COPY, _ADVANCE_PC, _ADVANCE_LINE, _SET_FILE, _SET_COLUMN, _NEGATE_STMT = 1, 2, 3, 4, 5, 6
 _CONST_ADD_PC, _FIXED_ADVANCE_PC = 8, 9
 # Extended opcodes (after a 0 byte and a length)
 _END_SEQUENCE, _SET_ADDRESS = 1, 2
@@ -152,12 +150,6 @@ def _stmt_list(die: bytes, forms: List[Tuple[int, int]], offset_size: int, addre
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _structs(little_endian: bool, offset_size: int, address_size: int, version: int) -> DWARFStructs:
-    return DWARFStructs(little_endian=little_endian, dwarf_format=offset_size * 8, address_size=address_size,
-                        dwarf_version=version)
-
-
 class ProgramPlace(NamedTuple):
     """Where a compilation unit's line program is in .debug_line, and how its unit is encoded."""
     offset: int
@@ -196,12 +188,127 @@ def every_program_place(dwarf) -> Dict[int, ProgramPlace]:
     return places
 
 
-def line_program(dwarf, place: Optional[ProgramPlace]):
-    """pyelftools' LineProgram at `place` (its header decoded), or None for no place."""
+class LineProgram(NamedTuple):
+    """What running a line program needs of its header, and the program itself."""
+    min_instruction_length: int
+    line_base: int
+    line_range: int
+    opcode_base: int
+    operand_counts: bytes  # of the standard opcodes 1 .. opcode_base - 1
+    file_names: List[str]  # by the program's file number; "" where none is named
+    code: bytes
+
+
+_DW_LNCT_PATH, _DW_LNCT_DIRECTORY_INDEX = 1, 2
+_STRING_FORMS = {0x0e: "debug_str_sec", 0x1f: "debug_line_str_sec"}  # DW_FORM_strp, DW_FORM_line_strp
+_FIXED_FORMS = {0x0b: 1, 0x05: 2, 0x06: 4, 0x07: 8, 0x1e: 16}  # data1, data2, data4, data8, data16
+_STRING_BYTES = 256  # read at a time for a string in .debug_str or .debug_line_str
+
+
+def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
+    """The line program at `place` in .debug_line, its header decoded (DWARF 2 to 5,
+    section 6.2.4), or None for no place."""
     if place is None:
         return None
-    structs = _structs(dwarf.config.little_endian, place.offset_size, place.address_size, place.version)
-    return dwarf._parse_line_program_at_offset(place.offset, structs)  # what line_program_for_CU calls, with the offset
+    stream = dwarf.debug_line_sec.stream
+    offset_size, end = _unit_extent(_read(stream, place.offset, 12), place.offset)
+    start = place.offset + (12 if offset_size == 8 else 4)
+    data = _read(stream, start, end - start)
+    (version,) = struct.unpack_from("<H", data)
+    i = 4 if version >= 5 else 2  # a version 5 header names address and segment selector sizes
+    header_length = int.from_bytes(data[i:i + offset_size], "little")
+    i += offset_size
+    code_start = i + header_length
+    unit = data[i]
+    i += 3 if version >= 4 else 2  # maximum operations per instruction (4 on), default_is_stmt
+    line_base, line_range, opcode_base = struct.unpack_from("<bBB", data, i)
+    i += 3
+    operand_counts = data[i:i + opcode_base - 1]
+    i += opcode_base - 1
+    if version >= 5:
+        entries, i = _entries(dwarf, data, i, offset_size)
+        directories = [str(d.get(_DW_LNCT_PATH, "")) for d in entries]
+        files, _ = _entries(dwarf, data, i, offset_size)
+        names = [_join(directories, f.get(_DW_LNCT_PATH, ""), f.get(_DW_LNCT_DIRECTORY_INDEX, 0)) for f in files]
+    else:
+        directories, i = _strings_until_empty(data, i)
+        names = [""]  # file 0 is not one of a version 2 to 4 program's
+        while data[i]:
+            name_end = data.index(b"\0", i)
+            name = data[i:name_end].decode(errors="replace")
+            directory, i = leb128(data, name_end + 1)
+            _, i = leb128(data, i)  # modification time
+            _, i = leb128(data, i)  # length
+            names.append(_join(directories, name, directory - 1))  # directory 0 is the unit's own
+    if len(operand_counts) != opcode_base - 1 or line_range == 0 or code_start > len(data):
+        raise ValueError("malformed line program header")
+    return LineProgram(unit, line_base, line_range, opcode_base, operand_counts, names, data[code_start:])
+
+
+def _join(directories: List[str], name: str, directory: int) -> str:
+    if name.startswith("/") or not 0 <= directory < len(directories):
+        return name
+    return os.path.join(directories[directory], name)
+
+
+def _strings_until_empty(data: bytes, i: int) -> Tuple[List[str], int]:
+    strings = []
+    while data[i]:
+        end = data.index(b"\0", i)
+        strings.append(data[i:end].decode(errors="replace"))
+        i = end + 1
+    return strings, i + 1
+
+
+def _entries(dwarf, data: bytes, i: int, offset_size: int) -> Tuple[List[Dict[int, object]], int]:
+    """A version 5 header's directory or file name entries, each as content type -> value
+    (strings decoded, numbers as numbers), and the index after them."""
+    formats = []
+    count = data[i]
+    i += 1
+    for _ in range(count):
+        content, i = leb128(data, i)
+        form, i = leb128(data, i)
+        formats.append((content, form))
+    count, i = leb128(data, i)
+    entries = []
+    for _ in range(count):
+        entry: Dict[int, object] = {}
+        for content, form in formats:
+            if form == 0x08:  # DW_FORM_string
+                end = data.index(b"\0", i)
+                entry[content] = data[i:end].decode(errors="replace")
+                i = end + 1
+            elif form in _STRING_FORMS:
+                entry[content] = _string_at(getattr(dwarf, _STRING_FORMS[form]),
+                                            int.from_bytes(data[i:i + offset_size], "little"))
+                i += offset_size
+            elif form == 0x0f:  # DW_FORM_udata
+                entry[content], i = leb128(data, i)
+            elif form in _FIXED_FORMS:
+                entry[content] = int.from_bytes(data[i:i + _FIXED_FORMS[form]], "little")
+                i += _FIXED_FORMS[form]
+            elif form == 0x09:  # DW_FORM_block
+                size, i = leb128(data, i)
+                i += size
+            else:
+                raise ValueError(f"line program header entry in form {form:#x}")
+        entries.append(entry)
+    return entries, i
+
+
+def _string_at(section, offset: int) -> str:
+    if section is None:
+        raise ValueError("a line program names a string section the file does not have")
+    size = _STRING_BYTES
+    while True:
+        data = _read(section.stream, offset, size)
+        end = data.find(b"\0")
+        if end >= 0:
+            return data[:end].decode(errors="replace")
+        if len(data) < size:
+            raise ValueError("unterminated string")
+        size *= 4
 
 
 def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
@@ -216,64 +323,81 @@ def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
             return (value - (1 << shift) if signed and byte & 0x40 else value), i
 
 
-def line_sequences(program: bytes, header) -> List[Tuple[List[int], List[int]]]:
+def line_sequences(program: LineProgram) -> List[Tuple[List[int], List[int]]]:
     """The program's rows in the order it emits them, as sequences: (addresses, places),
-    place = file index << 32 | line, and -1 for the row that ends the sequence. Two flat
-    lists rather than a tuple per row: this is the hot loop of reading a line table.
-    `header` is pyelftools' decoded line program header (minimum_instruction_length,
-    line_base, line_range, opcode_base, standard_opcode_lengths)."""
-    unit = header["minimum_instruction_length"]
-    line_base, line_range = header["line_base"], header["line_range"]
-    opcode_base = header["opcode_base"]
-    operand_counts = header["standard_opcode_lengths"]
-    const_add = (255 - opcode_base) // line_range * unit
+    place = file number << 32 | line, and 0 for the row that ends the sequence (as for a
+    row of line 0 in file 0, no line is named). Two flat
+    lists rather than a tuple per row: this is the hot loop of reading a line table, so
+    the special opcodes' steps are looked up, the opcodes are tested most common first
+    (in gcc's output: special, set_column, negate_stmt, copy, advance_line) and their
+    operands read in place."""
+    unit, line_range, opcode_base = program.min_instruction_length, program.line_range, program.opcode_base
+    operand_counts = program.operand_counts
+    address_steps = [0] * 256
+    line_steps = [0] * 256
+    for opcode in range(opcode_base, 256):
+        address_steps[opcode] = (opcode - opcode_base) // line_range * unit
+        line_steps[opcode] = program.line_base + (opcode - opcode_base) % line_range
+    const_add = address_steps[255]
+    code = program.code
     sequences: List[Tuple[List[int], List[int]]] = []
     addresses: List[int] = []
     places: List[int] = []
     add_address, add_place = addresses.append, places.append
-    address, file, line = 0, 1, 1
-    i, end = 0, len(program)
+    address, file, line = 0, 1 << 32, 1  # file: its number << 32
+    i, end = 0, len(code)
     while i < end:
-        opcode = program[i]
+        opcode = code[i]
         i += 1
         if opcode >= opcode_base:
-            adjusted = opcode - opcode_base
-            address += adjusted // line_range * unit
-            line += line_base + adjusted % line_range
+            address += address_steps[opcode]
+            line += line_steps[opcode]
             add_address(address)
-            add_place(file << 32 | line)
+            add_place(file | line)
+        elif opcode == _SET_COLUMN:  # as common as the special opcodes in gcc's output: its operand skipped
+            while code[i] >= 0x80:
+                i += 1
+            i += 1
+        elif opcode == _NEGATE_STMT:
+            pass
+        elif opcode == _COPY:
+            add_address(address)
+            add_place(file | line)
+        elif opcode == _ADVANCE_LINE:
+            advance = code[i]
+            if advance < 0x80:
+                i += 1
+                line += advance - 0x80 if advance & 0x40 else advance
+            else:
+                advance, i = leb128(code, i, signed=True)
+                line += advance
+        elif opcode == _SET_FILE:
+            number, i = leb128(code, i)
+            file = number << 32
         elif opcode == 0:
-            length, i = leb128(program, i)
-            sub = program[i]
+            length, i = leb128(code, i)
+            sub = code[i]
             if sub == _END_SEQUENCE:
                 add_address(address)
-                add_place(-1)
+                add_place(0)
                 sequences.append((addresses, places))
                 addresses, places = [], []
                 add_address, add_place = addresses.append, places.append
-                address, file, line = 0, 1, 1
+                address, file, line = 0, 1 << 32, 1
             elif sub == _SET_ADDRESS:
-                address = int.from_bytes(program[i + 1:i + length], "little")
+                address = int.from_bytes(code[i + 1:i + length], "little")
             i += length
-        elif opcode == _COPY:
-            add_address(address)
-            add_place(file << 32 | line)
-        elif opcode == _ADVANCE_PC:
-            advance, i = leb128(program, i)
-            address += advance * unit
-        elif opcode == _ADVANCE_LINE:
-            advance, i = leb128(program, i, signed=True)
-            line += advance
-        elif opcode == _SET_FILE:
-            file, i = leb128(program, i)
         elif opcode == _CONST_ADD_PC:
             address += const_add
+        elif opcode == _ADVANCE_PC:
+            advance, i = leb128(code, i)
+            address += advance * unit
         elif opcode == _FIXED_ADVANCE_PC:
-            address += int.from_bytes(program[i:i + 2], "little")
+            address += int.from_bytes(code[i:i + 2], "little")
             i += 2
         else:  # any other standard opcode: skip its operands, all ULEB128
             for _ in range(operand_counts[opcode - 1]):
-                _, i = leb128(program, i)
+                _, i = leb128(code, i)
     if addresses:  # rows after the last end_sequence (malformed): kept
         sequences.append((addresses, places))
     return sequences

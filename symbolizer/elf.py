@@ -8,11 +8,13 @@ compilation unit at a time and only when a frame falls in it.
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 import struct
 import zlib
 from array import array
 from dataclasses import dataclass
+from itertools import chain, compress, repeat
 from typing import BinaryIO, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from elftools.common.exceptions import ELFError
@@ -20,7 +22,7 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfCon
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.demangle import demangle
-from bpfprof.symbolizer.dwarf_lines import every_program_place, line_program, line_sequences, program_place
+from bpfprof.symbolizer.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.packed_names import PackedNames
 
@@ -351,45 +353,25 @@ def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
     return spans
 
 
-def _line_table(program) -> Tuple[int, array, array, array, List[str]]:
+def _line_table(program: Optional[LineProgram]) -> Tuple[int, array, array, array, Dict[int, str]]:
     """A base address; sorted addresses, as offsets from the base, and for each the line
-    (0 where a sequence ends) and the index of its file name in the list that ends the
-    tuple. Compact: 5 to 10 bytes a row, and a row that names the same place as the one
-    before it is left out."""
-    sequences = []
-    if program is not None:
-        program.stream.seek(program.program_start_offset)
-        code = program.stream.read(program.program_end_offset - program.program_start_offset)
-        sequences = sorted(line_sequences(code, program.header), key=lambda s: s[0][0])
-    ordered = all(a[0][-1] <= b[0][0] for a, b in zip(sequences, sequences[1:]))
-    if ordered:
-        rows = (row for addresses, places in sequences for row in zip(addresses, places))
-    else:  # overlapping sequences: every row sorted, a sequence's end before a start at the same address
-        rows = sorted((row for addresses, places in sequences for row in zip(addresses, places)),
-                      key=lambda r: (r[0], r[1] >= 0))
-    base = sequences[0][0][0] if sequences else 0  # every address of a compilation unit is within 4 GiB of it
-    addresses, lines, files = array("I"), array("I"), array("H")
-    index: Dict[int, int] = {}  # file number in the program -> index in file_names
-    file_names: List[str] = []
-    previous = None
-    for address, place in rows:
-        if place >= 0:
-            if place == previous:
-                continue
-            previous = place
-            i = index.get(place >> 32)
-            if i is None:
-                i = index[place >> 32] = len(file_names)
-                file_names.append(_file_name(program, place >> 32))
-            addresses.append(address - base)
-            lines.append(place & 0xFFFFFFFF)
-            files.append(i)
-        else:
-            previous = None
-            addresses.append(address - base)
-            lines.append(0)
-            files.append(0)
-    return base, _narrowest(addresses), _narrowest(lines), _narrowest(files), file_names
+    (0 where a sequence ends) and the program's number of its file, named by the dict
+    that ends the tuple. Compact: 5 to 10 bytes a row, and a row that names the same place
+    as the one before it is left out. Built with map and compress, not a loop per row."""
+    sequences = sorted(line_sequences(program), key=lambda s: s[0][0]) if program is not None else []
+    addresses = list(chain.from_iterable(a for a, _ in sequences))
+    places = list(chain.from_iterable(p for _, p in sequences))
+    if any(a[0][-1] > b[0][0] for a, b in zip(sequences, sequences[1:])):
+        # Overlapping sequences: every row sorted, a sequence's end (place 0) before a start at the same address.
+        rows = sorted(zip(addresses, places))
+        addresses, places = [a for a, _ in rows], [p for _, p in rows]
+    kept = list(map(operator.ne, places, chain((None,), places)))
+    addresses, places = list(compress(addresses, kept)), list(compress(places, kept))
+    base = addresses[0] if addresses else 0  # every address of a compilation unit is within 4 GiB of it
+    files = array("I", map(operator.rshift, places, repeat(32)))
+    names = {n: program.file_names[n] if n < len(program.file_names) else "" for n in set(files)} if program else {}
+    return (base, _narrowest(array("I", map(operator.sub, addresses, repeat(base)))),
+            _narrowest(array("I", map(operator.and_, places, repeat(0xFFFFFFFF)))), _narrowest(files), names)
 
 
 def _narrowest(values: array) -> array:
@@ -400,22 +382,6 @@ def _narrowest(values: array) -> array:
         if top < 1 << (8 * array(typecode).itemsize):
             return values if typecode == values.typecode else array(typecode, values)
     return values
-
-
-def _file_name(program, index: int) -> str:
-    header = program.header
-    version = header["version"]
-    files = header["file_entry"]
-    directories = header["include_directory"]
-    i = index if version >= 5 else index - 1
-    if not 0 <= i < len(files):
-        return ""
-    entry = files[i]
-    name = entry.name.decode(errors="replace")
-    d = entry.dir_index if version >= 5 else entry.dir_index - 1
-    if name.startswith("/") or not 0 <= d < len(directories):
-        return name
-    return os.path.join(directories[d].decode(errors="replace"), name)
 
 
 class LoadedData:

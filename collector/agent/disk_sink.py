@@ -12,13 +12,16 @@ from bpfprof.collector.atomic_file import TEMPORARY_PREFIX, write_atomically
 from bpfprof.collector.errors import UsageError
 
 FILE_MODE = 0o640  # profiles show what runs on the node: not for every local user
-# <start, UTC>.<node>.<type>.pb.gz: names sort by time; only these are ever removed.
-_PROFILE_NAME = re.compile(r"^\d{8}T\d{6}Z\.[^/]+\.(cpu|block|wall)\.pb\.gz$")
+# <start, UTC, to the millisecond>.<node>.<type>.pb.gz: names sort by time; only these are
+# ever removed. Two intervals can start in one second (a cut late after a slow drain, then
+# one on the beat): to the second, the later file took the earlier one's name.
+_PROFILE_NAME = re.compile(r"^\d{8}T\d{6}\.\d{3}Z\.[^/]+\.(cpu|block|wall)\.pb\.gz$")
 
 
 def profile_file_name(start_ns: int, node: str, profile_type: str) -> str:
-    start = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(start_ns // 1_000_000_000))
-    return f"{start}.{node}.{profile_type}.pb.gz"
+    seconds, ns = divmod(start_ns, 1_000_000_000)
+    start = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
+    return f"{start}.{ns // 1_000_000:03d}Z.{node}.{profile_type}.pb.gz"
 
 
 class DiskSink:

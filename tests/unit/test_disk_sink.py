@@ -21,13 +21,13 @@ def make(directory, name, size, age_s):
 
 
 def test_file_names_sort_by_time_and_say_node_and_type():
-    assert profile_file_name(START_NS, "node-a", "cpu") == "20231114T221320Z.node-a.cpu.pb.gz"
+    assert profile_file_name(START_NS, "node-a", "cpu") == "20231114T221320.123Z.node-a.cpu.pb.gz"
 
 
 def test_write_is_whole_with_mode_0640(tmp_path):
     sink = DiskSink(str(tmp_path / "profiles"), max_age_s=3600, max_bytes=1 << 20)
-    assert sink.write("20231114T221320Z.n.cpu.pb.gz", b"profile")
-    path = tmp_path / "profiles" / "20231114T221320Z.n.cpu.pb.gz"
+    assert sink.write("20231114T221320.000Z.n.cpu.pb.gz", b"profile")
+    path = tmp_path / "profiles" / "20231114T221320.000Z.n.cpu.pb.gz"
     assert path.read_bytes() == b"profile"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert os.listdir(tmp_path / "profiles") == [path.name]  # no temporary left
@@ -35,19 +35,19 @@ def test_write_is_whole_with_mode_0640(tmp_path):
 
 
 def test_retention_by_age(tmp_path):
-    old = make(tmp_path, "20231114T000000Z.n.cpu.pb.gz", 10, age_s=7200)
-    recent = make(tmp_path, "20231114T010000Z.n.cpu.pb.gz", 10, age_s=60)
+    old = make(tmp_path, "20231114T000000.000Z.n.cpu.pb.gz", 10, age_s=7200)
+    recent = make(tmp_path, "20231114T010000.000Z.n.cpu.pb.gz", 10, age_s=60)
     sink = DiskSink(str(tmp_path), max_age_s=3600, max_bytes=1 << 20, clock=lambda: NOW)
-    sink.write("20231114T020000Z.n.block.pb.gz", b"new")
+    sink.write("20231114T020000.000Z.n.block.pb.gz", b"new")
     assert not old.exists() and recent.exists()
     assert sink.removed == 1
 
 
 def test_retention_by_size_removes_the_oldest_first(tmp_path):
-    files = [make(tmp_path, f"20231114T00000{i}Z.n.cpu.pb.gz", 100, age_s=60 - i) for i in range(5)]
+    files = [make(tmp_path, f"20231114T00000{i}.000Z.n.cpu.pb.gz", 100, age_s=60 - i) for i in range(5)]
     other = make(tmp_path, "notes.txt", 10_000, age_s=99_999)  # not ours: never removed
     sink = DiskSink(str(tmp_path), max_age_s=3600, max_bytes=350, clock=lambda: NOW)
-    sink.write("20231114T000009Z.n.cpu.pb.gz", b"y" * 100)
+    sink.write("20231114T000009.000Z.n.cpu.pb.gz", b"y" * 100)
     assert [f.exists() for f in files] == [False, False, False, True, True]
     assert other.exists()
     assert sum(f.stat().st_size for f in tmp_path.iterdir() if f.name.endswith(".pb.gz")) <= 350
@@ -63,11 +63,11 @@ def test_a_failed_write_is_counted_and_logged_not_raised(tmp_path, caplog):
     directory = tmp_path / "profiles"
     sink = DiskSink(str(directory), 3600, 1 << 20)
     directory.rmdir()  # what a full or vanished disk looks like to the writer: an OSError
-    assert not sink.write("20231114T000000Z.n.cpu.pb.gz", b"x")
+    assert not sink.write("20231114T000000.000Z.n.cpu.pb.gz", b"x")
     assert sink.failed == 1 and sink.written == 0
     assert "cannot write profile" in caplog.text
     directory.mkdir()
-    assert sink.write("20231114T000015Z.n.cpu.pb.gz", b"x")  # and the next interval is written
+    assert sink.write("20231114T000015.000Z.n.cpu.pb.gz", b"x")  # and the next interval is written
 
 
 def test_an_unusable_directory_is_a_usage_error(tmp_path):

@@ -1,7 +1,10 @@
 """Our line-program runner against pyelftools' full decoder, row for row (an
 end-of-sequence row by its address alone), on DWARF that
 gcc writes here (versions 4 and 5) and on a CPython shared library; and the line
-program we find for each compilation unit against the one pyelftools finds."""
+program we find for each compilation unit, its code and file names, against the one
+pyelftools finds."""
+
+import os
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -16,14 +19,13 @@ def rows_both_ways(path, limit=None):
         for n, cu in enumerate(dwarf.iter_CUs()):
             if limit is not None and n >= limit:
                 break
-            program = dwarf.line_program_for_CU(cu)
-            expected = [(e.state.address, None, None) if e.state.end_sequence
+            # A row of line 0 in file 0 names no line, as the end of a sequence does.
+            expected = [(e.state.address, None, None) if e.state.end_sequence or (e.state.file, e.state.line) == (0, 0)
                         else (e.state.address, e.state.file, e.state.line)
-                        for e in program.get_entries() if e.state is not None]
-            program.stream.seek(program.program_start_offset)
-            code = program.stream.read(program.program_end_offset - program.program_start_offset)
-            ours = [(address, None, None) if place < 0 else (address, place >> 32, place & 0xFFFFFFFF)
-                    for addresses, places in line_sequences(code, program.header)
+                        for e in dwarf.line_program_for_CU(cu).get_entries() if e.state is not None]
+            program = line_program(dwarf, program_place(dwarf, cu.cu_offset))
+            ours = [(address, None, None) if place == 0 else (address, place >> 32, place & 0xFFFFFFFF)
+                    for addresses, places in line_sequences(program)
                     for address, place in zip(addresses, places)]
             yield ours, expected
 
@@ -49,16 +51,32 @@ def test_rows_match_pyelftools_for_libpython():
     assert compared > 10000
 
 
+def file_names(header):
+    """A pyelftools line program header's file names by file number, joined to their
+    directories: file 0 is the first entry from version 5 on, and no entry before."""
+    version, directories = header["version"], [d.decode() for d in header["include_directory"]]
+    names = [] if version >= 5 else [""]
+    for entry in header["file_entry"]:
+        name = entry.name.decode()
+        d = entry.dir_index if version >= 5 else entry.dir_index - 1
+        names.append(name if name.startswith("/") or not 0 <= d < len(directories)
+                     else os.path.join(directories[d], name))
+    return names
+
+
 def programs_both_ways(path):
-    """(ours, pyelftools') line program of every compilation unit, as (start, end, file names)."""
+    """(ours, pyelftools') line program of every compilation unit, as (code, file names)."""
     with open(path, "rb") as f:
         dwarf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False)
         places = every_program_place(dwarf)
         for cu in dwarf.iter_CUs():
             assert places.get(cu.cu_offset) == program_place(dwarf, cu.cu_offset)
-            theirs, ours = dwarf.line_program_for_CU(cu), line_program(dwarf, places.get(cu.cu_offset))
-            yield tuple((p.program_start_offset, p.program_end_offset, [e.name for e in p.header.file_entry])
-                        if p is not None else None for p in (ours, theirs))
+            ours, theirs = line_program(dwarf, places.get(cu.cu_offset)), dwarf.line_program_for_CU(cu)
+            if theirs is not None:
+                theirs.stream.seek(theirs.program_start_offset)
+                code = theirs.stream.read(theirs.program_end_offset - theirs.program_start_offset)
+                theirs = (code, file_names(theirs.header))
+            yield (ours.code, ours.file_names) if ours is not None else None, theirs
 
 
 @pytest.mark.parametrize("flags", [("-gdwarf-4",), ("-gdwarf-5",), ("-gdwarf-2", "-gstrict-dwarf"), ("-gsplit-dwarf",)],
