@@ -174,6 +174,7 @@ class Recorder:
             self._python.drop_names(ended_threads)
         for pid in self._processes.end_drain(exited):
             self._resolver.forget(pid)
+        self._native.drop_inflated()
         self._native.close_idle()
 
     def request_stop(self, *_args) -> None:

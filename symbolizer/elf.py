@@ -306,7 +306,7 @@ class _Lines:
                 place = self._places.get(cu_offset) if self._places is not None \
                     else program_place(self._dwarf, cu_offset)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
-                self._forget_parsed()
+                self._forget_parsed(keep_inflated=True)
         except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
             return None  # malformed DWARF: names still come from the symbol tables
         base, addresses, lines, files, names = table
@@ -315,12 +315,20 @@ class _Lines:
             return None
         return names[files[i]], lines[i]
 
-    def _forget_parsed(self) -> None:
+    def _forget_parsed(self, keep_inflated: bool = False) -> None:
         """pyelftools keeps every CU (with its DIEs), abbreviation table and line program
-        it parsed, for good; the compact table replaces all of them."""
+        it parsed, for good; the compact table replaces all of them. Inflated sections
+        may be kept a while, for the next tables (see drop_inflated)."""
         dwarf = self._dwarf
         for cache in ("_linetable_cache", "_abbrevtable_cache", "_cu_cache", "_cu_offsets_map"):
             getattr(dwarf, cache, {}).clear()
+        if not keep_inflated:
+            self.drop_inflated()
+
+    def drop_inflated(self) -> None:
+        """Let go of the compressed sections inflated for the tables built since the last
+        call: libc's debug file holds 8.5 MB of DWARF in 3, and inflating its line
+        programs for every new table was a third of the time of building one."""
         for stream in self._inflated:
             stream.forget()
 
@@ -420,6 +428,11 @@ class ElfSymbols(LoadedData):
         if location is None:
             return FunctionInfo(demangle(name))
         return FunctionInfo(demangle(name), location[0], location[1])
+
+    def drop_inflated(self) -> None:
+        """Free the compressed debug sections inflated since the last call."""
+        if self._lines:
+            self._lines.drop_inflated()
 
     def close(self) -> None:
         if self._lines:

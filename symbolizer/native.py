@@ -140,6 +140,12 @@ class NativeSymbolizer:
             self._frames[key] = frame
         return frame
 
+    def drop_inflated(self) -> None:
+        """Free the compressed debug sections inflated while naming frames: call when a
+        batch of frames (a drain) is named, so each is inflated once a batch."""
+        for symbols in {id(s): s for s in self._symbols.values() if s is not None}.values():
+            symbols.drop_inflated()
+
     def close_idle(self, now: Optional[float] = None) -> None:
         """Close the symbols that no new frame asked for in IDLE_SYMBOLS_S (the binaries stay
         reachable: a new address in one reads them again). Binaries known unreadable stay so."""

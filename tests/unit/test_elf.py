@@ -6,13 +6,14 @@ import re
 import shutil
 import subprocess
 import time
+import zlib
 
 import pytest
 
 from bpfprof.symbolizer.elf import open_elf_symbols
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
-from conftest import skip_or_fail
+from conftest import FIXTURES, skip_or_fail
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")
 
@@ -75,6 +76,34 @@ def test_functions_and_lines_at_file_offsets(build_c, flags, edit):
         assert info.file.endswith("chain.c")
         assert starts[name] <= info.line <= starts[name] + 12
     assert re.fullmatch(r"[0-9a-f]{40}", symbols.build_id)
+
+
+def test_compressed_sections_are_inflated_once_a_batch(tmp_path, monkeypatch):
+    """Line tables built one after another share one inflated copy of the compressed
+    sections (inflating libc's .debug_line was most of the time of a table), which is
+    let go at the end of the batch."""
+    sources = []
+    for unit in ("second", "third"):
+        sources.append(tmp_path / f"{unit}.c")
+        sources[-1].write_text(f"int {unit}_unit(int x) {{ return x * 3 + 1; }}\n")
+    binary = tmp_path / "three_units"
+    subprocess.run(["gcc", "-O1", "-g", "-o", str(binary), str(FIXTURES / "chain.c"), *map(str, sources)], check=True)
+    binary = compressed(binary)
+    addresses = symbol_addresses(binary)
+    offsets = {name: file_offset(binary, addresses[name]) for name in ("chain_a", "second_unit", "third_unit")}
+    symbols = open_elf_symbols(str(binary))
+    inflations = []
+    inflate = zlib.decompress
+    monkeypatch.setattr(zlib, "decompress", lambda *args, **kwargs: inflations.append(1) or inflate(*args, **kwargs))
+    assert symbols.get_function(offsets["chain_a"] + 1).file.endswith("chain.c")
+    per_table = len(inflations)
+    assert per_table > 0
+    assert symbols.get_function(offsets["second_unit"] + 1).file.endswith("second.c")
+    assert len(inflations) == per_table  # the same inflated sections
+    symbols.drop_inflated()
+    assert symbols.get_function(offsets["third_unit"] + 1).file.endswith("third.c")
+    assert len(inflations) == 2 * per_table
+    symbols.close()
 
 
 def test_offset_outside_any_function_is_unknown(build_c):
