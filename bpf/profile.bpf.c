@@ -25,6 +25,8 @@
 #include <uapi/asm-generic/errno-base.h>
 #include "profile.h"
 
+#define PROT_EXEC_BIT 0x4  /* PROT_EXEC of mmap(2) and mprotect(2) */
+
 BPF_ARRAY(control, u32, 1);
 BPF_HASH(counts_0, struct sample_key, u64, COUNTS_ENTRIES);
 BPF_HASH(counts_1, struct sample_key, u64, COUNTS_ENTRIES);
@@ -34,6 +36,7 @@ BPF_PERCPU_ARRAY(losses, u64, LOSS_REASONS);
 BPF_HASH(targets, u32, u8, TARGET_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, seen, SEEN_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, maps_pending, SEEN_ENTRIES);  /* pid: read again at its next mmap */
+BPF_TABLE("lru_hash", u32, u8, code_mapped, SEEN_ENTRIES);   /* pid: mapped code since the collector last asked */
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 #if PYTHON_STACKS
 BPF_HASH(python_processes, u32, struct python_process, PYTHON_PROCESSES);
@@ -750,6 +753,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
      * mmap, when the collector finds the loader still at work: maps_pending). */
     int known = is_known(pid);
     seen.delete(&pid);
+    code_mapped.delete(&pid);
 #if PYTHON_STACKS
     /* Only the thread that called exec is left, running a new image. */
     struct python_thread thread = {.pid = pid, .tid = pid};
@@ -788,6 +792,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         int known = is_known(pid);
         seen.delete(&pid);
         maps_pending.delete(&pid);
+        code_mapped.delete(&pid);
         targets.delete(&pid);
 #if NATIVE_UNWIND
         unwind_processes.delete(&pid);
@@ -810,6 +815,31 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
         return 0;
     maps_pending.delete(&pid);
     note_seen(pid, (u32)pid_tgid);
+    return 0;
+}
+
+/* A process the collector has read that maps code (a library it dlopens, a JIT's
+ * buffer made executable) is flagged, so that the collector reads its maps again when
+ * a sample falls outside them, and only then: such an address is mostly no code at all
+ * (a frame pointer that was not one), and reading the maps for each cost more than any
+ * other part of a drain. */
+static __always_inline void note_code_mapped(u64 prot)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u8 one = 1;
+    if ((prot & PROT_EXEC_BIT) && is_target(pid) && is_known(pid))
+        code_mapped.update(&pid, &one);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    note_code_mapped(args->prot);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
+{
+    note_code_mapped(args->prot);
     return 0;
 }
 

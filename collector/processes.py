@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from bpfprof.collector.containers import Container, container_of
 from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
@@ -115,7 +115,7 @@ class ProcessTable:
         self._see_again = see_again  # asks for a process to be read again soon
         self._proc = proc
         self._processes: Dict[int, Process] = {}
-        self._refreshed: Set[int] = set()  # pids re-read since the last drain
+        self._code_mapped: Set[int] = set()  # pids that mapped code since their snapshot, as the kernel said
         self._drains = 0
         self.num_seen = 0
         self.num_unreadable = 0  # processes gone before they could be read
@@ -142,6 +142,7 @@ class ProcessTable:
         if self._see_again is not None and _still_loading(process):
             self._see_again(pid)
         self._processes[pid] = process
+        self._code_mapped.discard(pid)
         if process.readable:
             for told in self._on_snapshot:
                 told(process)
@@ -150,6 +151,11 @@ class ProcessTable:
     def on_exec(self, pid: int) -> None:
         """The process's snapshot is stale; its next sample (PROCESS_SEEN) takes a new one."""
         self._processes.pop(pid, None)
+        self._code_mapped.discard(pid)
+
+    def on_code_mapped(self, pids: Iterable[int]) -> None:
+        """These processes mapped code (or made memory executable) since they were read."""
+        self._code_mapped.update(pid for pid in pids if pid in self._processes)
 
     def on_exit(self, pid: int) -> None:
         process = self._processes.get(pid)
@@ -161,14 +167,14 @@ class ProcessTable:
         return process if process is not None else self.snapshot(pid, comm_hint)
 
     def get_mapping(self, pid: int, address: int) -> Optional[Mapping]:
-        """The mapping holding address; re-reads a live process once per drain when the
-        address is in none (a library loaded after the snapshot)."""
+        """The mapping holding address; when it is in none, a live process that mapped
+        code since its snapshot (a library it loaded) is read again, once for each time
+        it did. Mostly such an address is no code at all (a frame pointer that is not one)."""
         process = self.get(pid)
         mapping = process.get_mapping(address)
-        if mapping is None and not process.exited and pid not in self._refreshed:
-            self._refreshed.add(pid)
+        if mapping is None and not process.exited and pid in self._code_mapped:
+            self._code_mapped.discard(pid)
             files = read_proc_files(pid, self._proc)
-            # Mostly the address is no code at all (a frame pointer that is not one).
             if files is not None and hash(files.maps) != process.maps_hash:
                 mapping = self.snapshot(pid, process.comm, files).get_mapping(address)
         return mapping
@@ -187,10 +193,10 @@ class ProcessTable:
         _LOOK_FOR_GONE_DRAINS drains, a process no longer in /proc is taken as exited:
         no exit event comes for one that was read for a sample drained after its exec, or
         after the kernel forgot having told us of it."""
-        self._refreshed.clear()
         gone = [pid for pid in exited if pid in self._processes and self._processes[pid].exited]
         for pid in gone:
             del self._processes[pid]
+            self._code_mapped.discard(pid)
         self._drains += 1
         if self._drains % _LOOK_FOR_GONE_DRAINS == 0:
             for pid, process in self._processes.items():

@@ -157,6 +157,7 @@ class Recorder:
         ended_threads = self._python.ended_threads() if self._python else {}
         self._events_due = time.monotonic() + EVENTS_IN_DRAIN_S
         drained = self._sampler.drain()
+        self._processes.on_code_mapped(drained.code_mapped)
         cpu_period = 1_000_000_000 // self.config.frequency
         # Each kind of raw sample, and the values it adds to each profile type.
         for samples, values_by_type in (

@@ -12,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple
 
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.kernel_headers import KernelHeaders
@@ -202,6 +202,7 @@ class Drained:
     cpu: List[RawSample]
     block: List[RawSample]  # empty unless the config asks for blocking delay
     wall: List[RawSample]  # off-CPU time of every kind, if the config asks for wall time
+    code_mapped: FrozenSet[int] = frozenset()  # pids that mapped code since the last drain, of those seen
 
 
 class RawPythonFrame(NamedTuple):  # a tuple: made for every frame of every new stack
@@ -376,7 +377,8 @@ class Sampler:
                 if getattr(self.config, kind):
                     offcpu[kind] = self._samples(self._entries(f"{kind}_{drained}"), self._bpf["offcpu_stacks"],
                                                  python, native)
-        return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []))
+        code_mapped = frozenset(pid for pid, _ in self._entries("code_mapped"))
+        return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []), code_mapped)
 
     def prune_offcpu_stacks(self) -> int:
         """Free the off-CPU stacks (kernel, user and Python) that neither a thread still

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -59,6 +61,24 @@ def run_bpfprof(*args: str, timeout: float = 120, **kwargs) -> subprocess.Comple
 
 def bpfprof_command() -> List[str]:
     return [sys.executable, "-m", "bpfprof"]
+
+
+def sampler_programs() -> set:
+    """IDs of the BPF sampler programs loaded now (by any bpfprof)."""
+    if not shutil.which("bpftool"):
+        skip_or_fail("needs bpftool (installed by scripts/setup --test)")
+    programs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    return {int(m) for m in re.findall(r"^(\d+): perf_event\s+name on_cpu_sample\b", programs, re.M)}
+
+
+def sampling_started(profiler: subprocess.Popen, before: set, timeout: float = 60) -> set:
+    """Waits until the profiler (started after `before` was taken) has its sampler loaded:
+    the IDs of its programs."""
+    deadline = time.monotonic() + timeout
+    while not (mine := sampler_programs() - before) and time.monotonic() < deadline and profiler.poll() is None:
+        time.sleep(0.2)
+    assert mine, "the profiler never loaded its sampler"
+    return mine
 
 
 def _pyenv_root() -> Path:

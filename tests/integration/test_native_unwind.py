@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from bpfprof.collector.kernel_headers import find_kernel_headers
 from bpfprof.collector.sampler import Sampler, SamplerConfig
 from bpfprof.symbolizer.unwind_cache import open_unwind_table
-from conftest import FIXTURES, PYTHON_MINORS, pyenv_python, run_bpfprof
+from conftest import FIXTURES, PYTHON_MINORS, bpfprof_command, pyenv_python, run_bpfprof, sampler_programs, sampling_started
 from samples import read_samples, share
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
@@ -104,6 +105,33 @@ def test_library_loaded_after_the_process_was_read(no_frame_pointers, tmp_path):
     in_library = [s for s in samples if "library_inner" in s.functions]
     assert sum(s.count for s in in_library) >= 4 * 199 * 0.8
     assert share(in_library, lambda s: s.has_chain(*ROOT, "call_loaded", "library_outer", "library_inner")) >= 0.9
+
+
+def test_library_loaded_late_is_named_by_a_whole_system_recording_without_dwarf(no_frame_pointers, tmp_path):
+    """With frame pointers alone, a sample in a library loaded after the process was read
+    still names its function: the kernel tells of the code the process mapped, and the
+    process is read again for it."""
+    # Its own copy of library_inner, named late_inner: the fixture's library_outer calls
+    # it, not the library_inner of the library loaded at start.
+    library = tmp_path / "liblate.so"
+    subprocess.run(["gcc", "-O2", "-g", "-fomit-frame-pointer", "-shared", "-fPIC", "-Dlibrary_inner=late_inner",
+                    "-o", str(library), str(FIXTURES / "unwind" / "unwind_lib.c")], check=True)
+    out = tmp_path / "all.pb.gz"
+    before = sampler_programs()
+    profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-F", "199", "--no-dwarf", "-o", str(out)],
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        sampling_started(profiler, before)
+        fixture = subprocess.Popen([str(no_frame_pointers), "dlopen", "2", str(library)])
+        fixture.wait()
+    finally:
+        profiler.send_signal(signal.SIGINT)
+        _, stderr = profiler.communicate(timeout=60)
+    assert profiler.returncode == 0, stderr
+    samples = [s for s in read_samples(out) if s.labels["pid"] == fixture.pid]
+    assert share(samples, lambda s: s.functions[:1] in (["spin"], ["now"])) > 0  # read before the dlopen
+    in_library = sum(s.count for s in samples if s.functions[:1] == ["late_inner"])
+    assert in_library >= 2 * 199 * 0.8, sorted(((s.count, s.functions) for s in samples), reverse=True)[:8]
 
 
 def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_path):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import bpfprof_command, run_bpfprof, skip_or_fail
+from conftest import bpfprof_command, run_bpfprof, sampler_programs, sampling_started, skip_or_fail
 from pprof_check import check_with_go
 from samples import read_samples, share
 
@@ -147,24 +147,14 @@ def test_pid_target_and_stop_when_it_exits(build_c, tmp_path):
     assert share(samples, lambda s: "chain_c" in s.functions) >= 0.9
 
 
-def sampler_programs() -> set:
-    """IDs of the BPF sampler programs loaded now (by any bpfprof)."""
-    programs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
-    return {int(m) for m in re.findall(r"^(\d+): perf_event\s+name on_cpu_sample\b", programs, re.M)}
-
-
 def test_sigint_writes_what_was_collected_and_detaches(build_c, tmp_path):
-    if not shutil.which("bpftool"):
-        skip_or_fail("needs bpftool (installed by scripts/setup --test)")
     out = tmp_path / "int.pb.gz"
     spinner = subprocess.Popen([str(build_c("chain")), "20"])
-    before = sampler_programs()
+    before = sampler_programs()  # others may run too
     profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "60", "-o", str(out)],
                                 stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (mine := sampler_programs() - before) and time.monotonic() < deadline:  # others may run too
-            time.sleep(0.2)
+        mine = sampling_started(profiler, before)
         time.sleep(2)
         profiler.send_signal(signal.SIGINT)
         _, stderr = profiler.communicate(timeout=30)

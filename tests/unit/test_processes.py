@@ -56,21 +56,26 @@ def test_snapshot_outlives_the_process(tmp_path):
     assert table.num_seen == 2 and table.num_unreadable == 1
 
 
-def test_address_outside_snapshot_rereads_live_process_once_per_drain(tmp_path):
+def test_address_outside_snapshot_rereads_a_process_that_mapped_code(tmp_path):
     table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path))
     d = _fake_proc(tmp_path, 8, MAPS.splitlines()[1] + "\n")
     table.snapshot(8)
     (d / "maps").write_text(MAPS)  # a library loaded after the snapshot
+    assert table.get_mapping(8, 0x7F0000000010) is None  # the kernel has not said it mapped code
+    table.on_code_mapped([8, 99])  # 99: never read, so nothing to read again
     assert table.get_mapping(8, 0x7F0000000010).name == "/lib/libc.so.6"
 
 
 def test_address_in_no_mapping_of_unchanged_maps_keeps_the_snapshot(tmp_path):
     snapshots = []
     table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), on_snapshot=[snapshots.append])
-    _fake_proc(tmp_path, 8, MAPS)
+    d = _fake_proc(tmp_path, 8, MAPS)
     process = table.snapshot(8)
+    table.on_code_mapped([8])
     assert table.get_mapping(8, 0x1234) is None  # a frame pointer that was not one
     assert table.get(8) is process and snapshots == [process]
+    (d / "maps").write_text(MAPS + "7f3000000000-7f3000001000 r-xp 00000000 08:02 5 /lib/late.so\n")
+    assert table.get_mapping(8, 0x7F3000000010) is None  # read once for each time it mapped code
 
 
 def test_a_process_in_a_container_carries_its_ids(tmp_path):
