@@ -328,7 +328,7 @@ class _Lines:
     def drop_inflated(self) -> None:
         """Let go of the compressed sections inflated for the tables built since the last
         call: libc's debug file holds 8.5 MB of DWARF in 3, and inflating its line
-        programs for every new table was a third of the time of building one."""
+        programs again for each new table was nearly all of the time of building one."""
         for stream in self._inflated:
             stream.forget()
 
