@@ -15,7 +15,8 @@ import pytest
 from bpfprof.collector.kernel_headers import find_kernel_headers
 from bpfprof.collector.sampler import Sampler, SamplerConfig
 from bpfprof.symbolizer.unwind_cache import open_unwind_table
-from conftest import FIXTURES, PYTHON_MINORS, bpfprof_command, pyenv_python, run_bpfprof, sampler_programs, sampling_started
+from conftest import (FIXTURES, PYTHON_MINORS, bpfprof_command, pyenv_python, run_bpfprof, sampler_programs,
+                      sampling_started)
 from samples import read_samples, share
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import bpfprof_command, run_bpfprof, sampler_programs, sampling_started, skip_or_fail
+from conftest import bpfprof_command, run_bpfprof, sampler_programs, sampling_started
 from pprof_check import check_with_go
 from samples import read_samples, share
 
