@@ -8,7 +8,6 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,13 +28,12 @@ class Received:
     path: str
     headers: Message
     body: bytes
-    at: float  # time.monotonic()
 
 
 class _StoreHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        status, code = self.server.store.answer(Received(self.command, self.path, self.headers, body, time.monotonic()))
+        status, code = self.server.store.answer(Received(self.command, self.path, self.headers, body))
         if status == 200:  # an empty PushResponse
             payload, content_type = b"", "application/proto"
         elif code:  # a Connect error

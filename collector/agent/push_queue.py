@@ -22,10 +22,14 @@ class PushQueue:
     agents that lose the same store at the same moment then spreads its retries over the
     whole window instead of arriving in waves, which is what the store needs most when it
     comes back; a lone agent loses nothing by sometimes retrying early.
+
+    A backoff before close() waits through `wait` (Event.wait's signature) on the event
+    close() sets, so that a test can see the sender waiting and for how long.
     """
 
     def __init__(self, send: Callable[[bytes], None], capacity: int, base_delay_s: float = 1.0,
-                 max_delay_s: float = 60.0, rng: Callable[[], float] = random.random) -> None:
+                 max_delay_s: float = 60.0, rng: Callable[[], float] = random.random,
+                 wait: Callable[[threading.Event, float], bool] = threading.Event.wait) -> None:
         if capacity < 1:
             raise ValueError("a push queue holds at least one request")
         self._send = send
@@ -33,6 +37,7 @@ class PushQueue:
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
         self._rng = rng
+        self._wait_for_close = wait
         # (sequence number, body), oldest first; the head stays queued while it is being
         # sent, so that an overflow drops it like any oldest body.
         self._pending: Deque[Tuple[int, bytes]] = deque()
@@ -138,7 +143,7 @@ class PushQueue:
     def _wait(self, delay: float) -> bool:
         """Waits up to `delay` seconds, no later than the deadline; True when close() cut it short."""
         if not self._closing.is_set():
-            return self._closing.wait(delay)
+            return self._wait_for_close(self._closing, delay)
         time.sleep(max(0.0, min(delay, self._deadline - time.monotonic())))
         return False
 

@@ -8,9 +8,9 @@ import logging
 import shutil
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 
@@ -155,11 +155,9 @@ def silent_store():
 
 
 def test_a_store_that_never_answers_times_out(silent_store):
-    started = time.monotonic()
-    with pytest.raises(PushError) as refused:
+    with pytest.raises(PushError, match="timed out") as refused:
         PushClient(silent_store, Credentials(), timeout_s=0.3).push(push_body())
     assert refused.value.retryable
-    assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize("url", ["ftp://store:4040", "store:4040", "http://", "http://store:4040/?tenant=a"])
@@ -275,42 +273,73 @@ def fields_of(caplog, message: str):
     return [r.fields for r in caplog.records if r.getMessage() == message]
 
 
-def wait_until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+WAIT_S = 10.0  # how long a test waits for what the sender thread is to do before it fails
+
+
+class Sends:
+    """A send for the queue: another send, with every call counted as it starts and as it
+    ends, so that a test waits for what the sender did rather than for time to pass."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._changed = threading.Condition()
+        self.started = self.accepted = self.failed = 0
+
+    def __call__(self, body: bytes) -> None:
+        self._count("started")
+        try:
+            self._send(body)
+        except Exception:
+            self._count("failed")
+            raise
+        self._count("accepted")
+
+    def _count(self, what: str) -> None:
+        with self._changed:
+            setattr(self, what, getattr(self, what) + 1)
+            self._changed.notify_all()
+
+    def wait_until(self, what: str, count: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: getattr(self, what) >= count, WAIT_S), f"{what} never {count}"
 
 
 def test_a_store_that_is_down_gets_the_same_request_again_later(store, caplog):
     caplog.set_level(logging.INFO, logger="bpfprof.agent")
     pyroscope = store((503, "unavailable"), (503, "unavailable"), (502, ""))
-    queue = PushQueue(PushClient(pyroscope.url, Credentials()).push, capacity=4, base_delay_s=0.04, rng=lambda: 0.5)
+    waits: List[Tuple[int, float]] = []  # (requests the store had, delay) of each backoff
+
+    def backoff(_closing: threading.Event, delay: float) -> bool:
+        waits.append((len(pyroscope.requests), delay))
+        return False  # the delay passed and close() did not come
+
+    sends = Sends(PushClient(pyroscope.url, Credentials()).push)
+    queue = PushQueue(sends, capacity=4, base_delay_s=0.04, rng=lambda: 0.5, wait=backoff)
     queue.start()
     first, second = push_body(1), push_body(2)
     queue.put(first)
-    wait_until(lambda: queue.pushed == 1)
+    sends.wait_until("accepted", 1)
     queue.put(second)
-    wait_until(lambda: queue.pushed == 2)
+    sends.wait_until("accepted", 2)
     queue.close(1.0)
 
     assert [r.body for r in pyroscope.requests] == [first] * 4 + [second]
     assert [f["retry_in_s"] for f in fields_of(caplog, "push failed")] == [0.02, 0.04, 0.08]
     assert [f["status"] for f in fields_of(caplog, "push failed")] == [503, 503, 502]
-    gaps = [b.at - a.at for a, b in zip(pyroscope.requests, pyroscope.requests[1:4])]
-    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08, gaps
+    assert waits == [(1, 0.02), (2, 0.04), (3, 0.08)]
     assert fields_of(caplog, "push resumed") == [{"failed_attempts": 3}]
     assert (queue.pushed, queue.failed, queue.dropped, queue.depth) == (2, 3, 0, 0)
 
 
 def test_a_refused_request_is_dropped_not_retried(store, caplog):
     pyroscope = store((400, "invalid_argument"))
-    queue = PushQueue(PushClient(pyroscope.url, Credentials()).push, capacity=4, base_delay_s=0.01)
+    sends = Sends(PushClient(pyroscope.url, Credentials()).push)
+    queue = PushQueue(sends, capacity=4, base_delay_s=0.01)
     queue.start()
     refused, accepted = push_body(1), push_body(2)
     queue.put(refused)
     queue.put(accepted)
-    wait_until(lambda: queue.pushed == 1)
+    sends.wait_until("accepted", 1)
     queue.close(1.0)
     assert [r.body for r in pyroscope.requests] == [refused, accepted]
     assert (queue.pushed, queue.failed, queue.dropped) == (1, 1, 1)
@@ -330,28 +359,36 @@ def test_a_full_queue_drops_the_oldest(store):
     assert (queue.pushed, queue.dropped, queue.depth) == (3, 2, 0)
 
 
-def test_close_wakes_a_backoff_and_returns_by_the_deadline(store):
+def test_close_wakes_a_backoff_and_sends_again_before_the_deadline(store):
     pyroscope = store(*[(503, "unavailable")] * 100)
-    queue = PushQueue(PushClient(pyroscope.url, Credentials()).push, capacity=4, base_delay_s=30, rng=lambda: 1.0)
+    backing_off = threading.Event()
+    backoffs: List[Tuple[float, bool]] = []  # (delay, whether close() cut it short) of each backoff
+
+    def backoff(closing: threading.Event, delay: float) -> bool:
+        backing_off.set()
+        backoffs.append((delay, closing.wait(delay)))
+        return backoffs[-1][1]
+
+    queue = PushQueue(PushClient(pyroscope.url, Credentials()).push, capacity=4, base_delay_s=30, rng=lambda: 1.0,
+                      wait=backoff)
     queue.start()
     queue.put(push_body(1))
     queue.put(push_body(2))
-    wait_until(lambda: queue.failed == 1)  # now waiting 30 s
-    started = time.monotonic()
-    queue.close(0.5)
-    assert time.monotonic() - started < 0.8
+    assert backing_off.wait(WAIT_S), "the first push never failed"
+    queue.close(1.0)
+    assert backoffs == [(30, True)]
     assert len(pyroscope.requests) == 2, "close() retries at once, then backs off within the deadline"
     assert (queue.pushed, queue.failed, queue.dropped, queue.depth) == (0, 2, 2, 0)
 
 
 def test_close_returns_by_the_deadline_when_the_store_never_answers(silent_store):
-    queue = PushQueue(PushClient(silent_store, Credentials(), timeout_s=10).push, capacity=4)
+    sends = Sends(PushClient(silent_store, Credentials(), timeout_s=WAIT_S).push)
+    queue = PushQueue(sends, capacity=4)
     queue.start()
     queue.put(push_body())
-    time.sleep(0.05)  # the send is under way
-    started = time.monotonic()
+    sends.wait_until("started", 1)
     queue.close(0.3)
-    assert time.monotonic() - started < 0.6
+    assert sends.failed == 0, "close() returned only once the send had timed out"
     assert (queue.pushed, queue.dropped, queue.depth) == (0, 1, 0)
 
 
@@ -376,11 +413,12 @@ def test_a_sender_that_breaks_does_not_stop_the_queue(caplog):
             raise RuntimeError("a bug")
         sent.append(body)
 
-    queue = PushQueue(send, capacity=4)
+    sends = Sends(send)
+    queue = PushQueue(sends, capacity=4)
     queue.start()
     queue.put(b"first")
     queue.put(b"second")
-    wait_until(lambda: queue.pushed == 1)
+    sends.wait_until("accepted", 1)
     queue.close(1.0)
     assert sent == [None, b"second"]
     assert (queue.failed, queue.dropped) == (1, 1)
