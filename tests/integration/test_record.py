@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -61,7 +60,7 @@ def test_command_mode_follows_children_and_nothing_else(build_c, tmp_path):
     chain = build_c("chain")
     outsider = tmp_path / "outsider"
     shutil.copy(chain, outsider)
-    spinner = subprocess.Popen([str(outsider), "6"])
+    spinner = subprocess.Popen([str(outsider), "600"])
     out = tmp_path / "tree.pb.gz"
     try:
         result = run_bpfprof("record", "-o", str(out), "--", "sh", "-c", f"{chain} 2 & {chain} 2; wait")
@@ -102,13 +101,15 @@ def test_no_kernel_leaves_kernel_frames_out(build_c, tmp_path):
 def test_short_lived_processes_are_named(build_c, tmp_path):
     binary = build_c("short_lived")
     out = tmp_path / "all.pb.gz"
-    profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "9", "-o", str(out)],
+    before = sampler_programs()  # others may run too
+    profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "600", "-o", str(out)],
                                 stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2)  # compiled and attached
+        sampling_started(profiler, before)
         for _ in range(150):
             subprocess.run([str(binary), "30"], check=True)
     finally:
+        profiler.send_signal(signal.SIGINT)
         _, stderr = profiler.communicate(timeout=60)
     assert profiler.returncode == 0, stderr
     samples = of_comm(read_samples(out), "short_lived")
@@ -132,16 +133,24 @@ def test_binary_only_visible_in_private_mount_namespace(build_c, tmp_path):
 
 
 def test_pid_target_and_stop_when_it_exits(build_c, tmp_path):
-    target = subprocess.Popen([str(build_c("chain")), "4"])
+    # The target waits for a line before it becomes the spinner (same pid), so that it
+    # spins only once the profiler samples.
+    target = subprocess.Popen(["sh", "-c", f"read line && exec {build_c('chain')} 2"], stdin=subprocess.PIPE)
     out = tmp_path / "pid.pb.gz"
+    before = sampler_programs()  # others may run too
+    profiler = subprocess.Popen([*bpfprof_command(), "record", "-p", str(target.pid), "-d", "3600", "-o", str(out)],
+                                stderr=subprocess.PIPE, text=True)
     try:
-        started = time.monotonic()
-        result = run_bpfprof("record", "-p", str(target.pid), "-d", "30", "-o", str(out))
-        elapsed = time.monotonic() - started
+        sampling_started(profiler, before)
+        target.stdin.write(b"go\n")
+        target.stdin.close()
+        assert target.wait(timeout=60) == 0
+        _, stderr = profiler.communicate(timeout=60)  # stops when the process exits, not after -d 3600
     finally:
-        target.wait(timeout=30)
-    assert result.returncode == 0, result.stderr
-    assert elapsed < 15  # stopped when the process exited, not after -d 30
+        for process in (target, profiler):
+            process.kill()
+            process.wait()
+    assert profiler.returncode == 0, stderr
     samples = read_samples(out)
     assert {s.labels["pid"] for s in samples} == {target.pid}
     assert share(samples, lambda s: "chain_c" in s.functions) >= 0.9
@@ -149,20 +158,19 @@ def test_pid_target_and_stop_when_it_exits(build_c, tmp_path):
 
 def test_sigint_writes_what_was_collected_and_detaches(build_c, tmp_path):
     out = tmp_path / "int.pb.gz"
-    spinner = subprocess.Popen([str(build_c("chain")), "20"])
     before = sampler_programs()  # others may run too
     profiler = subprocess.Popen([*bpfprof_command(), "record", "-a", "-d", "60", "-o", str(out)],
                                 stderr=subprocess.PIPE, text=True)
     try:
         mine = sampling_started(profiler, before)
-        time.sleep(2)
+        subprocess.run([str(build_c("chain")), "2"], check=True)  # 2 s of CPU sampled
         profiler.send_signal(signal.SIGINT)
         _, stderr = profiler.communicate(timeout=30)
     finally:
-        spinner.kill()
-        spinner.wait()
+        profiler.kill()
+        profiler.wait()
     assert profiler.returncode == 0, stderr
     assert "Traceback" not in stderr
     samples = read_samples(out)
-    assert share(samples, lambda s: "chain_c" in s.functions) > 0.2
+    assert sum(s.count for s in samples if "chain_c" in s.functions) >= 2 * 99 * 0.8
     assert mine and not mine & sampler_programs()
