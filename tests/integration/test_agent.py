@@ -14,8 +14,9 @@ import stat
 import subprocess
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +100,22 @@ def scrape(port: int) -> Dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def scrape_after_cuts(agent: RunningAgent, port: int, condition: Callable[[Dict], bool], most: int = 60) -> Dict:
+    """The agent's metrics scraped after each interval cut until `condition` holds of them
+    (a failure after `most` cuts)."""
+    cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
+    for cut in range(cuts + 1, cuts + most + 1):
+        agent.wait_for("interval cut", count=cut)
+        metrics = scrape(port)
+        if condition(metrics):
+            return metrics
+    pytest.fail(f"not so after {most} interval cuts: {metrics}")
+
+
+def unix_time(logged: str) -> float:
+    return datetime.strptime(logged, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
 def test_intervals_follow_each_other_exactly_and_sigterm_flushes_the_last(agent_in, tmp_path, build_c):
     chain = build_c("chain")
     out = tmp_path / "profiles"
@@ -107,7 +124,7 @@ def test_intervals_follow_each_other_exactly_and_sigterm_flushes_the_last(agent_
     burner = subprocess.Popen([str(chain), "5"])
     _, status, usage = os.wait4(burner.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    burn_cpu_s = usage.ru_utime + usage.ru_stime  # less than 5 s when the CPUs are shared
+    burn_cpu_s = usage.ru_utime + usage.ru_stime
     cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
     agent.wait_for("interval cut", count=cuts + 1)  # the burn's last samples are in a cut interval
     took = agent.stop()
@@ -119,8 +136,11 @@ def test_intervals_follow_each_other_exactly_and_sigterm_flushes_the_last(agent_
     assert len(messages) >= 4
     for earlier, later in zip(messages, messages[1:]):
         assert earlier.time_nanos + earlier.duration_nanos == later.time_nanos  # no gap, no overlap
-    for message in messages[1:-1]:
-        assert message.duration_nanos == pytest.approx(2e9, abs=0.25e9)
+    # A cut comes at the first drain on or after each 2 s beat, however late that drain is
+    # (the first ones name every process on the machine): the intervals between cuts add
+    # up to whole intervals, give or take that lateness.
+    middle = messages[1:-1]
+    assert round(sum(m.duration_nanos for m in middle) / 2e9) == len(middle), [m.duration_nanos for m in middle]
     assert messages[-1].duration_nanos < 2.25e9  # the interval SIGTERM cut short, written too
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o640
@@ -190,21 +210,21 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
     port = free_port()
     agent = agent_in("--output-dir", str(out), "--interval", "1s", "-F", "99", "--retention-size", "12KiB",
                      "--metrics-addr", f"127.0.0.1:{port}")
-    agent.wait_for("agent started")
-    burner = subprocess.Popen([str(build_c("chain")), "10"])  # samples enough to fill 12 KiB on an idle machine
+    started = unix_time(agent.wait_for("agent started")["time"])
+    # Its samples put a profile of some hundred bytes in every interval, whatever else runs.
+    burner = subprocess.Popen([str(build_c("chain")), "600"])
     try:
-        agent.wait_for("interval cut", count=10)
-        metrics = scrape(port)
+        metrics = scrape_after_cuts(agent, port, lambda m: m[("bpfprof_profiles_written_total", ())] >= 5
+                                    and m[("bpfprof_profiles_removed_total", ())] >= 1)
+        scraped = time.time()
     finally:
         burner.kill()
         burner.wait()
     agent.stop()
     assert metrics[("bpfprof_samples_total", (("type", "cpu"),))] > 0
-    assert metrics[("bpfprof_profiles_written_total", ())] >= 5
-    assert metrics[("bpfprof_profiles_removed_total", ())] >= 1
     assert metrics[("bpfprof_processes", ())] >= 1
     assert metrics[("bpfprof_symbol_cache_binaries", ())] >= 1
-    assert time.time() - metrics[("bpfprof_last_interval_cut_timestamp_seconds", ())] < 5
+    assert started <= metrics[("bpfprof_last_interval_cut_timestamp_seconds", ())] <= scraped
     assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
     assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
 
