@@ -58,6 +58,7 @@ BPF_HASH(wall_1, struct sample_key, struct offcpu_value, COUNTS_ENTRIES);
 BPF_PERCPU_ARRAY(offcpu_stats, u64, OFFCPU_STATS);
 #if PYTHON_STACKS
 BPF_HASH(offcpu_python_stacks, u64, struct python_stack, PYTHON_STACK_ENTRIES);
+BPF_HASH(offcpu_late_python, u32, struct offcpu_late_python, PYTHON_THREADS);  /* tid -> its stack, walked late */
 #endif
 #endif
 #if NATIVE_UNWIND
@@ -645,6 +646,20 @@ static __always_inline void keep_offcpu_start(void *ctx, struct offcpu_start *st
         count_loss(LOSS_OFFCPU_THREADS_FULL);
 }
 
+#if PYTHON_STACKS
+/* A thread that left the CPU before its process was read comes back: it takes the
+ * Python stack the collector walked for it meanwhile, if walked during this time away. */
+static __always_inline void add_late_python_stack(struct offcpu_start *away, u32 tid)
+{
+    struct offcpu_late_python *late = offcpu_late_python.lookup(&tid);
+    if (!late)
+        return;
+    if (late->start_ns == away->start_ns)
+        away->key.python_stack = late->python_stack;
+    offcpu_late_python.delete(&tid);
+}
+#endif
+
 /* Off-CPU time, exactly: when a target thread leaves the CPU, its stacks and the time
  * are kept by tid (threads migrate between CPUs); when it runs again, the time it was
  * away is added to those stacks. The current task here is the one leaving. A task that
@@ -659,6 +674,10 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (away) {
         u64 delta = now - away->start_ns;
         u32 *buffer = control.lookup(&zero);
+#if PYTHON_STACKS
+        if (!away->key.python_stack)
+            add_late_python_stack(away, next);
+#endif
         struct offcpu_value none = {};
         if (OFFCPU_BLOCK && away->blocked && delta >= MIN_BLOCK_NS) {
             if (buffer && *buffer)
@@ -785,6 +804,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct python_thread thread = {.pid = pid, .tid = tid};
     python_threads.delete(&thread);
     python_searched.delete(&tid);
+#if OFFCPU
+    offcpu_late_python.delete(&tid);
+#endif
     if (args->group_dead)
         python_processes.delete(&pid);
 #endif

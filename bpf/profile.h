@@ -187,6 +187,14 @@ struct offcpu_start {
     struct sample_key key;
 };
 
+/* A Python stack the collector walked for a thread that left the CPU before its process
+ * was read. A thread's stacks cannot change while it is away, so a stack walked while
+ * the thread's offcpu_start kept the same start_ns is the one it left with. */
+struct offcpu_late_python {
+    u64 start_ns;      /* of the offcpu_start it completes */
+    u64 python_stack;  /* key in offcpu_python_stacks */
+};
+
 /* sched_switch's prev_state: the task states that mean blocked, and those of a task's
  * last switch (X and Z). Running is 0; a preempted task reports TASK_REPORT_MAX (0x100). */
 #define OFFCPU_BLOCKED_STATES 0xCF

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes import Mapping, ProcFiles, Process, parse_maps
-from bpfprof.collector.sampler import PYTHON_FRAME_CHAINS, RawPythonFrame, Sampler
+from bpfprof.collector.sampler import (PYTHON_FRAME_CHAINS, PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM,
+                                       PYTHON_OWNED_BY_SHIM, RawPythonFrame, Sampler)
 from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import (
@@ -22,7 +23,7 @@ from bpfprof.symbolizer.python_layouts import (
     layout_for,
     parse_debug_offsets,
 )
-from bpfprof.symbolizer.python_frames import PythonSymbolizer
+from bpfprof.symbolizer.python_frames import PythonSymbolizer, check_of
 from bpfprof.symbolizer.python_thread_names import Searches, thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
@@ -30,6 +31,7 @@ PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
 _INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
 _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
+_MAX_FRAMES = 129  # a struct python_stack's frames, and one more to tell it was truncated
 _PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
 _NAME_SCAN_S = 0.2  # how long a process with new threads is scanned again, while some have no name
 _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
@@ -69,6 +71,35 @@ def _still_mapped(pid: int, mapping: Mapping) -> bool:
             return any(line.startswith(f"{mapping.start:08x}-") for line in f)
     except OSError:
         return False
+
+
+def _s32(value: int) -> int:
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def walk_frames(memory: ProcessMemory, layout: PythonLayout, tstate: int) -> List[Tuple[int, int, int, int]]:
+    """A thread's Python frames, leaf first, read as the BPF walker reads them (struct
+    python_frame: code, instr, check, flags), for a thread whose frames stay put while they
+    are read: one off the CPU."""
+    frame = memory.pointer(tstate + layout.tstate_frame)
+    if layout.cframe_current_frame >= 0 and frame:
+        frame = memory.pointer(frame + layout.cframe_current_frame)
+    objects = layout.version <= (3, 10)  # every frame object is an eval loop entry; f_lasti an int
+    frames = []
+    while frame and len(frames) < _MAX_FRAMES:
+        code = memory.pointer(frame + layout.frame_code) & ~3  # 3.14 tags f_executable's low bits
+        if objects:
+            instr = memory.s32(frame + layout.frame_instr)
+        else:
+            instr = _s32(memory.pointer(frame + layout.frame_instr) - code)
+        owner = memory.read(frame + layout.frame_owner, 1)[0] if layout.frame_owner >= 0 else 0
+        entry = memory.read(frame + layout.frame_is_entry, 1)[0] if layout.frame_is_entry >= 0 else 0
+        check = check_of(memory.s32(code + layout.code_firstlineno), memory.pointer(code + layout.code_name))
+        flags = (PYTHON_FRAME_SHIM if owner >= PYTHON_OWNED_BY_SHIM else 0) | \
+                (PYTHON_FRAME_ENTRY if objects or entry else 0)
+        frames.append((code, instr, check, flags))
+        frame = memory.pointer(frame + layout.frame_previous)
+    return frames
 
 
 def _layout(memory: ProcessMemory, runtime: int, version_address: Optional[int], path: str) -> Optional[PythonLayout]:
@@ -168,6 +199,27 @@ class PythonProcesses:
         self.scan_threads(interpreter)
         self.interpreters[process.pid] = interpreter
         self._sampler.set_python_process(process.pid, self._walker_fields(interpreter))
+        if self._sampler.follows_offcpu_python:
+            self._walk_threads_away(interpreter)
+
+    def _walk_threads_away(self, interpreter: Interpreter) -> None:
+        """Threads that left the CPU before the walker knew their process (a lock or a read
+        at a thread's first line) get the Python stack they left with: it cannot change
+        while they are away, so a walk bracketed by the same time away is theirs."""
+        states = {tid: tstate for tstate, _, tid in self._thread_states(interpreter) if tid}  # the oldest: its own
+        for tid, tstate in states.items():
+            since = self._sampler.offcpu_start_ns(tid)
+            if since is None:
+                continue
+            try:
+                frames = walk_frames(interpreter.memory, interpreter.layout, tstate)
+                for code, _, check, flags in frames:
+                    if not flags & PYTHON_FRAME_SHIM:
+                        self.symbols.learn(interpreter.memory, interpreter.layout, code, check)
+            except UnreadableMemory:
+                continue
+            if frames and self._sampler.offcpu_start_ns(tid) == since:
+                self._sampler.set_late_python_stack(tid, since, frames)
 
     def _cannot_read(self, path: str, reason: str) -> None:
         """One warning per interpreter binary, naming its version."""
@@ -238,7 +290,14 @@ class PythonProcesses:
         interpreter.scanned = True
 
     def _thread_ids(self, interpreter: Interpreter) -> Dict[int, int]:
-        """tid -> pthread_t of each thread state in every interpreter of the process."""
+        """tid -> pthread_t of each thread state in every interpreter of the process.
+        Newest first: a thread state made for a new thread carries its creator's ids until
+        the thread runs, so the oldest with a tid is that thread's own."""
+        return {tid: ident for _, ident, tid in self._thread_states(interpreter) if tid}
+
+    def _thread_states(self, interpreter: Interpreter) -> List[Tuple[int, int, int]]:
+        """(PyThreadState, pthread_t, tid or 0) of each thread state in every interpreter of
+        the process, newest first."""
         layout, memory = interpreter.layout, interpreter.memory
         states: List[Tuple[int, int, int]] = []  # (PyThreadState, pthread_t, tid or 0)
         try:
@@ -259,9 +318,7 @@ class PythonProcesses:
             states = self._tids_from_pthreads(interpreter, states)
             if interpreter.scanned and interpreter.pthread_tid_offset != learnt:  # the walker waits for it
                 self._sampler.set_python_process(interpreter.pid, self._walker_fields(interpreter))
-        # Newest first: a thread state made for a new thread carries its creator's ids
-        # until the thread runs, so the oldest with a tid is that thread's own.
-        return {tid: ident for _, ident, tid in states if tid}
+        return states
 
     @staticmethod
     def _tids_from_pthreads(interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:

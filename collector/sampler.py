@@ -12,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.kernel_headers import KernelHeaders
@@ -48,6 +48,8 @@ EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
 PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
+PYTHON_OWNED_BY_SHIM = int(re.search(r"#define PYTHON_OWNED_BY_SHIM (\d+)", HEADER).group(1))
+_FNV_OFFSET, _FNV_PRIME = 14695981039346656037, 1099511628211  # FNV-1a, as the BPF walker hashes stacks
 
 
 # Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.
@@ -137,7 +139,7 @@ class SamplerConfig:
     block: bool = False  # record blocking delay (sched_switch)
     wall: bool = False  # record off-CPU time of every kind (sched_switch), for wall-clock profiles
     min_block_ns: int = 1000
-    native_unwind: bool = False  # unwind user stacks from unwind tables (else frame pointers only)
+    native_unwind: bool = True  # unwind user stacks from unwind tables (else frame pointers only)
     unwind_rows: int = 1 << 21  # unwind table rows, of every binary, held at once (8 bytes each)
     unwind_mappings: int = 1 << 16  # executable mappings of every process, held at once (32 bytes each)
     unwind_frames_per_program: int = 8  # frames unwound per tail call of the unwinder
@@ -398,7 +400,8 @@ class Sampler:
                 keys.extend(self._bpf[f"{kind}_{self._active}"].keys())
         referenced = [{i for k in keys for i in (k.kernel_stack_id, k.user_stack_id)}]
         if self.config.python:
-            referenced.append({k.python_stack for k in keys})
+            late = [late.python_stack for late in self._bpf["offcpu_late_python"].values()]
+            referenced.append({k.python_stack for k in keys} | set(late))
         if native:
             referenced.append({k.native_stack for k in keys})
         freed = 0
@@ -499,6 +502,41 @@ class Sampler:
             return {}
         table = self._bpf["unwind_ends"]
         return {name: sum(table[table.Key(i)]) for name, i in UNWIND_ENDS.items()}
+
+    @property
+    def follows_offcpu_python(self) -> bool:
+        """Whether threads leaving the CPU are kept with their Python stacks."""
+        return self.config.python and (self.config.block or self.config.wall)
+
+    def offcpu_start_ns(self, tid: int) -> Optional[int]:
+        """When the thread left the CPU, if it is away without a Python stack; else None."""
+        table = self._bpf["offcpu_starts"]
+        try:
+            start = table[table.Key(tid)]
+        except KeyError:
+            return None
+        return None if start.key.python_stack else start.start_ns
+
+    def set_late_python_stack(self, tid: int, start_ns: int, frames: Sequence[Tuple[int, int, int, int]]) -> None:
+        """Give the thread away since start_ns the Python stack walked for it meanwhile:
+        frames leaf first as struct python_frame holds them (code, instr, check, flags),
+        more than the struct holds meaning truncated."""
+        from bcc import lib
+
+        stacks = self._bpf["offcpu_python_stacks"]
+        stack = stacks.Leaf()
+        stack.depth = min(len(frames), len(stack.frames))
+        stack.truncated = len(frames) > stack.depth
+        stack_hash = _FNV_OFFSET
+        for slot, (code, instr, check, flags) in zip(stack.frames, frames):
+            slot.code, slot.instr, slot.check, slot.flags = code, instr, check, flags
+            stack_hash = ((stack_hash ^ code) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+            stack_hash = ((stack_hash ^ (instr & 0xFFFFFFFF)) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+        key = stacks.Key(stack_hash | 1)
+        if lib.bpf_update_elem(stacks.map_fd, ctypes.byref(key), ctypes.byref(stack), 0) != 0:
+            return  # the map is full: the thread's time counts without Python frames
+        late = self._bpf["offcpu_late_python"]
+        late[late.Key(tid)] = late.Leaf(start_ns, key.value)
 
     def set_python_process(self, pid: int, fields: Dict[str, int]) -> None:
         """Start walking a CPython process: fields of struct python_process."""
