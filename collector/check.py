@@ -108,11 +108,11 @@ def _check_bcc() -> Check:
 def _check_unwind_tables() -> Check:
     from bpfprof.collector.sampler import SamplerConfig
 
-    config = SamplerConfig(native_unwind=True)
+    config = SamplerConfig()
     return Check("unwind tables", True,
-                 f"with --dwarf, {config.unwind_memory_bytes() / 2**20:.1f} MiB of kernel memory when recording "
+                 f"{config.unwind_memory_bytes() / 2**20:.1f} MiB of kernel memory when recording "
                  f"starts: {config.unwind_rows} rows (--unwind-rows), {config.unwind_mappings} mappings, "
-                 f"{config.native_stack_entries()} native stacks per buffer")
+                 f"{config.native_stack_entries()} native stacks per buffer (--no-dwarf: none)")
 
 
 CHECKS: Tuple[Callable[[], Check], ...] = (

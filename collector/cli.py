@@ -60,9 +60,9 @@ _map_size_options = _options(
                  help="Distinct stacks kept per drain interval."),
     click.option("--map-size", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
                  help="Distinct (thread, stack) keys per drain interval, and followed processes."),
-    click.option("--dwarf/--no-dwarf", default=False, show_default=True,
+    click.option("--dwarf/--no-dwarf", default=True, show_default=True,
                  help="Unwind native stacks from .eh_frame unwind tables in BPF (code without frame "
-                      "pointers), rather than by frame pointers only."),
+                      "pointers); --no-dwarf follows frame pointers only."),
     click.option("--unwind-rows", default=1 << 21, show_default=True, type=click.IntRange(1024, 1 << 28),
                  help="Unwind table rows held in the kernel for all binaries at once (8 bytes each)."),
 )
@@ -70,9 +70,9 @@ _min_block_option = click.option("--min-block", default=1.0, show_default=True, 
                                  metavar="MICROSECONDS", help="With -t block: leave out blocks shorter than this.")
 
 
-def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool, min_block: float,
+def _sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool,
                     stack_storage_size: int, map_size: int, dwarf: bool, unwind_rows: int,
-                    pids: Tuple[int, ...] = (), follow_children=False):
+                    pids: Tuple[int, ...] = (), follow_children=False, min_block: float = 1.0):
     """What the sampler must do to make the profiles of `types`."""
     from bpfprof.collector.sampler import SamplerConfig
 
@@ -184,8 +184,8 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     output = output or _default_output(pids, command)
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
-    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
-                             dwarf, unwind_rows, pids, follow_children=bool(command))
+    config = _sampler_config(types, frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
+                             unwind_rows, pids, follow_children=bool(command), min_block=min_block)
     recorder = _recorder(config, types)
 
     def progress() -> None:
@@ -322,9 +322,10 @@ def _write(writer, path: str, *profiles) -> None:
               help="Show the last this many seconds.")
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
 @click.option("--no-python", is_flag=True, help="Leave out CPython frames.")
-def top(whole_system, pid_args, frequency, window, no_kernel, no_python) -> None:
+@_map_size_options
+def top(whole_system, pid_args, frequency, window, no_kernel, no_python, stack_storage_size, map_size, dwarf,
+        unwind_rows) -> None:
     """Live view of the functions using the most CPU, refreshed every second (q quits)."""
-    from bpfprof.collector.sampler import SamplerConfig
     from bpfprof.collector.top import LiveTop
 
     if whole_system and pid_args:
@@ -332,7 +333,8 @@ def top(whole_system, pid_args, frequency, window, no_kernel, no_python) -> None
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("top needs a terminal; use record and report otherwise")
     pids = _parse_pids(pid_args)
-    config = SamplerConfig(frequency=frequency, pids=pids, kernel_stacks=not no_kernel, python=not no_python)
+    config = _sampler_config(("cpu",), frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
+                             unwind_rows, pids)
     target = "PID " + ", ".join(map(str, pids)) if pids else "whole system"
     LiveTop(_recorder(config, ("cpu",)), target, window).run()
 
@@ -418,8 +420,8 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
         client = PushClient(push_url, credentials, push_tenant or "", push_ca_file or "",
                             verify_tls=not push_insecure_skip_verify)
         queue = PushQueue(client.push, push_queue)
-    config = _sampler_config(types, frequency, no_kernel, no_python, min_block, stack_storage_size, map_size,
-                             dwarf, unwind_rows)
+    config = _sampler_config(types, frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
+                             unwind_rows, min_block=min_block)
     recorder = _recorder(config, types, warn=log.warning)
     pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
     labeller = Labeller(node, pods, service_name_label or "")

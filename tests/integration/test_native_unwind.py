@@ -71,7 +71,7 @@ def test_unwinder_memory_is_what_its_maps_take(monkeypatch):
 
 def record(tmp_path, *args: str, name: str = "out.pb.gz"):
     out = tmp_path / name
-    result = run_bpfprof("record", "-F", "199", "--dwarf", "-o", str(out), *args)
+    result = run_bpfprof("record", "-F", "199", "-o", str(out), *args)  # unwinding tables by default
     assert result.returncode == 0, result.stderr
     return result, [s for s in read_samples(out) if s.labels["comm"] != "bpfprof"]
 
@@ -149,7 +149,7 @@ def test_signal_handler_on_top_of_the_interrupted_frames(no_frame_pointers, tmp_
 def test_blocking_delay_stacks(no_frame_pointers, tmp_path):
     # With CPU samples too, so that the process is read while it spins, before its first nap.
     out = tmp_path / "out.pb.gz"
-    result = run_bpfprof("record", "--dwarf", "-t", "cpu", "-t", "block", "-o", str(out), "--",
+    result = run_bpfprof("record", "-t", "cpu", "-t", "block", "-o", str(out), "--",
                          str(no_frame_pointers), "sleep", "1")
     assert result.returncode == 0, result.stderr
     delay = [s for s in read_samples(tmp_path / "out.block.pb.gz") if "clock_nanosleep" in s.functions]
