@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes import Mapping, ProcFiles, Process, parse_maps
 from bpfprof.collector.sampler import (PYTHON_FRAME_CHAINS, PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM,
-                                       PYTHON_OWNED_BY_SHIM, RawPythonFrame, Sampler)
+                                       PYTHON_OWNED_BY_SHIM, PYTHON_STACK_DEPTH, RawPythonFrame, Sampler)
 from bpfprof.symbolizer.native import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import (
@@ -31,7 +31,6 @@ PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
 _INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
 _MAX_INTERPRETERS = 64
 _MAX_THREADS = 4096
-_MAX_FRAMES = 129  # a struct python_stack's frames, and one more to tell it was truncated
 _PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
 _NAME_SCAN_S = 0.2  # how long a process with new threads is scanned again, while some have no name
 _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
@@ -86,7 +85,7 @@ def walk_frames(memory: ProcessMemory, layout: PythonLayout, tstate: int) -> Lis
         frame = memory.pointer(frame + layout.cframe_current_frame)
     objects = layout.version <= (3, 10)  # every frame object is an eval loop entry; f_lasti an int
     frames = []
-    while frame and len(frames) < _MAX_FRAMES:
+    while frame and len(frames) <= PYTHON_STACK_DEPTH:  # one more than a stack holds: truncated
         code = memory.pointer(frame + layout.frame_code) & ~3  # 3.14 tags f_executable's low bits
         if objects:
             instr = memory.s32(frame + layout.frame_instr)

@@ -49,6 +49,7 @@ PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
 PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
 PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
 PYTHON_OWNED_BY_SHIM = int(re.search(r"#define PYTHON_OWNED_BY_SHIM (\d+)", HEADER).group(1))
+PYTHON_STACK_DEPTH = int(re.search(r"#define PYTHON_STACK_DEPTH (\d+)", HEADER).group(1))
 _FNV_OFFSET, _FNV_PRIME = 14695981039346656037, 1099511628211  # FNV-1a, as the BPF walker hashes stacks
 
 
