@@ -199,14 +199,16 @@ class PythonProcesses:
         self.interpreters[process.pid] = interpreter
         self._sampler.set_python_process(process.pid, self._walker_fields(interpreter))
         if self._sampler.follows_offcpu_python:
-            self._walk_threads_away(interpreter)
+            self._walk_threads_away(interpreter, self._thread_states(interpreter))
 
-    def _walk_threads_away(self, interpreter: Interpreter) -> None:
-        """Threads that left the CPU before the walker knew their process (a lock or a read
-        at a thread's first line) get the Python stack they left with: it cannot change
-        while they are away, so a walk bracketed by the same time away is theirs."""
-        states = {tid: tstate for tstate, _, tid in self._thread_states(interpreter) if tid}  # the oldest: its own
-        for tid, tstate in states.items():
+    def _walk_threads_away(self, interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> None:
+        """Threads that left the CPU before the walker could find them (a lock or a read at
+        a thread's first line, before the process was read or before <= 3.10's pthread tid
+        offset was learnt) get the Python stack they left with: it cannot change while they
+        are away, so a walk bracketed by the same time away is theirs. `states` as
+        _thread_states gives them."""
+        own = {tid: tstate for tstate, _, tid in states if tid}  # newest first: the oldest with a tid is its own
+        for tid, tstate in own.items():
             since = self._sampler.offcpu_start_ns(tid)
             if since is None:
                 continue
@@ -317,6 +319,8 @@ class PythonProcesses:
             states = self._tids_from_pthreads(interpreter, states)
             if interpreter.scanned and interpreter.pthread_tid_offset != learnt:  # the walker waits for it
                 self._sampler.set_python_process(interpreter.pid, self._walker_fields(interpreter))
+                if self._sampler.follows_offcpu_python:  # threads that blocked while it could not look
+                    self._walk_threads_away(interpreter, states)
         return states
 
     @staticmethod
@@ -333,11 +337,14 @@ class PythonProcesses:
             if known is not None:
                 by_ident = {ident: memory.u32(ident + known) for ident in idents}
             else:
-                tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+                # The structs first, the tasks after: a thread cloned in between is listed.
+                # A struct whose thread is not cloned yet holds tid 0 there.
                 structs = [memory.read(ident, _PTHREAD_SEARCH) for ident in idents]
+                tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
                 for offset in range(0, _PTHREAD_SEARCH, 4):
                     tids = [struct.unpack_from("<i", data, offset)[0] for data in structs]
-                    if pid in tids and set(tids) <= tasks and len(set(tids)) == len(tids):
+                    cloned = [tid for tid in tids if tid]
+                    if pid in tids and set(cloned) <= tasks and len(set(cloned)) == len(cloned):
                         interpreter.pthread_tid_offset = offset
                         break
                 else:
