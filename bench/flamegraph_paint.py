@@ -29,7 +29,8 @@ from typing import Dict, List, Tuple
 from _proc import ToolMissing, run_main
 
 from bpfprof.collector.flamegraph import write_flamegraph
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Profile, Stack, cpu_profile
+from bpfprof.collector.profile import Labels, Profile, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module, Stack
 
 HZ = 99
 MAX_DEPTH = 100

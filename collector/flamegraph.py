@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from bpfprof.collector.atomic_file import write_atomically
+from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.collector.functions import Function, PerFrame, diff_rows, function_of, function_rows
-from bpfprof.collector.profile import FrameKind, Profile
+from bpfprof.collector.profile import Profile
+from bpfprof.symbolizer.frames import FrameKind
 from bpfprof.collector.units import format_value
 
 ROOT = -1  # the function index of the tree's root, "all"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bpfprof.collector.atomic_file import write_atomically
-from bpfprof.collector.profile import Frame, FrameKind, Profile
+from bpfprof.symbolizer.atomic_file import write_atomically
+from bpfprof.collector.profile import Profile
+from bpfprof.symbolizer.frames import Frame, FrameKind
 
 
 def folded_name(frame: Frame) -> str:

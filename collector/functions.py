@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Generic, List, Optional, Sequence, TypeVar
 
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.profile import Frame, FrameKind, Profile, Stack
+from bpfprof.collector.profile import Profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Stack
 
 T = TypeVar("T")
 

@@ -8,10 +8,11 @@ from typing import Dict, Tuple
 
 from google.protobuf.message import DecodeError
 
-from bpfprof.collector.atomic_file import write_atomically
+from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.pprof_schema import PprofProfile
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Profile, ValueType
+from bpfprof.collector.profile import Labels, Profile, ValueType
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 
 
 class _Builder:

@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-from bpfprof.collector.atomic_file import write_atomically
+from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.collector.functions import Function, PerFrame, function_of
 from bpfprof.collector.profile import Profile
 

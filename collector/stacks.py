@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable, Iterable, List, Optional, Tuple
 
 from bpfprof.collector.processes import ProcessTable
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Stack
+from bpfprof.collector.profile import Labels
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module, Stack
 from bpfprof.collector.python_processes import PythonProcesses
 from bpfprof.collector.sampler import RawSample
 from bpfprof.symbolizer.kernel import KernelSymbols

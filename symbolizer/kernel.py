@@ -8,7 +8,7 @@ import threading
 from array import array
 from typing import Dict, List, Optional, Tuple
 
-from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.packed_names import PackedNames
 
 KERNEL_MODULE = Module("[kernel.kallsyms]")

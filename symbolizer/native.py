@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.errors import SymbolizerError
 

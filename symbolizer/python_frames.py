@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from bpfprof.collector.profile import Frame, FrameKind
+from bpfprof.symbolizer.frames import Frame, FrameKind
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.python_layouts import PythonLayout
 from bpfprof.symbolizer.python_lines import line_for_offset

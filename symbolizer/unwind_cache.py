@@ -17,7 +17,7 @@ from typing import Optional
 
 from elftools.common.exceptions import ELFError
 
-from bpfprof.collector.atomic_file import write_atomically
+from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.symbolizer.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.unwind_table import RECORD_SIZE, UnwindTable, build_unwind_table

@@ -8,7 +8,7 @@ import time
 from typing import Callable, List, Tuple
 
 from bpfprof.collector.agent.logs import log
-from bpfprof.collector.atomic_file import TEMPORARY_PREFIX, write_atomically
+from bpfprof.symbolizer.atomic_file import TEMPORARY_PREFIX, write_atomically
 from bpfprof.collector.errors import UsageError
 
 FILE_MODE = 0o640  # profiles show what runs on the node: not for every local user

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bpfprof.collector.flamegraph import write_diff_flamegraph, write_flamegraph
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, Profile, cpu_profile, wall_profile
+from bpfprof.collector.profile import Labels, Profile, cpu_profile, wall_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.collector.units import format_value
 from conftest import skip_or_fail
 

@@ -3,7 +3,8 @@
 import pytest
 
 from bpfprof.collector.agent.config import parse_duration, parse_size
-from bpfprof.collector.cli import agent, main
+from bpfprof.collector.cli import main
+from bpfprof.collector.cli.agent import agent
 
 
 def test_durations():

@@ -4,7 +4,8 @@ import json
 
 from bpfprof.collector.agent.kubernetes import PodMetadata
 from bpfprof.collector.agent.labels import Labeller, split_by_service
-from bpfprof.collector.profile import Frame, FrameKind, Labels, cpu_profile
+from bpfprof.collector.profile import Labels, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind
 from conftest import FIXTURES
 
 CHECKOUT_ID = "41a9fe42631735e5598e5032c36c9d8df5023a2a6ef8e87a7c423f492f3d0a43"

@@ -6,7 +6,8 @@ import re
 
 from bpfprof.collector.flamegraph import summary, write_diff_flamegraph, write_flamegraph
 from bpfprof.collector.functions import function_rows
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, block_profile, cpu_profile, wall_profile
+from bpfprof.collector.profile import Labels, block_profile, cpu_profile, wall_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 
 APP = Module("/usr/bin/app")
 MAIN = Frame(FrameKind.NATIVE, "main", APP, 0x1100, "app.c", 30, 28)

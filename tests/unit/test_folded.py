@@ -1,7 +1,8 @@
 """Folded stacks: root first, process name as the root frame, kernel frames marked."""
 
 from bpfprof.collector.folded import write_folded
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, cpu_profile
+from bpfprof.collector.profile import Labels, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 
 APP = Module("/usr/bin/app")
 MAIN = Frame(FrameKind.NATIVE, "main", APP, 0x10)

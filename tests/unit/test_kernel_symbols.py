@@ -1,4 +1,4 @@
-from bpfprof.collector.profile import FrameKind
+from bpfprof.symbolizer.frames import FrameKind
 from bpfprof.symbolizer.kernel import KernelSymbols
 
 KALLSYMS = """\

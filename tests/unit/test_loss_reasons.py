@@ -1,6 +1,6 @@
 """Every reason the BPF program counts losses under has its line in record's summary."""
 
-from bpfprof.collector.cli import LOSS_FIXES
+from bpfprof.collector.cli.record import LOSS_FIXES
 from bpfprof.collector.sampler import LOSS_REASONS
 
 

@@ -1,6 +1,6 @@
 """Joining native and Python frames into one stack (collector/stacks.py merge_python)."""
 
-from bpfprof.collector.profile import Frame, FrameKind, Module
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.collector.stacks import merge_python
 
 PYTHON = Module("/usr/lib/libpython3.12.so.1.0")

@@ -6,7 +6,8 @@ import pytest
 
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.pprof import read_pprof, write_pprof
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, cpu_profile
+from bpfprof.collector.profile import Labels, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from pprof_check import check_with_go
 
 APP = Module("/usr/bin/app", "0616edaa9c4bf8606ff426f28ff906fe92a91700")

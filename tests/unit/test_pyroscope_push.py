@@ -19,7 +19,8 @@ from bpfprof.collector.agent.pyroscope import Credentials, PushClient, PushError
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.pprof import from_pprof, pprof_bytes
 from bpfprof.collector.pprof_schema import PprofProfile
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, cpu_profile
+from bpfprof.collector.profile import Labels, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from conftest import skip_or_fail
 from pyroscope_store import Store, decode_with_protoc, push_request_class
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from bpfprof.collector.pprof import write_pprof
-from bpfprof.collector.profile import Frame, FrameKind, Labels, Module, block_profile, cpu_profile
+from bpfprof.collector.profile import Labels, block_profile, cpu_profile
+from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from conftest import run_bpfprof
 
 APP = Module("/usr/bin/app")

@@ -1,0 +1,162 @@
+"""`bpfprof record`: one recording, written to files, with what was lost and why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Sequence, Tuple
+
+import click
+
+from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
+                                           min_block_option, parse_pids, sampler_config, write_output)
+from bpfprof.collector.errors import UsageError
+
+LOSS_FIXES = {
+    "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),
+    "LOSS_USER_STACK_COLLISION": ("user stack collisions", "raise --stack-storage-size"),
+    "LOSS_KERNEL_STACK_FAILED": ("failed kernel stack reads", "raise --stack-storage-size"),
+    "LOSS_USER_STACK_FAILED": ("failed user stack reads", "raise --stack-storage-size"),
+    "LOSS_COUNTS_FULL": ("sample map full", "raise --map-size"),
+    "LOSS_EVENTS_FULL": ("process events dropped", "use a lower -F"),
+    "LOSS_TARGETS_FULL": ("child processes not followed", "raise --map-size"),
+    "LOSS_PYTHON_STACKS_FULL": ("Python stack map full", "raise --stack-storage-size"),
+    "LOSS_PYTHON_TRUNCATED": ("Python stacks deeper than 128 frames",
+                              "their root-most frames are left out, the rest is kept"),
+    "LOSS_PYTHON_EVENTS_FULL": ("Python stacks not sent at once",
+                                "frames of a process that exited before the next drain may be unnamed"),
+    "LOSS_OFFCPU_THREADS_FULL": ("blocked threads not followed", "raise --map-size"),
+    "LOSS_BLOCK_FULL": ("blocking events, block map full", "raise --map-size or --min-block"),
+    "LOSS_WALL_FULL": ("off-CPU time, wall map full", "raise --map-size"),
+    "LOSS_OFFCPU_STACK_COLLISION": ("blocking stacks, stack collisions", "raise --stack-storage-size"),
+    "LOSS_NATIVE_STACKS_FULL": ("native stacks, stack map full (frame pointers stood in)",
+                                "raise --stack-storage-size"),
+    "LOSS_OFFCPU_RETURN_UNTRACED": ("off-CPU intervals whose end the kernel did not trace",
+                                    "none: those threads' time away is left out"),
+}
+UNWIND_END_NAMES = {
+    "UNWIND_COMPLETE": "complete", "UNWIND_FRAME_POINTER_END": "frame pointers",
+    "UNWIND_TRUNCATED": "deeper than 127", "UNWIND_NO_MAPPING": "unmapped address",
+    "UNWIND_UNSUPPORTED_RULE": "unsupported rule", "UNWIND_RBP_LOST": "RBP lost",
+    "UNWIND_READ_FAILED": "stack unreadable", "UNWIND_FALLBACK": "not read yet (frame pointers)",
+}
+
+RECORD_EXAMPLES = """
+\b
+Examples:
+  sudo bpfprof record -d 10                    # whole system for 10 s
+  sudo bpfprof record -p 1234 -p 5678 -F 199   # two processes and their threads
+  sudo bpfprof record -o out.folded -- make -j2  # a command and all it starts
+  sudo bpfprof record -d 30 --top 20           # also print the top 20 functions
+"""
+
+
+def _unwind_summary(stats, ends) -> str:
+    """One line: native stacks by how their unwinding ended, and the tables' memory."""
+    total = sum(ends.values())
+    how = ", ".join(f"{n} {UNWIND_END_NAMES[end]}" for end, n in sorted(ends.items(), key=lambda e: -e[1]) if n)
+    return (f"native unwinding: {total} stacks ({how or 'none'}); tables: {stats.binaries} binaries, "
+            f"{stats.rows_used} of {stats.rows_capacity} rows, {stats.processes} processes, "
+            f"{stats.kernel_bytes / 2**20:.1f} MiB of kernel memory")
+
+
+def _check_command(command: Sequence[str]) -> None:
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]}")
+
+
+def _default_output(pids: Tuple[int, ...], command: Sequence[str]) -> str:
+    if command:
+        target = os.path.basename(command[0])
+    elif pids:
+        target = "pid" + "-".join(map(str, pids))
+    else:
+        target = "all"
+    return f"bpfprof-{target}-{time.strftime('%Y%m%d-%H%M%S')}.pb.gz"
+
+
+@click.command(epilog=RECORD_EXAMPLES, context_settings={"ignore_unknown_options": False})
+@click.option("-a", "--all-cpus", "whole_system", is_flag=True, help="Profile the whole system (the default).")
+@click.option("-p", "--pid", "pid_args", multiple=True, metavar="PID",
+              help="Profile this process and its threads; repeatable, or comma-separated.")
+@click.option("-F", "-r", "--rate", "--frequency", "frequency", default=99, show_default=True,
+              type=click.IntRange(1, MAX_FREQUENCY), help="Samples per second on each CPU.")
+@click.option("-d", "--duration", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Stop after sampling this long (default: Ctrl-C, or when the command or processes exit).")
+@click.option("-o", "--output", metavar="FILE",
+              help="Where to write: .pb.gz (pprof) or .folded; with several -t, one file per type (out.cpu.pb.gz).")
+@click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
+              help="What to record, repeatable: cpu (default), block (time blocked off-CPU, every event "
+                   "counted) or wall (on-CPU plus off-CPU time of each thread).")
+@min_block_option
+@click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
+@click.option("--no-python", is_flag=True, help="Leave out CPython frames (native frames only).")
+@click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
+              help="Also print the N functions with the most self time.")
+@map_size_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
+           stack_storage_size, map_size, dwarf, unwind_rows, command) -> None:
+    """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
+    from bpfprof.collector.functions import function_rows
+    from bpfprof.collector.output import get_writer, path_for_type
+    from bpfprof.collector.report import format_table
+
+    if sum(map(bool, (whole_system, pid_args, command))) > 1:
+        raise UsageError("choose one target: -a, -p PID, or -- COMMAND")
+    pids = parse_pids(pid_args)
+    if command:
+        _check_command(command)
+    types = tuple(dict.fromkeys(types or ("cpu",)))
+    output = output or _default_output(pids, command)
+    outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
+    writers = {t: get_writer(path) for t, path in outputs.items()}
+    config = sampler_config(types, frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
+                             unwind_rows, pids, follow_children=bool(command), min_block=min_block)
+    recorder = make_recorder(config, types)
+
+    def progress() -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\rrecording: {sum(p.num_samples() for p in recorder.profiles.values())} samples",
+                       err=True, nl=False)
+
+    recording = recorder.run(duration, command, progress)
+    if sys.stderr.isatty():
+        click.echo("\r", err=True, nl=False)
+    for t, path in outputs.items():
+        write_output(writers[t], path, recording.profiles[t])
+
+    lost = sum(recording.losses.values())
+    for t, path in outputs.items():
+        profile = recording.profiles[t]
+        seconds = profile.duration_ns / 1e9
+        what = {"cpu": f"{profile.num_samples()} samples",
+                "block": f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked",
+                "wall": f"{profile.total() / 1e9:.3f} s of thread time"}[t]
+        click.echo(f"bpfprof: {what}, {lost} lost, {recording.num_processes} processes, {seconds:.1f} s -> {path}",
+                   err=True)
+    if "block" in types:
+        click.echo(f"bpfprof: {recording.offcpu['OFFCPU_BLOCKED']} times a thread blocked, "
+                   f"{recording.offcpu['OFFCPU_BELOW_MIN']} shorter than --min-block left out", err=True)
+    for reason, n in recording.losses.items():
+        what, fix = LOSS_FIXES[reason]
+        click.echo(f"bpfprof: lost {n} to {what}: {fix}", err=True)
+    if recording.unwind is not None:
+        click.echo(f"bpfprof: {_unwind_summary(recording.unwind, recording.unwind_ends)}", err=True)
+    if recording.unreadable_processes:
+        click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
+                   "(their samples are marked)", err=True)
+    if recording.unreadable_binaries:
+        path, why = next(iter(recording.unreadable_binaries.items()))
+        click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. {path}: {why} "
+                   "(their frames show module+offset)", err=True)
+    if top:
+        for t in types:
+            profile = recording.profiles[t]
+            click.echo(format_table(function_rows(profile)[:top], profile.total(), profile.main_type.unit,
+                                    shutil.get_terminal_size((120, 24)).columns))
+    if recording.exit_status is not None:
+        status = recording.exit_status
+        click.get_current_context().exit(status if status >= 0 else 128 - status)
