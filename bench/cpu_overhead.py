@@ -97,7 +97,7 @@ def headers_for_bcc_tools():
     """bcc's own tools look for kernel headers only in /lib/modules/RELEASE/{build,source}.
     Where the running kernel has none, point them at the stand-in bpfprof found, for the
     length of the benchmark."""
-    from bpfprof.collector.kernel_headers import find_kernel_headers
+    from bpfprof.collector.probe.kernel_headers import find_kernel_headers
 
     modules = Path("/lib/modules") / os.uname().release
     headers = find_kernel_headers()

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 
 from _proc import ToolMissing, run_main
 
-from bpfprof.collector.flamegraph import write_flamegraph
+from bpfprof.collector.output.flamegraph import write_flamegraph
 from bpfprof.collector.profile import Labels, Profile, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module, Stack
 

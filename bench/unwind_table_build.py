@@ -28,8 +28,8 @@ from elftools.elf.elffile import ELFFile
 
 from _proc import ToolMissing, run_main
 
-from bpfprof.symbolizer.unwind_cache import open_unwind_table
-from bpfprof.symbolizer.unwind_table import UnwindTable
+from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
+from bpfprof.symbolizer.native.unwind_table import UnwindTable
 
 DEBIAN_BINARIES = ("/usr/bin/python3.11", "/lib/x86_64-linux-gnu/libc.so.6")
 

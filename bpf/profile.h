@@ -94,7 +94,7 @@ struct python_stack_event {
     struct python_stack stack;
 };
 
-/* Native unwinding from the unwind tables the collector builds (symbolizer/unwind_table.py).
+/* Native unwinding from the unwind tables the collector builds (symbolizer/native/unwind_table.py).
  * unwind_rows holds every loaded binary's rows, each binary a run sorted by PC; a
  * process's executable mappings are a run of unwind_mappings sorted by start, found
  * through unwind_processes. Runs are placed by the collector; BPF only reads them. */

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Union
 
-from bpfprof.collector.pprof import read_pprof
+from bpfprof.collector.output.pprof import read_pprof
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from bpfprof.collector.agent.logs import LogFile, log
 from bpfprof.collector.agent.metrics import AgentStats
 from bpfprof.collector.agent.push_queue import PushQueue
 from bpfprof.collector.agent.pyroscope import Series, encode_push_request
-from bpfprof.collector.pprof import pprof_bytes
+from bpfprof.collector.output.pprof import pprof_bytes
 from bpfprof.collector.profile import Profile
-from bpfprof.collector.recorder import Recorder
+from bpfprof.collector.pipeline.recorder import Recorder
 
 STOP_WITHIN_S = 5.0  # from SIGTERM to exit, the last interval written and pushed if the store answers
 # The store's names for our profile types (its __name__ label).

@@ -1,6 +1,6 @@
 """The pods on this node by container ID and pod UID, listed by the kubelet or the API server.
 
-The cgroup gives each process's container ID and pod UID (collector/containers.py); this
+The cgroup gives each process's container ID and pod UID (collector/processes/containers.py); this
 module names them: namespace, pod, container and the pod's labels. It polls a PodList over
 HTTPS with the service account's token, as Grafana Alloy's discovery.kubelet polls
 `<kubelet>/pods`, or lists `/api/v1/pods` restricted to this node by a field selector, as

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 from bpfprof import __version__
 from bpfprof.collector.errors import CollectorError, UsageError
-from bpfprof.collector.pprof_schema import message_classes
+from bpfprof.collector.output.pprof_schema import message_classes
 
 # Field numbers as in Pyroscope's api/push/v1/push.proto and api/types/v1/types.proto.
 # RawProfileSeries.annotations (3) is left out: the store drops annotations that are pushed.

@@ -8,7 +8,7 @@ import click
 @click.command()
 def check() -> None:
     """Say what profiling needs and whether this machine has it."""
-    from bpfprof.collector.check import run_checks
+    from bpfprof.collector.probe.check import run_checks
 
     results = run_checks()
     for c in results:

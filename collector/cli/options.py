@@ -42,7 +42,7 @@ def sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_pyt
                     stack_storage_size: int, map_size: int, dwarf: bool, unwind_rows: int,
                     pids: Tuple[int, ...] = (), follow_children=False, min_block: float = 1.0):
     """What the sampler must do to make the profiles of `types`."""
-    from bpfprof.collector.sampler import SamplerConfig
+    from bpfprof.collector.probe.sampler import SamplerConfig
 
     return SamplerConfig(
         frequency=frequency, pids=pids, follow_children=follow_children, kernel_stacks=not no_kernel,
@@ -78,9 +78,9 @@ def warn(message: str) -> None:
 
 def make_recorder(config, types: Sequence[str], warn=warn):
     """A Recorder, once the machine is known to be able to run it."""
-    from bpfprof.collector.check import has_privileges, mount_tracefs, require_kernel_support
-    from bpfprof.collector.kernel_headers import find_kernel_headers
-    from bpfprof.collector.recorder import Recorder
+    from bpfprof.collector.probe.check import has_privileges, mount_tracefs, require_kernel_support
+    from bpfprof.collector.probe.kernel_headers import find_kernel_headers
+    from bpfprof.collector.pipeline.recorder import Recorder
 
     if not has_privileges():
         raise UsageError("profiling needs root: run it with sudo (or grant CAP_BPF and CAP_PERFMON)")

@@ -100,9 +100,9 @@ def _default_output(pids: Tuple[int, ...], command: Sequence[str]) -> str:
 def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
            stack_storage_size, map_size, dwarf, unwind_rows, command) -> None:
     """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
-    from bpfprof.collector.functions import function_rows
-    from bpfprof.collector.output import get_writer, path_for_type
-    from bpfprof.collector.report import format_table
+    from bpfprof.collector.output.functions import function_rows
+    from bpfprof.collector.output.writers import get_writer, path_for_type
+    from bpfprof.collector.output.report import format_table
 
     if sum(map(bool, (whole_system, pid_args, command))) > 1:
         raise UsageError("choose one target: -a, -p PID, or -- COMMAND")

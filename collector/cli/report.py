@@ -34,10 +34,10 @@ Examples:
               help="Write instead of printing: .html (flame graph and table), .speedscope.json, .pb.gz, .folded.")
 def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> None:
     """Print a profile's functions as a table, or write it as HTML and other formats."""
-    from bpfprof.collector.functions import diff_rows, function_rows, narrow
-    from bpfprof.collector.output import get_writer
-    from bpfprof.collector.pprof import load_profile
-    from bpfprof.collector.report import format_diff_table, format_table
+    from bpfprof.collector.output.functions import diff_rows, function_rows, narrow
+    from bpfprof.collector.output.writers import get_writer
+    from bpfprof.collector.output.pprof import load_profile
+    from bpfprof.collector.output.report import format_diff_table, format_table
 
     if len(files) != (2 if diff else 1):
         raise UsageError("--diff takes two files, BASE and NEW" if diff else "report takes one file (or --diff BASE NEW)")
@@ -47,7 +47,7 @@ def report(files, diff, sort, limit, sample_type, pid_args, focus, output) -> No
     if diff:
         base, new = profiles
         if output:
-            from bpfprof.collector.flamegraph import write_diff_flamegraph
+            from bpfprof.collector.output.flamegraph import write_diff_flamegraph
             if not output.endswith(".html"):
                 raise UsageError("--diff writes .html only")
             get_writer(output)

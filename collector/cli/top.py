@@ -24,7 +24,7 @@ from bpfprof.collector.errors import UsageError
 def top(whole_system, pid_args, frequency, window, no_kernel, no_python, stack_storage_size, map_size, dwarf,
         unwind_rows) -> None:
     """Live view of the functions using the most CPU, refreshed every second (q quits)."""
-    from bpfprof.collector.top import LiveTop
+    from bpfprof.collector.output.top import LiveTop
 
     if whole_system and pid_args:
         raise UsageError("choose one target: -a or -p PID")

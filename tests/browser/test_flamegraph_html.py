@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfprof.collector.flamegraph import write_diff_flamegraph, write_flamegraph
+from bpfprof.collector.output.flamegraph import write_diff_flamegraph, write_flamegraph
 from bpfprof.collector.profile import Labels, Profile, cpu_profile, wall_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
-from bpfprof.collector.units import format_value
+from bpfprof.collector.output.units import format_value
 from conftest import skip_or_fail
 
 ARTIFACTS = Path(__file__).parent.parent / "artifacts"

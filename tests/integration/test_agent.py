@@ -21,8 +21,8 @@ from typing import Callable, Dict, List
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpfprof.collector.pprof import from_pprof, read_pprof
-from bpfprof.collector.pprof_schema import PprofProfile
+from bpfprof.collector.output.pprof import from_pprof, read_pprof
+from bpfprof.collector.output.pprof_schema import PprofProfile
 from conftest import bpfprof_command
 from pprof_check import check_with_go
 from pyroscope_store import Store, decode_with_protoc, push_request_class

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bpfprof.collector.kernel_headers import find_kernel_headers
-from bpfprof.collector.sampler import Sampler, SamplerConfig
-from bpfprof.symbolizer.unwind_cache import open_unwind_table
+from bpfprof.collector.probe.kernel_headers import find_kernel_headers
+from bpfprof.collector.probe.sampler import Sampler, SamplerConfig
+from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from conftest import (FIXTURES, PYTHON_MINORS, bpfprof_command, pyenv_python, run_bpfprof, sampler_programs,
                       sampling_started)
 from samples import read_samples, share

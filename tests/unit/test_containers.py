@@ -3,7 +3,7 @@ it, under cgroup v1 and v2 and both kubelet cgroup drivers."""
 
 import pytest
 
-from bpfprof.collector.containers import Container, container_of
+from bpfprof.collector.processes.containers import Container, container_of
 
 ID = "3f1c0a6d2b9e8f7a6c5b4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a"
 UID = "6e1f6c1e-2d3b-4c5a-9e8f-7a6b5c4d3e2f"

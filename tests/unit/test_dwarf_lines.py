@@ -9,7 +9,7 @@ import os
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.dwarf_lines import every_program_place, line_program, line_sequences, program_place
+from bpfprof.symbolizer.native.dwarf_lines import every_program_place, line_program, line_sequences, program_place
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 

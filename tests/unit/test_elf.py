@@ -10,9 +10,9 @@ import zlib
 
 import pytest
 
-from bpfprof.symbolizer.elf import open_elf_symbols
+from bpfprof.symbolizer.native.elf import open_elf_symbols
 from bpfprof.symbolizer.errors import SymbolizerError
-from bpfprof.symbolizer.native import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
+from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")

@@ -4,8 +4,8 @@ the base shares of a differential page, and data that cannot break out of its sc
 import json
 import re
 
-from bpfprof.collector.flamegraph import summary, write_diff_flamegraph, write_flamegraph
-from bpfprof.collector.functions import function_rows
+from bpfprof.collector.output.flamegraph import summary, write_diff_flamegraph, write_flamegraph
+from bpfprof.collector.output.functions import function_rows
 from bpfprof.collector.profile import Labels, block_profile, cpu_profile, wall_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 

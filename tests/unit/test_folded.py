@@ -1,6 +1,6 @@
 """Folded stacks: root first, process name as the root frame, kernel frames marked."""
 
-from bpfprof.collector.folded import write_folded
+from bpfprof.collector.output.folded import write_folded
 from bpfprof.collector.profile import Labels, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 

@@ -1,7 +1,7 @@
 import pytest
 
 from bpfprof.collector.errors import SetupError
-from bpfprof.collector.kernel_headers import find_kernel_headers
+from bpfprof.collector.probe.kernel_headers import find_kernel_headers
 
 
 def _touch(path):

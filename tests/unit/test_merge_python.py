@@ -1,7 +1,7 @@
-"""Joining native and Python frames into one stack (collector/stacks.py merge_python)."""
+"""Joining native and Python frames into one stack (collector/pipeline/stacks.py merge_python)."""
 
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
-from bpfprof.collector.stacks import merge_python
+from bpfprof.collector.pipeline.stacks import merge_python
 
 PYTHON = Module("/usr/lib/libpython3.12.so.1.0")
 EXE = Module("/usr/bin/python3.12")

@@ -5,7 +5,7 @@ import gzip
 import pytest
 
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.pprof import read_pprof, write_pprof
+from bpfprof.collector.output.pprof import read_pprof, write_pprof
 from bpfprof.collector.profile import Labels, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from pprof_check import check_with_go

@@ -1,5 +1,5 @@
-from bpfprof.collector.processes import ProcessTable, parse_maps
-from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.collector.processes.table import ProcessTable, parse_maps
+from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
 MAPS = """\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1234 /usr/bin/prog

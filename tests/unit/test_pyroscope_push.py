@@ -17,8 +17,8 @@ import pytest
 from bpfprof.collector.agent.push_queue import PushQueue
 from bpfprof.collector.agent.pyroscope import Credentials, PushClient, PushError, Series, encode_push_request
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.pprof import from_pprof, pprof_bytes
-from bpfprof.collector.pprof_schema import PprofProfile
+from bpfprof.collector.output.pprof import from_pprof, pprof_bytes
+from bpfprof.collector.output.pprof_schema import PprofProfile
 from bpfprof.collector.profile import Labels, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from conftest import skip_or_fail

@@ -19,7 +19,7 @@ import pytest
 from conftest import pyenv_python, skip_or_fail
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.python_layouts import (
+from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     LAYOUTS,

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bpfprof.symbolizer.python_lines import OPEN_END, line_for_offset, line_table
+from bpfprof.symbolizer.interpreters.python.lines import OPEN_END, line_for_offset, line_table
 from conftest import PYTHON_MINORS, STATIC_PYTHON, pyenv_python, skip_or_fail
 
 # name -> (minor of a pyenv build, or None for Debian's static python3, its version)

@@ -20,9 +20,9 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from conftest import PYTHON_MINORS, pyenv_python, skip_or_fail
 
-from bpfprof.symbolizer.elf import open_elf_symbols
+from bpfprof.symbolizer.native.elf import open_elf_symbols
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.python_layouts import (
+from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     LAYOUTS,
@@ -30,8 +30,8 @@ from bpfprof.symbolizer.python_layouts import (
     layout_for,
     parse_debug_offsets,
 )
-from bpfprof.symbolizer import python_thread_names
-from bpfprof.symbolizer.python_thread_names import (
+from bpfprof.symbolizer.interpreters.python import thread_names as python_thread_names
+from bpfprof.symbolizer.interpreters.python.thread_names import (
     _DEBUG_FREE_THREADED,
     _DEBUG_IMPORTS_MODULES,
     _OFFSETS,

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from bpfprof.collector.functions import diff_rows, function_rows, narrow
-from bpfprof.collector.pprof import load_profile, write_pprof
+from bpfprof.collector.output.functions import diff_rows, function_rows, narrow
+from bpfprof.collector.output.pprof import load_profile, write_pprof
 from bpfprof.collector.profile import Labels, block_profile, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from conftest import FIXTURES, run_bpfprof, skip_or_fail

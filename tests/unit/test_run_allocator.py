@@ -1,6 +1,6 @@
 """Runs placed in a fixed-size array: first fit, freed runs merged with their neighbours."""
 
-from bpfprof.collector.run_allocator import RunAllocator
+from bpfprof.collector.processes.run_allocator import RunAllocator
 
 
 def test_first_fit_and_full():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bpfprof.collector.pprof import write_pprof
+from bpfprof.collector.output.pprof import write_pprof
 from bpfprof.collector.profile import Labels, block_profile, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from conftest import run_bpfprof

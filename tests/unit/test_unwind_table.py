@@ -15,10 +15,10 @@ from typing import Dict, List, NamedTuple, Tuple
 
 import pytest
 
-from bpfprof.symbolizer import unwind_cache
+from bpfprof.symbolizer.native import unwind_cache
 from bpfprof.symbolizer.errors import SymbolizerError
-from bpfprof.symbolizer.unwind_cache import cache_path, open_unwind_table
-from bpfprof.symbolizer.unwind_table import RBP_OTHER, CfaKind, RbpRule, UnwindTable, build_unwind_table
+from bpfprof.symbolizer.native.unwind_cache import cache_path, open_unwind_table
+from bpfprof.symbolizer.native.unwind_table import RBP_OTHER, CfaKind, RbpRule, UnwindTable, build_unwind_table
 from conftest import FIXTURES, PYENV_VERSIONS, skip_or_fail
 
 NO_FRAME_POINTERS = ("-O2", "-fomit-frame-pointer")

@@ -21,8 +21,8 @@ from elftools.common.exceptions import ELFError
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfConfig
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.demangle import demangle
-from bpfprof.symbolizer.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
+from bpfprof.symbolizer.native.demangle import demangle
+from bpfprof.symbolizer.native.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.packed_names import PackedNames
 

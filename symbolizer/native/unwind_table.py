@@ -41,8 +41,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from elftools.common.exceptions import ELFError
 
-from bpfprof.symbolizer.dwarf_lines import leb128
-from bpfprof.symbolizer.elf import load_segments, open_elf, read_build_id
+from bpfprof.symbolizer.native.dwarf_lines import leb128
+from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.errors import SymbolizerError
 
 

@@ -18,9 +18,9 @@ from typing import Optional
 from elftools.common.exceptions import ELFError
 
 from bpfprof.symbolizer.atomic_file import write_atomically
-from bpfprof.symbolizer.elf import load_segments, open_elf, read_build_id
+from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.errors import SymbolizerError
-from bpfprof.symbolizer.unwind_table import RECORD_SIZE, UnwindTable, build_unwind_table
+from bpfprof.symbolizer.native.unwind_table import RECORD_SIZE, UnwindTable, build_unwind_table
 
 FORMAT_VERSION = 2  # raise it whenever the record layout or the rules' meaning change
 _MAGIC = b"BPFUNWND"

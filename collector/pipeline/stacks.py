@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, List, Optional, Tuple
 
-from bpfprof.collector.processes import ProcessTable
+from bpfprof.collector.processes.table import ProcessTable
 from bpfprof.collector.profile import Labels
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module, Stack
-from bpfprof.collector.python_processes import PythonProcesses
-from bpfprof.collector.sampler import RawSample
+from bpfprof.collector.processes.python import PythonProcesses
+from bpfprof.collector.probe.sampler import RawSample
 from bpfprof.symbolizer.kernel import KernelSymbols
-from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
 # The eval loop: each call of it runs one group of Python frames.
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
-from bpfprof.symbolizer.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
+from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.errors import SymbolizerError
 
 FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them

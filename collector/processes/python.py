@@ -11,20 +11,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from bpfprof.collector.processes import Mapping, ProcFiles, Process, parse_maps
-from bpfprof.collector.sampler import (PYTHON_FRAME_CHAINS, PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM,
+from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
+from bpfprof.collector.probe.sampler import (PYTHON_FRAME_CHAINS, PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM,
                                        PYTHON_OWNED_BY_SHIM, PYTHON_STACK_DEPTH, RawPythonFrame, Sampler)
-from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.python_layouts import (
+from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     PythonLayout,
     layout_for,
     parse_debug_offsets,
 )
-from bpfprof.symbolizer.python_frames import PythonSymbolizer, check_of
-from bpfprof.symbolizer.python_thread_names import Searches, thread_names
+from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer, check_of
+from bpfprof.symbolizer.interpreters.python.thread_names import Searches, thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
 PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")

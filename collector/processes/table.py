@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
-from bpfprof.collector.containers import Container, container_of
-from bpfprof.symbolizer.native import NativeSymbolizer, ObjectFile
+from bpfprof.collector.processes.containers import Container, container_of
+from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer, ObjectFile
 
 _LOOK_FOR_GONE_DRAINS = 10
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-from bpfprof.collector.functions import DiffRow, Row
-from bpfprof.collector.units import format_value
+from bpfprof.collector.output.functions import DiffRow, Row
+from bpfprof.collector.output.units import format_value
 
 MIN_TEXT = 12  # narrowest a function or file column gets, however narrow the terminal
 

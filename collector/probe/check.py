@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 from bpfprof.collector.errors import CollectorError, SetupError
-from bpfprof.collector.kernel_headers import find_kernel_headers
+from bpfprof.collector.probe.kernel_headers import find_kernel_headers
 
 TRACEFS = "/sys/kernel/tracing"
 BTF = "/sys/kernel/btf/vmlinux"
@@ -106,7 +106,7 @@ def _check_bcc() -> Check:
 
 
 def _check_unwind_tables() -> Check:
-    from bpfprof.collector.sampler import SamplerConfig
+    from bpfprof.collector.probe.sampler import SamplerConfig
 
     config = SamplerConfig()
     return Check("unwind tables", True,

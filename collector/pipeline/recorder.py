@@ -9,16 +9,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from bpfprof.collector.events import Arrival, EventReader
-from bpfprof.collector.kernel_headers import KernelHeaders
-from bpfprof.collector.native_unwinding import NativeUnwinding, UnwindStats
-from bpfprof.collector.processes import ProcFiles, ProcessTable
-from bpfprof.collector.python_processes import PYTHON_DATA_SYMBOLS, PythonProcesses
+from bpfprof.collector.pipeline.events import Arrival, EventReader
+from bpfprof.collector.probe.kernel_headers import KernelHeaders
+from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
+from bpfprof.collector.processes.table import ProcFiles, ProcessTable
+from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
-from bpfprof.collector.sampler import ProcessEvent, Sampler, SamplerConfig
-from bpfprof.collector.stacks import StackResolver
+from bpfprof.collector.probe.sampler import ProcessEvent, Sampler, SamplerConfig
+from bpfprof.collector.pipeline.stacks import StackResolver
 from bpfprof.symbolizer.kernel import KernelSymbols
-from bpfprof.symbolizer.native import NativeSymbolizer
+from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
 DRAIN_INTERVAL_S = 1.0
 COMMAND_POLL_S = 0.1  # how often a command's exit is looked for

@@ -6,11 +6,11 @@ import os
 from typing import Callable, Dict
 
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.flamegraph import write_flamegraph
-from bpfprof.collector.folded import write_folded
-from bpfprof.collector.pprof import write_pprof
+from bpfprof.collector.output.flamegraph import write_flamegraph
+from bpfprof.collector.output.folded import write_folded
+from bpfprof.collector.output.pprof import write_pprof
 from bpfprof.collector.profile import Profile
-from bpfprof.collector.speedscope import write_speedscope
+from bpfprof.collector.output.speedscope import write_speedscope
 
 WRITERS: Dict[str, Callable[[Profile, str], None]] = {
     ".pb.gz": write_pprof,

@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from bpfprof.collector.errors import SetupError
-from bpfprof.collector.kernel_headers import KernelHeaders
+from bpfprof.collector.probe.kernel_headers import KernelHeaders
 
 BPF_DIR = resources.files("bpfprof.bpf")
 HEADER = (BPF_DIR / "profile.h").read_text()

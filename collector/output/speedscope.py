@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 from bpfprof.symbolizer.atomic_file import write_atomically
-from bpfprof.collector.functions import Function, PerFrame, function_of
+from bpfprof.collector.output.functions import Function, PerFrame, function_of
 from bpfprof.collector.profile import Profile
 
 SCHEMA = "https://www.speedscope.app/file-format-schema.json"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Container, Dict, Iterator, Optional, Tuple
 
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.python_layouts import ABSENT, DEBUG_OFFSETS_COOKIE, PythonLayout
+from bpfprof.symbolizer.interpreters.python.layouts import ABSENT, DEBUG_OFFSETS_COOKIE, PythonLayout
 
 MAX_INTERPRETERS = 64
 MAX_THREADS = 4096           # entries of threading._active looked at

@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 
 from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.pprof_schema import PprofProfile
+from bpfprof.collector.output.pprof_schema import PprofProfile
 from bpfprof.collector.profile import Labels, Profile, ValueType
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 

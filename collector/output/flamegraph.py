@@ -10,10 +10,10 @@ from importlib import resources
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from bpfprof.symbolizer.atomic_file import write_atomically
-from bpfprof.collector.functions import Function, PerFrame, diff_rows, function_of, function_rows
+from bpfprof.collector.output.functions import Function, PerFrame, diff_rows, function_of, function_rows
 from bpfprof.collector.profile import Profile
 from bpfprof.symbolizer.frames import FrameKind
-from bpfprof.collector.units import format_value
+from bpfprof.collector.output.units import format_value
 
 ROOT = -1  # the function index of the tree's root, "all"
 KINDS = list(FrameKind)  # the page receives a frame's kind as its index here
@@ -133,6 +133,6 @@ def _page(data: dict) -> bytes:
 
 
 def _template() -> Tuple[str, str]:
-    page = resources.files("bpfprof.collector").joinpath("flamegraph.html").read_text(encoding="utf-8")
+    page = resources.files("bpfprof.collector.output").joinpath("flamegraph.html").read_text(encoding="utf-8")
     before, after = page.split(_PLACEHOLDER)
     return before, after

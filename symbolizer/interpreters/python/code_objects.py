@@ -8,8 +8,8 @@ from typing import Dict, Optional, Tuple
 
 from bpfprof.symbolizer.frames import Frame, FrameKind
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.python_layouts import PythonLayout
-from bpfprof.symbolizer.python_lines import line_for_offset
+from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
+from bpfprof.symbolizer.interpreters.python.lines import line_for_offset
 
 _MAX_STRING = 4096
 _MAX_LINE_TABLE = 1 << 20

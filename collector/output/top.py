@@ -11,10 +11,10 @@ import time
 from collections import deque
 from typing import Deque, List
 
-from bpfprof.collector.functions import function_rows, narrow
+from bpfprof.collector.output.functions import function_rows, narrow
 from bpfprof.collector.profile import Profile
-from bpfprof.collector.recorder import Recorder, Recording
-from bpfprof.collector.report import format_table
+from bpfprof.collector.pipeline.recorder import Recorder, Recording
+from bpfprof.collector.output.report import format_table
 
 QUIT_KEYS = (b"q", b"Q")
 

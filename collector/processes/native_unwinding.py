@@ -21,13 +21,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from bpfprof.collector.processes import Mapping, Process
-from bpfprof.collector.run_allocator import RunAllocator
-from bpfprof.collector.sampler import Sampler
+from bpfprof.collector.processes.table import Mapping, Process
+from bpfprof.collector.processes.run_allocator import RunAllocator
+from bpfprof.collector.probe.sampler import Sampler
 from bpfprof.symbolizer.errors import SymbolizerError
-from bpfprof.symbolizer.native import FileId, NativeSymbolizer
-from bpfprof.symbolizer.unwind_cache import open_unwind_table
-from bpfprof.symbolizer.unwind_table import UnwindTable
+from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer
+from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
+from bpfprof.symbolizer.native.unwind_table import UnwindTable
 
 MAX_PROCESS_MAPPINGS = 1 << 10  # as many as UNWIND_MAPPING_SEARCH steps search (profile.h)
 MAX_BINARY_ROWS = 1 << 22  # as many as UNWIND_ROW_SEARCH steps search

@@ -14,9 +14,9 @@ import sys
 import threading
 from typing import List, Optional, Tuple
 
-from bpfprof.collector.processes import ProcFiles, read_proc_files
-from bpfprof.collector.python_processes import PythonProcesses
-from bpfprof.collector.sampler import ProcessEvent, Sampler
+from bpfprof.collector.processes.table import ProcFiles, read_proc_files
+from bpfprof.collector.processes.python import PythonProcesses
+from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
 
 # The ring buffers wake the thread as each event comes, so the poll's timeout only sets
 # how often a CPython process with new threads is scanned for their names, and how soon

@@ -1,0 +1,1 @@
+"""Output: one module per format, the function table, and the live top."""

@@ -1,0 +1,1 @@
+"""The pipeline: process events and drained records in, symbolized stacks out, into profiles."""

@@ -1,0 +1,1 @@
+"""Interpreters whose frames stand in for their eval loops: one package each."""

@@ -1,0 +1,1 @@
+"""Everything CPython: layouts per version, code objects, line tables and thread names."""

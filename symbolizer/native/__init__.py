@@ -1,0 +1,1 @@
+"""Native code: ELF symbols, DWARF lines, demangling, unwind tables and their cache."""
