@@ -81,12 +81,13 @@ def make_recorder(config, types: Sequence[str], warn=warn):
     from bpfprof.collector.probe.check import has_privileges, mount_tracefs, require_kernel_support
     from bpfprof.collector.probe.kernel_headers import find_kernel_headers
     from bpfprof.collector.pipeline.recorder import Recorder
+    from bpfprof.collector.probe.sampler import Sampler
 
     if not has_privileges():
         raise UsageError("profiling needs root: run it with sudo (or grant CAP_BPF and CAP_PERFMON)")
     require_kernel_support()
     mount_tracefs()
-    return Recorder(config, find_kernel_headers(), warn, types)
+    return Recorder(Sampler(config, find_kernel_headers()), warn, types)
 
 
 def write_output(writer, path: str, *profiles) -> None:

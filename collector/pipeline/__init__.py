@@ -1,1 +1,2 @@
-"""The pipeline: process events and drained records in, symbolized stacks out, into profiles."""
+"""The pipeline: process events and drained records in, symbolized stacks out, into
+profiles."""

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from bpfprof.collector.pipeline.events import Arrival, EventReader
-from bpfprof.collector.probe.kernel_headers import KernelHeaders
-from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
-from bpfprof.collector.processes.table import ProcFiles, ProcessTable
-from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
-from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
-from bpfprof.collector.probe.sampler import ProcessEvent, Sampler, SamplerConfig
 from bpfprof.collector.pipeline.stacks import StackResolver
+from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
+from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
+from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
+from bpfprof.collector.processes.table import ProcFiles, ProcessTable
+from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
@@ -76,12 +75,13 @@ class Command:
 
 
 class Recorder:
-    def __init__(self, config: SamplerConfig, headers: KernelHeaders,
-                 warn: Callable[[str], None] = lambda message: None, types: Sequence[str] = ("cpu",)):
-        """`types`: the profiles to make, of "cpu", "block" and "wall"; the config must
-        sample CPU for cpu and wall, and follow off-CPU time for block and wall."""
-        self.config = config
-        self._sampler = Sampler(config, headers)
+    def __init__(self, sampler: Sampler, warn: Callable[[str], None] = lambda message: None,
+                 types: Sequence[str] = ("cpu",)):
+        """`sampler`: the probe, not started yet (a stand-in with its methods, in tests).
+        `types`: the profiles to make, of "cpu", "block" and "wall"; the sampler's config
+        must sample CPU for cpu and wall, and follow off-CPU time for block and wall."""
+        config = self.config = sampler.config
+        self._sampler = sampler
         # One open file per binary keeps it readable after its process exits.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
