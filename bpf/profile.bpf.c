@@ -706,8 +706,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (!start || tid == 0 || !is_target(pid))
         return 0;
     /* A thread leaving the CPU while still kept as away came back with no sched_switch
-     * traced for it (seen on a 6.18 VM kernel, about once in a thousand switches of the
-     * tests' threads after the page cache was dropped): its time away is unknown. */
+     * traced for it: its time away is unknown, and counted as lost. */
     if (offcpu_starts.lookup(&tid)) {
         count_loss(LOSS_OFFCPU_RETURN_UNTRACED);
         offcpu_starts.delete(&tid);

@@ -193,8 +193,7 @@ class Recorder:
         """Record until the duration ends, the command or every target process exits, or
         SIGINT/SIGTERM; whatever was collected is returned in every case. The duration
         counts from when sampling starts: loading the BPF program can take seconds when
-        the compiler's libraries are out of the page cache (2 s recordings got a handful
-        of samples)."""
+        the compiler's libraries are out of the page cache."""
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         child = None
         try:
