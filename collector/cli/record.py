@@ -13,6 +13,7 @@ import click
 from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
                                            min_block_option, parse_pids, sampler_config, write_output)
 from bpfprof.collector.errors import UsageError
+from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH, PYTHON_STACK_DEPTH
 
 LOSS_FIXES = {
     "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),
@@ -23,7 +24,7 @@ LOSS_FIXES = {
     "LOSS_EVENTS_FULL": ("process events dropped", "use a lower -F"),
     "LOSS_TARGETS_FULL": ("child processes not followed", "raise --map-size"),
     "LOSS_PYTHON_STACKS_FULL": ("Python stack map full", "raise --stack-storage-size"),
-    "LOSS_PYTHON_TRUNCATED": ("Python stacks deeper than 128 frames",
+    "LOSS_PYTHON_TRUNCATED": (f"Python stacks deeper than {PYTHON_STACK_DEPTH} frames",
                               "their root-most frames are left out, the rest is kept"),
     "LOSS_PYTHON_EVENTS_FULL": ("Python stacks not sent at once",
                                 "frames of a process that exited before the next drain may be unnamed"),
@@ -38,7 +39,7 @@ LOSS_FIXES = {
 }
 UNWIND_END_NAMES = {
     "UNWIND_COMPLETE": "complete", "UNWIND_FRAME_POINTER_END": "frame pointers",
-    "UNWIND_TRUNCATED": "deeper than 127", "UNWIND_NO_MAPPING": "unmapped address",
+    "UNWIND_TRUNCATED": f"deeper than {NATIVE_STACK_DEPTH}", "UNWIND_NO_MAPPING": "unmapped address",
     "UNWIND_UNSUPPORTED_RULE": "unsupported rule", "UNWIND_RBP_LOST": "RBP lost",
     "UNWIND_READ_FAILED": "stack unreadable", "UNWIND_FALLBACK": "not read yet (frame pointers)",
 }

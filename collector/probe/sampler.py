@@ -46,18 +46,27 @@ UNWIND_ENDS = _enum_names(HEADER, "unwind_end")
 UNWIND_ENDS.pop("UNWIND_ENDS")
 EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
 PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
-PYTHON_FRAME_ENTRY = int(re.search(r"#define PYTHON_FRAME_ENTRY (\d+)", HEADER).group(1))
-PYTHON_FRAME_SHIM = int(re.search(r"#define PYTHON_FRAME_SHIM (\d+)", HEADER).group(1))
-PYTHON_OWNED_BY_SHIM = int(re.search(r"#define PYTHON_OWNED_BY_SHIM (\d+)", HEADER).group(1))
-PYTHON_STACK_DEPTH = int(re.search(r"#define PYTHON_STACK_DEPTH (\d+)", HEADER).group(1))
+
+
+def _define(name: str) -> int:
+    """A number #defined in profile.h, so Python never retypes it."""
+    return int(re.search(r"#define %s (\d+)" % name, HEADER).group(1))
+
+
+PYTHON_FRAME_ENTRY = _define("PYTHON_FRAME_ENTRY")
+PYTHON_FRAME_SHIM = _define("PYTHON_FRAME_SHIM")
+PYTHON_OWNED_BY_SHIM = _define("PYTHON_OWNED_BY_SHIM")
+PYTHON_STACK_DEPTH = _define("PYTHON_STACK_DEPTH")  # frames the walker records
+NATIVE_STACK_DEPTH = _define("NATIVE_STACK_DEPTH")  # frames the unwinder records
+UNWIND_MAPPINGS_SEARCHED = 1 << _define("UNWIND_MAPPING_SEARCH")  # a process's mappings a binary search finds
+UNWIND_ROWS_SEARCHED = 1 << _define("UNWIND_ROW_SEARCH")  # a binary's rows a binary search finds
 _FNV_OFFSET, _FNV_PRIME = 14695981039346656037, 1099511628211  # FNV-1a, as the BPF walker hashes stacks
 
 
 # Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.
-_NATIVE_STACK_DEPTH = int(re.search(r"#define NATIVE_STACK_DEPTH (\d+)", HEADER).group(1))
 _UNWIND_ROW_SIZE = 8  # u64
 _UNWIND_MAPPING_SIZE = 32  # struct unwind_mapping: three u64 and two u32
-_NATIVE_STACK_SIZE = 8 + 8 * _NATIVE_STACK_DEPTH  # struct native_stack
+_NATIVE_STACK_SIZE = 8 + 8 * NATIVE_STACK_DEPTH  # struct native_stack
 
 _MADV_DONTNEED = 4
 _COMPILER_LIBRARY = re.compile(r"/lib(LLVM|clang)[^/]*$")

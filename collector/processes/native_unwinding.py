@@ -23,14 +23,12 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.processes.table import Mapping, Process
 from bpfprof.collector.processes.run_allocator import RunAllocator
-from bpfprof.collector.probe.sampler import Sampler
+from bpfprof.collector.probe.sampler import UNWIND_MAPPINGS_SEARCHED, UNWIND_ROWS_SEARCHED, Sampler
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import UnwindTable
 
-MAX_PROCESS_MAPPINGS = 1 << 10  # as many as UNWIND_MAPPING_SEARCH steps search (profile.h)
-MAX_BINARY_ROWS = 1 << 22  # as many as UNWIND_ROW_SEARCH steps search
 
 
 @dataclass
@@ -144,7 +142,7 @@ class NativeUnwinding:
         self._builder.stop()
 
     def _install(self, process: Process) -> None:
-        mappings = process.mappings[:MAX_PROCESS_MAPPINGS]
+        mappings = process.mappings[:UNWIND_MAPPINGS_SEARCHED]
         if not mappings or process.pid in self._skipped:
             return
         records = self._sampler.new_unwind_mappings(len(mappings))
@@ -218,7 +216,7 @@ class NativeUnwinding:
         shared = self._by_build_id.get(table.build_id) if table.build_id else None
         if shared is not None:  # the same binary through another mount namespace
             return shared
-        if not table.num_rows() or table.num_rows() > MAX_BINARY_ROWS:
+        if not table.num_rows() or table.num_rows() > UNWIND_ROWS_SEARCHED:
             return None
         first = self._rows.allocate(table.num_rows())
         while first is None and self._idle:
