@@ -77,6 +77,11 @@ BPF_PROG_ARRAY(offcpu_unwinder, 1);  /* [0] unwind_offcpu_stack */
 #endif
 #endif
 
+static __always_inline u64 fnv_add(u64 hash, u64 word)
+{
+    return (hash ^ word) * FNV_PRIME;
+}
+
 static __always_inline void count_loss(int reason)
 {
     u64 *n = losses.lookup(&reason);
@@ -209,7 +214,7 @@ static __always_inline u64 walk_python(struct python_process *py, struct python_
     /* <= 3.10 every frame object is an entry of the eval loop and f_lasti an int;
      * later the instruction is an address inside the code object. */
     u64 objects = py->frame_chain == PYTHON_FRAME_OBJECTS;
-    u64 hash = 14695981039346656037ULL;  /* FNV-1a */
+    u64 hash = FNV_OFFSET;
     u32 depth = 0;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < PYTHON_STACK_DEPTH; i++) {
@@ -230,8 +235,7 @@ static __always_inline u64 walk_python(struct python_process *py, struct python_
         f->check = (u16)(read_s32(code, py->code_firstlineno) ^ (name >> 4) ^ (name >> 20));
         f->flags = (u16)((owner >= PYTHON_OWNED_BY_SHIM) * PYTHON_FRAME_SHIM |
                          (objects | entry) * PYTHON_FRAME_ENTRY);
-        hash = (hash ^ code) * 1099511628211ULL;
-        hash = (hash ^ (u32)f->instr) * 1099511628211ULL;
+        hash = fnv_add(fnv_add(hash, code), (u32)f->instr);
         depth = i + 1;
         frame = read_pointer(frame, py->frame_previous);
     }
@@ -442,12 +446,12 @@ static __always_inline int unwind_frames(struct native_unwind *s)
 
 static __always_inline u64 native_stack_hash(struct native_stack *stack)
 {
-    u64 hash = 14695981039346656037ULL;  /* FNV-1a */
+    u64 hash = FNV_OFFSET;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < NATIVE_STACK_DEPTH; i++) {
         if (i >= stack->depth)
             break;
-        hash = (hash ^ stack->pcs[i]) * 1099511628211ULL;
+        hash = fnv_add(hash, stack->pcs[i]);
     }
     return hash | 1;
 }

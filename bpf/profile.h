@@ -3,6 +3,10 @@
 #define BPFPROF_PROFILE_H
 
 #define THREAD_NAME_LEN 16
+
+/* Stacks are keyed by FNV-1a over their words: fnv_add(fnv_add(FNV_OFFSET, a), b)... */
+#define FNV_OFFSET 14695981039346656037ULL
+#define FNV_PRIME 1099511628211ULL
 #define PYTHON_STACK_DEPTH 128  /* frames walked, shim frames included */
 #define PYTHON_THREAD_SEARCH 256  /* thread states looked at to find a thread's own */
 

@@ -60,7 +60,7 @@ PYTHON_STACK_DEPTH = _define("PYTHON_STACK_DEPTH")  # frames the walker records
 NATIVE_STACK_DEPTH = _define("NATIVE_STACK_DEPTH")  # frames the unwinder records
 UNWIND_MAPPINGS_SEARCHED = 1 << _define("UNWIND_MAPPING_SEARCH")  # a process's mappings a binary search finds
 UNWIND_ROWS_SEARCHED = 1 << _define("UNWIND_ROW_SEARCH")  # a binary's rows a binary search finds
-_FNV_OFFSET, _FNV_PRIME = 14695981039346656037, 1099511628211  # FNV-1a, as the BPF walker hashes stacks
+_FNV_OFFSET, _FNV_PRIME = _define("FNV_OFFSET"), _define("FNV_PRIME")  # stack keys, as BPF makes them
 
 
 # Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.
