@@ -11,56 +11,33 @@ import re
 import struct
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
+from bpfprof.bpf import BPF_DIR, PROGRAM, define, enum_names
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.probe.kernel_headers import KernelHeaders
-
-BPF_DIR = resources.files("bpfprof.bpf")
-HEADER = (BPF_DIR / "profile.h").read_text()
-PROGRAM = (BPF_DIR / "profile.bpf.c").read_text()
 
 # Let samples that read the old buffer index finish before that buffer is drained.
 # Perf-event BPF programs run to completion in microseconds with preemption off.
 _IN_FLIGHT_GRACE_S = 0.002
 
 
-def _enum_names(header: str, enum: str) -> Dict[str, int]:
-    """Names and values of a C enum in profile.h, so Python never retypes them."""
-    body = re.search(r"enum %s \{(.*?)\};" % enum, header, re.S)
-    if body is None:
-        raise RuntimeError(f"enum {enum} not found in profile.h")
-    names, value = {}, -1
-    for name, explicit in re.findall(r"^\s*(\w+)\s*(?:=\s*(\d+))?\s*,", body.group(1), re.M):
-        value = int(explicit) if explicit else value + 1
-        names[name] = value
-    return names
-
-
-LOSS_REASONS = _enum_names(HEADER, "loss_reason")
+LOSS_REASONS = enum_names("loss_reason")
 NUM_LOSS_REASONS = LOSS_REASONS.pop("LOSS_REASONS")  # the sentinel that sizes the map
-OFFCPU_STATS = _enum_names(HEADER, "offcpu_stat")
+OFFCPU_STATS = enum_names("offcpu_stat")
 OFFCPU_STATS.pop("OFFCPU_STATS")
-UNWIND_ENDS = _enum_names(HEADER, "unwind_end")
+UNWIND_ENDS = enum_names("unwind_end")
 UNWIND_ENDS.pop("UNWIND_ENDS")
-EVENT_KINDS = _enum_names(HEADER, "process_event_kind")
-PYTHON_FRAME_CHAINS = _enum_names(HEADER, "python_frame_chain")
+EVENT_KINDS = enum_names("process_event_kind")
 
 
-def _define(name: str) -> int:
-    """A number #defined in profile.h, so Python never retypes it."""
-    return int(re.search(r"#define %s (\d+)" % name, HEADER).group(1))
-
-
-PYTHON_FRAME_ENTRY = _define("PYTHON_FRAME_ENTRY")
-PYTHON_FRAME_SHIM = _define("PYTHON_FRAME_SHIM")
-PYTHON_OWNED_BY_SHIM = _define("PYTHON_OWNED_BY_SHIM")
-PYTHON_STACK_DEPTH = _define("PYTHON_STACK_DEPTH")  # frames the walker records
-NATIVE_STACK_DEPTH = _define("NATIVE_STACK_DEPTH")  # frames the unwinder records
-UNWIND_MAPPINGS_SEARCHED = 1 << _define("UNWIND_MAPPING_SEARCH")  # a process's mappings a binary search finds
-UNWIND_ROWS_SEARCHED = 1 << _define("UNWIND_ROW_SEARCH")  # a binary's rows a binary search finds
-_FNV_OFFSET, _FNV_PRIME = _define("FNV_OFFSET"), _define("FNV_PRIME")  # stack keys, as BPF makes them
+PYTHON_FRAME_ENTRY = define("PYTHON_FRAME_ENTRY")
+PYTHON_FRAME_SHIM = define("PYTHON_FRAME_SHIM")
+PYTHON_STACK_DEPTH = define("PYTHON_STACK_DEPTH")  # frames the walker records
+NATIVE_STACK_DEPTH = define("NATIVE_STACK_DEPTH")  # frames the unwinder records
+UNWIND_MAPPINGS_SEARCHED = 1 << define("UNWIND_MAPPING_SEARCH")  # a process's mappings a binary search finds
+UNWIND_ROWS_SEARCHED = 1 << define("UNWIND_ROW_SEARCH")  # a binary's rows a binary search finds
+_FNV_OFFSET, _FNV_PRIME = define("FNV_OFFSET"), define("FNV_PRIME")  # stack keys, as BPF makes them
 
 
 # Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.

@@ -4,34 +4,24 @@ where to find its thread states, and naming its threads and frames."""
 from __future__ import annotations
 
 import os
-import re
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from bpfprof.collector.probe.sampler import RawPythonFrame, Sampler
 from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
-from bpfprof.collector.probe.sampler import (PYTHON_FRAME_CHAINS, PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM,
-                                       PYTHON_OWNED_BY_SHIM, PYTHON_STACK_DEPTH, RawPythonFrame, Sampler)
+from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
+from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
+from bpfprof.symbolizer.interpreters.python.thread_names import Searches, thread_names
+from bpfprof.symbolizer.interpreters.python.threads import (FRAME_SHIM, INTERPRETER_NAME, ThreadState,
+                                                            layout_of, learn_pthread_tid_offset, thread_states,
+                                                            walk_frames, walker_fields)
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.interpreters.python.layouts import (
-    DEBUG_OFFSETS_COOKIE,
-    DEBUG_OFFSETS_SIZE,
-    PythonLayout,
-    layout_for,
-    parse_debug_offsets,
-)
-from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer, check_of
-from bpfprof.symbolizer.interpreters.python.thread_names import Searches, thread_names
 
 # The interpreter is the executable (static builds) or libpython; either exports these.
 PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
-_INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
-_MAX_INTERPRETERS = 64
-_MAX_THREADS = 4096
-_PTHREAD_SEARCH = 1024  # bytes of a pthread struct searched for the thread's tid
 _NAME_SCAN_S = 0.2  # how long a process with new threads is scanned again, while some have no name
 _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
 
@@ -58,7 +48,7 @@ def _candidates(process: Process) -> List[Mapping]:
     static build, or libpython (the executable of a shared build has no _PyRuntime)."""
     found: Dict[str, Mapping] = {}
     for m in process.mappings:
-        if m.obj is not None and _INTERPRETER_NAME.match(os.path.basename(m.obj.path)):
+        if m.obj is not None and INTERPRETER_NAME.match(os.path.basename(m.obj.path)):
             found.setdefault(m.obj.path, m)
     return list(found.values())
 
@@ -70,47 +60,6 @@ def _still_mapped(pid: int, mapping: Mapping) -> bool:
             return any(line.startswith(f"{mapping.start:08x}-") for line in f)
     except OSError:
         return False
-
-
-def _s32(value: int) -> int:
-    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
-
-
-def walk_frames(memory: ProcessMemory, layout: PythonLayout, tstate: int) -> List[Tuple[int, int, int, int]]:
-    """A thread's Python frames, leaf first, read as the BPF walker reads them (struct
-    python_frame: code, instr, check, flags), for a thread whose frames stay put while they
-    are read: one off the CPU."""
-    frame = memory.pointer(tstate + layout.tstate_frame)
-    if layout.cframe_current_frame >= 0 and frame:
-        frame = memory.pointer(frame + layout.cframe_current_frame)
-    objects = layout.version <= (3, 10)  # every frame object is an eval loop entry; f_lasti an int
-    frames = []
-    while frame and len(frames) <= PYTHON_STACK_DEPTH:  # one more than a stack holds: truncated
-        code = memory.pointer(frame + layout.frame_code) & ~3  # 3.14 tags f_executable's low bits
-        if objects:
-            instr = memory.s32(frame + layout.frame_instr)
-        else:
-            instr = _s32(memory.pointer(frame + layout.frame_instr) - code)
-        owner = memory.read(frame + layout.frame_owner, 1)[0] if layout.frame_owner >= 0 else 0
-        entry = memory.read(frame + layout.frame_is_entry, 1)[0] if layout.frame_is_entry >= 0 else 0
-        check = check_of(memory.s32(code + layout.code_firstlineno), memory.pointer(code + layout.code_name))
-        flags = (PYTHON_FRAME_SHIM if owner >= PYTHON_OWNED_BY_SHIM else 0) | \
-                (PYTHON_FRAME_ENTRY if objects or entry else 0)
-        frames.append((code, instr, check, flags))
-        frame = memory.pointer(frame + layout.frame_previous)
-    return frames
-
-
-def _layout(memory: ProcessMemory, runtime: int, version_address: Optional[int], path: str) -> Optional[PythonLayout]:
-    """From 3.13 on _PyRuntime starts with _Py_DebugOffsets; before, the table by version."""
-    head = memory.read(runtime, len(DEBUG_OFFSETS_COOKIE))
-    if head == DEBUG_OFFSETS_COOKIE:
-        return parse_debug_offsets(memory.read(runtime, DEBUG_OFFSETS_SIZE))
-    if version_address is not None:
-        hex_version = memory.u32(version_address)
-        return layout_for((hex_version >> 24, (hex_version >> 16) & 0xFF))
-    match = _INTERPRETER_NAME.match(os.path.basename(path))
-    return layout_for((int(match.group(1)), int(match.group(2)))) if match else None
 
 
 class PythonProcesses:
@@ -182,7 +131,7 @@ class PythonProcesses:
             return
         try:
             runtime = bias + symbols.data["_PyRuntime"]
-            layout = _layout(memory, runtime, bias + version if version else None, mapping.obj.path)
+            layout = layout_of(memory, runtime, bias + version if version else None, mapping.obj.path)
             reason = "no known layout"
         except (UnreadableMemory, ValueError) as e:
             layout, reason = None, str(e)
@@ -201,7 +150,7 @@ class PythonProcesses:
         if self._sampler.follows_offcpu_python:
             self._walk_threads_away(interpreter, self._thread_states(interpreter))
 
-    def _walk_threads_away(self, interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> None:
+    def _walk_threads_away(self, interpreter: Interpreter, states: List[ThreadState]) -> None:
         """Threads that left the CPU before the walker could find them (a lock or a read at
         a thread's first line, before the process was read or before <= 3.10's pthread tid
         offset was learnt) get the Python stack they left with: it cannot change while they
@@ -215,7 +164,7 @@ class PythonProcesses:
             try:
                 frames = walk_frames(interpreter.memory, interpreter.layout, tstate)
                 for code, _, check, flags in frames:
-                    if not flags & PYTHON_FRAME_SHIM:
+                    if not flags & FRAME_SHIM:
                         self.symbols.learn(interpreter.memory, interpreter.layout, code, check)
             except UnreadableMemory:
                 continue
@@ -226,39 +175,13 @@ class PythonProcesses:
         """One warning per interpreter binary, naming its version."""
         if path not in self._warned:
             self._warned.add(path)
-            major, minor = _INTERPRETER_NAME.match(os.path.basename(path)).groups()
+            major, minor = INTERPRETER_NAME.match(os.path.basename(path)).groups()
             self._warn(f"CPython {major}.{minor} ({path}) cannot be read ({reason}); "
                        "its processes get native frames only")
 
     @staticmethod
     def _walker_fields(interpreter: Interpreter) -> Dict[str, int]:
-        layout = interpreter.layout
-        if layout.version <= (3, 10):
-            chain = "PYTHON_FRAME_OBJECTS"
-        elif layout.cframe_current_frame >= 0:
-            chain = "PYTHON_CFRAME"
-        else:
-            chain = "PYTHON_CURRENT_FRAME"
-        return {
-            "runtime": interpreter.runtime,
-            "runtime_interpreters_head": layout.runtime_interpreters_head,
-            "interp_next": layout.interp_next,
-            "interp_threads_head": layout.interp_threads_head,
-            "tstate_next": layout.tstate_next,
-            "tstate_thread_id": layout.tstate_thread_id,
-            "tstate_native_thread_id": layout.tstate_native_thread_id,
-            "pthread_tid": -1 if interpreter.pthread_tid_offset is None else interpreter.pthread_tid_offset,
-            "frame_chain": PYTHON_FRAME_CHAINS[chain],
-            "tstate_frame": layout.tstate_frame,
-            "cframe_current_frame": layout.cframe_current_frame,
-            "frame_previous": layout.frame_previous,
-            "frame_code": layout.frame_code,
-            "frame_instr": layout.frame_instr,
-            "frame_owner": layout.frame_owner,
-            "frame_is_entry": layout.frame_is_entry,
-            "code_firstlineno": layout.code_firstlineno,
-            "code_name": layout.code_name,
-        }
+        return walker_fields(interpreter.layout, interpreter.runtime, interpreter.pthread_tid_offset)
 
     def scan_threads(self, interpreter: Interpreter) -> None:
         """Re-read the thread lists of every interpreter in the process: which threads
@@ -296,63 +219,31 @@ class PythonProcesses:
         the thread runs, so the oldest with a tid is that thread's own."""
         return {tid: ident for _, ident, tid in self._thread_states(interpreter) if tid}
 
-    def _thread_states(self, interpreter: Interpreter) -> List[Tuple[int, int, int]]:
-        """(PyThreadState, pthread_t, tid or 0) of each thread state in every interpreter of
-        the process, newest first."""
-        layout, memory = interpreter.layout, interpreter.memory
-        states: List[Tuple[int, int, int]] = []  # (PyThreadState, pthread_t, tid or 0)
-        try:
-            interp = memory.pointer(interpreter.runtime + layout.runtime_interpreters_head)
-            for _ in range(_MAX_INTERPRETERS):
-                if not interp:
-                    break
-                tstate = memory.pointer(interp + layout.interp_threads_head)
-                while tstate and len(states) < _MAX_THREADS:
-                    tid = memory.u32(tstate + layout.tstate_native_thread_id) if layout.tstate_native_thread_id >= 0 else 0
-                    states.append((tstate, memory.pointer(tstate + layout.tstate_thread_id), tid))
-                    tstate = memory.pointer(tstate + layout.tstate_next)
-                interp = memory.pointer(interp + layout.interp_next)
-        except UnreadableMemory:
-            pass  # exiting, or a thread list changing under us: what was read stands
-        if layout.tstate_native_thread_id < 0:  # <= 3.10 keeps only the pthread_t
-            learnt = interpreter.pthread_tid_offset
-            states = self._tids_from_pthreads(interpreter, states)
-            if interpreter.scanned and interpreter.pthread_tid_offset != learnt:  # the walker waits for it
-                self._sampler.set_python_process(interpreter.pid, self._walker_fields(interpreter))
-                if self._sampler.follows_offcpu_python:  # threads that blocked while it could not look
-                    self._walk_threads_away(interpreter, states)
-        return states
-
-    @staticmethod
-    def _tids_from_pthreads(interpreter: Interpreter, states: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
-        """Kernel tids for thread states known by pthread_t alone. The C library keeps each
-        thread's tid inside its pthread struct; where, is learnt once per process: the
-        offset at which every struct holds a distinct tid of the process, the main
-        thread's being the pid. (A thread state made for a new thread holds its creator's
-        pthread_t until the thread runs, so pthread_t values are taken once each.)"""
-        memory, pid = interpreter.memory, interpreter.pid
+    def _thread_states(self, interpreter: Interpreter) -> List[ThreadState]:
+        """Every thread state of the process, newest first, with its tid (<= 3.10: from the
+        pthread struct, once the offset of the tid in it is learnt)."""
+        states = thread_states(interpreter.memory, interpreter.layout, interpreter.runtime)
+        if interpreter.layout.tstate_native_thread_id >= 0:
+            return states
+        # <= 3.10: a thread state made for a new thread holds its creator's pthread_t
+        # until the thread runs, so pthread_t values are taken once each.
         idents = sorted({ident for _, ident, _ in states if ident})
-        known = interpreter.pthread_tid_offset
+        learnt_late = False  # after the walker was told of the process: it waits for this
         try:
-            if known is not None:
-                by_ident = {ident: memory.u32(ident + known) for ident in idents}
-            else:
-                # The structs first, the tasks after: a thread cloned in between is listed.
-                # A struct whose thread is not cloned yet holds tid 0 there.
-                structs = [memory.read(ident, _PTHREAD_SEARCH) for ident in idents]
-                tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-                for offset in range(0, _PTHREAD_SEARCH, 4):
-                    tids = [struct.unpack_from("<i", data, offset)[0] for data in structs]
-                    cloned = [tid for tid in tids if tid]
-                    if pid in tids and set(cloned) <= tasks and len(set(cloned)) == len(cloned):
-                        interpreter.pthread_tid_offset = offset
-                        break
-                else:
+            if interpreter.pthread_tid_offset is None:
+                interpreter.pthread_tid_offset = learn_pthread_tid_offset(interpreter.memory, interpreter.pid, idents)
+                if interpreter.pthread_tid_offset is None:
                     return states
-                by_ident = dict(zip(idents, tids))
+                learnt_late = interpreter.scanned
+                if learnt_late:
+                    self._sampler.set_python_process(interpreter.pid, self._walker_fields(interpreter))
+            by_ident = {ident: interpreter.memory.u32(ident + interpreter.pthread_tid_offset) for ident in idents}
         except (OSError, UnreadableMemory):
             return states
-        return [(tstate, ident, by_ident.get(ident, 0)) for tstate, ident, _ in states]
+        states = [(tstate, ident, by_ident.get(ident, 0)) for tstate, ident, _ in states]
+        if learnt_late and self._sampler.follows_offcpu_python:  # threads that blocked while it could not look
+            self._walk_threads_away(interpreter, states)
+        return states
 
     def on_python_thread(self, pid: int) -> None:
         """The walker found a thread (or needs the pthread tid offset). Event thread."""
