@@ -7,11 +7,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from bpfprof.collector.probe.sampler import RawPythonFrame, Sampler
 from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
-from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
+from bpfprof.symbolizer.frames import Frame
+from bpfprof.symbolizer.interpreters.python.code_objects import EVAL_FUNCTIONS, TRUNCATED, PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
 from bpfprof.symbolizer.interpreters.python.thread_names import Searches, thread_names
 from bpfprof.symbolizer.interpreters.python.threads import (FRAME_SHIM, INTERPRETER_NAME, ThreadState,
@@ -28,19 +29,28 @@ _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting fo
 
 @dataclass
 class Interpreter:
-    """One CPython process as the walker and the symbolizer see it."""
+    """One CPython process as the walker and the symbolizer see it: an InterpreterProcess."""
 
     pid: int
     layout: PythonLayout
     runtime: int  # address of _PyRuntime in the process
     module_path: str  # the binary the interpreter lives in
     memory: ProcessMemory
+    symbols: PythonSymbolizer  # the code objects read so far, of every process
     threads: Set[int] = field(default_factory=set)  # tids with a thread state at the last scan
     names: Dict[int, str] = field(default_factory=dict)  # tid -> threading.Thread name, till the drain after it ends
     ended: Set[int] = field(default_factory=set)  # tids that left the thread list since ended_threads()
     pthread_tid_offset: Optional[int] = None  # <= 3.10: where the C library keeps a thread's tid
     scanned: bool = False
     name_searches: Searches = field(default_factory=Searches)  # what reading the names found on the way
+    eval_functions = EVAL_FUNCTIONS
+
+    def frames(self, raw: Sequence[RawPythonFrame], truncated: bool) -> List[Tuple[Frame, bool]]:
+        named = [(self.symbols.get_frame(self.memory, self.layout, f.code, f.instr, f.check), f.entry) for f in raw]
+        return named + [(TRUNCATED, True)] if truncated else named
+
+    def thread_name(self, tid: int) -> Optional[str]:
+        return self.names.get(tid)
 
 
 def _candidates(process: Process) -> List[Mapping]:
@@ -143,7 +153,7 @@ class PythonProcesses:
             self._unreadable.add(process.pid)  # not looked at again until it execs
             self._cannot_read(mapping.obj.path, reason)
             return
-        interpreter = Interpreter(process.pid, layout, runtime, mapping.obj.path, memory)
+        interpreter = Interpreter(process.pid, layout, runtime, mapping.obj.path, memory, self.symbols)
         self.scan_threads(interpreter)
         self.interpreters[process.pid] = interpreter
         self._sampler.set_python_process(process.pid, self._walker_fields(interpreter))
@@ -291,6 +301,10 @@ class PythonProcesses:
                 interpreter = self.interpreters.get(pid)
                 if interpreter is not None:
                     interpreter.names = {t: name for t, name in interpreter.names.items() if t not in tids}
+
+    def get(self, pid: int) -> Optional[Interpreter]:
+        """The process's interpreter, once it is being walked."""
+        return self.interpreters.get(pid)
 
     def on_exec(self, pid: int) -> None:
         """A new image: the walker dropped the process, and so does this. On the event

@@ -11,6 +11,9 @@ from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
 from bpfprof.symbolizer.interpreters.python.lines import line_for_offset
 
+# The eval loop: each call of it runs one group of Python frames.
+EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
+TRUNCATED = Frame(FrameKind.PYTHON, "[more Python frames]")
 _MAX_STRING = 4096
 _MAX_LINE_TABLE = 1 << 20
 

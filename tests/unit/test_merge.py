@@ -1,9 +1,14 @@
-"""Joining native and Python frames into one stack (collector/pipeline/stacks.py merge_python)."""
+"""Joining native and Python frames into one stack (symbolizer/interpreters/merge.py), with
+CPython's eval loop."""
+
+from types import SimpleNamespace
 
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
-from bpfprof.collector.pipeline.stacks import merge_python
+from bpfprof.symbolizer.interpreters.merge import merge
+from bpfprof.symbolizer.interpreters.python.code_objects import EVAL_FUNCTIONS
 
 PYTHON = Module("/usr/lib/libpython3.12.so.1.0")
+CPYTHON = SimpleNamespace(module_path=PYTHON.path, eval_functions=EVAL_FUNCTIONS)  # an InterpreterProcess
 EXE = Module("/usr/bin/python3.12")
 LIBC = Module("/usr/lib/x86_64-linux-gnu/libc.so.6")
 EXTENSION = Module("/usr/lib/python3.12/lib-dynload/zlib.cpython-312.so")
@@ -33,7 +38,7 @@ def test_each_eval_loop_frame_runs_its_group_of_python_frames():
               native("call_back", EXTENSION), native("_PyObject_Call", PYTHON),
               native("_PyEval_EvalFrameDefault", PYTHON), native("PyEval_EvalCode", PYTHON)] + ROOT[1:])
     python = [(py("key"), True), (py("handler"), False), (py("<module>"), True)]  # leaf first
-    merged = merge_python(stack, python, PYTHON.path)
+    merged = merge(stack, python, CPYTHON)
     assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "PyEval_EvalCode", "<module>",
                                    "handler", "call_back", "key", "zlib_compress", "deflate"]
 
@@ -43,15 +48,15 @@ def test_a_stack_the_unwinder_completed_needs_no_known_root():
     stack = [native("_PyEval_EvalFrameDefault", PYTHON), native("thread_run", PYTHON),
              Frame(FrameKind.NATIVE, "[libc.so.6+0x891f4]", LIBC)]
     python = [(py("work"), True)]
-    assert names(merge_python(stack, python, PYTHON.path, complete=True)[::-1]) == [
+    assert names(merge(stack, python, CPYTHON, complete=True)[::-1]) == [
         "[libc.so.6+0x891f4]", "thread_run", "work"]
-    assert names(merge_python(stack, python, PYTHON.path)[::-1]) == ["work"]
+    assert names(merge(stack, python, CPYTHON)[::-1]) == ["work"]
 
 
 def test_group_count_mismatch_puts_all_python_frames_between_the_outer_and_inner_eval_loops():
     stack = [native("PyLong_FromLong", PYTHON)] + ROOT
     python = [(py("key"), True), (py("<module>"), True)]  # two groups, one eval frame seen
-    merged = merge_python(stack, python, PYTHON.path)
+    merged = merge(stack, python, CPYTHON)
     assert names(merged[::-1]) == ["__libc_start_call_main", "main", "Py_RunMain", "<module>", "key",
                                    "PyLong_FromLong"]
 
@@ -62,17 +67,17 @@ def test_without_a_complete_native_stack_python_frames_stand_in_for_the_interpre
     stack = [native("zlib_compress", EXTENSION), native("cfunction_vectorcall_O", PYTHON),
              native("garbage", LIBC), Frame(FrameKind.NATIVE, "[unmapped 0x7f00]")]
     python = [(py("compress"), False), (py("<module>"), True)]
-    merged = merge_python(stack, python, PYTHON.path)
+    merged = merge(stack, python, CPYTHON)
     assert names(merged[::-1]) == ["<module>", "compress", "cfunction_vectorcall_O", "zlib_compress"]
 
 
 def test_leaf_in_the_interpreter_is_kept_above_the_python_frames():
     stack = [native("_PyObject_Malloc", PYTHON), native("garbage", LIBC)]
-    merged = merge_python(stack, [(py("area_sum"), True)], PYTHON.path)
+    merged = merge(stack, [(py("area_sum"), True)], CPYTHON)
     assert names(merged[::-1]) == ["area_sum", "_PyObject_Malloc"]
 
 
 def test_leaf_in_the_eval_loop_itself_leaves_only_python_frames():
     stack = [native("_PyEval_EvalFrameDefault", PYTHON), Frame(FrameKind.NATIVE, "[unmapped 0x1]")]
-    merged = merge_python(stack, [(py("area_sum"), False), (py("<module>"), True)], PYTHON.path)
+    merged = merge(stack, [(py("area_sum"), False), (py("<module>"), True)], CPYTHON)
     assert names(merged[::-1]) == ["<module>", "area_sum"]
