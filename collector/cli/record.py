@@ -13,7 +13,8 @@ import click
 from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
                                            min_block_option, parse_pids, sampler_config, write_output)
 from bpfprof.collector.errors import UsageError
-from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH, PYTHON_STACK_DEPTH
+from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH
+from bpfprof.symbolizer.interpreters.python.threads import STACK_DEPTH as PYTHON_STACK_DEPTH
 
 LOSS_FIXES = {
     "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),

@@ -16,6 +16,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Option
 from bpfprof.bpf import BPF_DIR, PROGRAM, define, enum_names
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.probe.kernel_headers import KernelHeaders
+from bpfprof.symbolizer.interpreters.python.threads import FRAME_ENTRY, FRAME_SHIM
 
 # Let samples that read the old buffer index finish before that buffer is drained.
 # Perf-event BPF programs run to completion in microseconds with preemption off.
@@ -31,9 +32,6 @@ UNWIND_ENDS.pop("UNWIND_ENDS")
 EVENT_KINDS = enum_names("process_event_kind")
 
 
-PYTHON_FRAME_ENTRY = define("PYTHON_FRAME_ENTRY")
-PYTHON_FRAME_SHIM = define("PYTHON_FRAME_SHIM")
-PYTHON_STACK_DEPTH = define("PYTHON_STACK_DEPTH")  # frames the walker records
 NATIVE_STACK_DEPTH = define("NATIVE_STACK_DEPTH")  # frames the unwinder records
 UNWIND_MAPPINGS_SEARCHED = 1 << define("UNWIND_MAPPING_SEARCH")  # a process's mappings a binary search finds
 UNWIND_ROWS_SEARCHED = 1 << define("UNWIND_ROW_SEARCH")  # a binary's rows a binary search finds
@@ -240,11 +238,11 @@ def _python_frames(stack) -> Tuple[RawPythonFrame, ...]:
     frames: List[RawPythonFrame] = []
     for code, instr, check, flags in layout.iter_unpack(ctypes.string_at(ctypes.addressof(stack.frames),
                                                                           depth * layout.size)):
-        if flags & PYTHON_FRAME_SHIM:
+        if flags & FRAME_SHIM:
             if frames:
                 frames[-1] = frames[-1]._replace(entry=True)
         else:
-            frames.append(RawPythonFrame(code, instr, check, bool(flags & PYTHON_FRAME_ENTRY)))
+            frames.append(RawPythonFrame(code, instr, check, bool(flags & FRAME_ENTRY)))
     return tuple(frames)
 
 
@@ -321,7 +319,8 @@ class Sampler:
                 fn = self._bpf.load_func(function, kind)
             except Exception as e:
                 self.close()
-                raise SetupError(f"cannot load the native unwinder ({e}); without --dwarf stacks are unwound by frame pointers") from e
+                raise SetupError(f"cannot load the native unwinder ({e}); with --no-dwarf stacks are unwound by frame "
+                                 "pointers") from e
             self._bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
 
     def add_targets(self, pids: Iterable[int]) -> None:
