@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -104,3 +104,20 @@ def check_tools(python: str) -> str:
     if importlib.util.find_spec("bpfprof") is None:
         raise ToolMissing(f"bpfprof is not importable by {sys.executable}: run scripts/setup first")
     return find_py_spy()
+
+
+def add_build_option(parser) -> None:
+    parser.add_argument("--build", action="append", default=[], metavar="NAME=PYTHON",
+                        help="also measure another bpfprof, the one PYTHON runs as `-m bpfprof` (another "
+                             "checkout's .venv/bin/python), listed as 'bpfprof NAME'; repeatable")
+
+
+def bpfprof_builds(builds: List[str]) -> Dict[str, List[str]]:
+    """The command that runs each bpfprof measured: this one, then each --build."""
+    commands = {"bpfprof": [sys.executable, "-m", "bpfprof"]}
+    for build in builds:
+        name, _, python = build.partition("=")
+        if not name or not os.access(python, os.X_OK):
+            raise ToolMissing(f"--build {build}: expected NAME=PYTHON, PYTHON an executable")
+        commands[f"bpfprof {name}"] = [python, "-m", "bpfprof"]
+    return commands

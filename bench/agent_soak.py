@@ -15,11 +15,11 @@ The profilers, all whole-system at 19 Hz, for the whole soak:
 
 At 5, 30 and 60 minutes (or the checkpoints within --minutes) it prints each profiler's CPU
 (share of one core, since the start and since the previous checkpoint) and resident memory,
-and for the agent the processes it has seen, profiles written and losses from its metrics;
-then bpfprof against the others as ratios. At the end the agent gets SIGTERM and the time it
-takes to exit is printed.
+and for each agent the processes it has seen, profiles written and losses from its metrics;
+then bpfprof against the others as ratios. At the end each agent gets SIGTERM and the time it
+takes to exit is printed. With --build another bpfprof's agent runs beside this one's.
 
-    sudo .venv/bin/python bench/agent_soak.py [--minutes 60]
+    sudo .venv/bin/python bench/agent_soak.py [--minutes 60] [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List
 
-from _proc import ToolMissing, cpu_seconds, memory_mb, run_main, start, stop_all
+from _proc import ToolMissing, add_build_option, bpfprof_builds, cpu_seconds, memory_mb, run_main, start, stop_all
 from _store import LoopbackStore, free_port
 from cpu_overhead import headers_for_bcc_tools
 
@@ -85,6 +85,7 @@ def scrape(port: int) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60)
+    add_build_option(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise ToolMissing("needs root: run it with sudo")
@@ -96,18 +97,20 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bpfprof-soak-"))
     store = LoopbackStore()
     store.up()
-    port = free_port()  # for the metrics
     with headers_for_bcc_tools():
-        profilers = {
-            "bpfprof agent": start([sys.executable, "-m", "bpfprof", "agent", "--output-dir", str(tmp / "profiles"),
-                                    "--interval", "15s", "--metrics-addr", f"127.0.0.1:{port}",
-                                    "--push-url", store.url,
-                                    "--log-file", str(tmp / "agent.log")]),
+        ports = {}  # each agent's metrics
+        profilers = {}
+        for build, bpfprof in bpfprof_builds(args.build).items():
+            name, ports[name], out = f"{build} agent", free_port(), tmp / build.replace(" ", "-")
+            profilers[name] = start([*bpfprof, "agent", "--output-dir", str(out / "profiles"), "--interval", "15s",
+                                     "--metrics-addr", f"127.0.0.1:{ports[name]}", "--push-url", store.url,
+                                     "--log-file", str(out / "agent.log")])
+        profilers.update({
             "bcc profile": start(["profile-bpfcc", "-F", "19", "-a", "-f", str(int(seconds + WARM_UP_S + 60))],
                                  stdout=open(tmp / "bcc.folded", "w"), stderr=subprocess.DEVNULL),
             "perf record": start(["perf", "record", "-F", "19", "-a", "-g", "-o", str(tmp / "perf.data")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        }
+        })
         start(["sh", "-c", CHURN])
         start(["sh", "-c", python_loop(pythons())], stdout=subprocess.DEVNULL)
         start([sys.executable, "-c", STEADY])
@@ -124,7 +127,6 @@ def main() -> None:
         for minute in checkpoints:
             time.sleep(max(0.0, began + minute * 60 - time.monotonic()))
             now = time.monotonic()
-            metrics = scrape(port)
             row = {"minute": minute}
             for name, p in profilers.items():
                 if p.poll() is not None:
@@ -137,24 +139,26 @@ def main() -> None:
             rows.append(row)
             print(f"{minute:5g} min  " + "  ".join(
                 f"{name}: {row[name][0]:.2f}% / {row[name][1]:.2f}%, {row[name][2]:.0f} MB" for name in profilers)
-                + f"  | agent: {metrics.get('bpfprof_processes_seen_total', 0):.0f} processes seen, "
-                  f"{metrics.get('bpfprof_profiles_written_total', 0):.0f} profiles, "
-                  f"{store.requests} pushes ({store.series} series), "
-                  f"{metrics.get('bpfprof_lost_total', 0):.0f} lost, "
-                  f"{metrics.get('bpfprof_symbol_cache_frames', 0):.0f} frames cached", flush=True)
-        agent = profilers["bpfprof agent"]
-        sent = time.monotonic()
-        agent.send_signal(signal.SIGTERM)
-        code = agent.wait(timeout=30)
-        print(f"agent: SIGTERM to exit {time.monotonic() - sent:.2f} s, status {code}; "
-              f"{len(list((tmp / 'profiles').glob('*.pb.gz')))} profile files kept")
+                + f"  | {store.requests} pushes ({store.series} series)", flush=True)
+            for name, port in ports.items():
+                metrics = scrape(port)
+                print(f"         {name}: {metrics.get('bpfprof_processes_seen_total', 0):.0f} processes seen, "
+                      f"{metrics.get('bpfprof_profiles_written_total', 0):.0f} profiles, "
+                      f"{metrics.get('bpfprof_lost_total', 0):.0f} lost, "
+                      f"{metrics.get('bpfprof_symbol_cache_frames', 0):.0f} frames cached", flush=True)
+        for name in ports:
+            sent = time.monotonic()
+            profilers[name].send_signal(signal.SIGTERM)
+            code = profilers[name].wait(timeout=30)
+            print(f"{name}: SIGTERM to exit {time.monotonic() - sent:.2f} s, status {code}")
         stop_all()
     last = rows[-1]
-    ours_cpu, _, ours_rss = last["bpfprof agent"]
-    for other in ("bcc profile", "perf record"):
-        cpu, _, rss = last[other]
-        print(f"bpfprof agent vs {other}: CPU x{ours_cpu / cpu:.2f}, RSS x{ours_rss / rss:.2f}"
-              if cpu and rss else f"bpfprof agent vs {other}: {other} used no measurable CPU")
+    for name in ports:
+        ours_cpu, _, ours_rss = last[name]
+        for other in ("bcc profile", "perf record"):
+            cpu, _, rss = last[other]
+            print(f"{name} vs {other}: CPU x{ours_cpu / cpu:.2f}, RSS x{ours_rss / rss:.2f}"
+                  if cpu and rss else f"{name} vs {other}: {other} used no measurable CPU")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ machine's context switches per second while it ran (from /proc/stat), the profil
 CPU (share of one core), and for bpfprof what it saw and lost; then bpfprof against the
 others as ratios of slowdown.
 
-    sudo .venv/bin/python bench/block_overhead.py [--rounds 3] [--seconds 10]
+    sudo .venv/bin/python bench/block_overhead.py [--rounds 3] [--seconds 10] [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from _proc import cpu_seconds, run_main
+from _proc import add_build_option, bpfprof_builds, cpu_seconds, run_main
 from cpu_overhead import headers_for_bcc_tools
 
 PING_PONG_C = r"""
@@ -101,15 +100,17 @@ int main(int argc, char **argv) {
 WORKS = {"ping-pong": PING_PONG_C, "yield": YIELD_C}
 
 
-def profilers(tmp: Path) -> Dict[str, List[str]]:
-    bpfprof = [sys.executable, "-m", "bpfprof", "record", "-a", "-o", f"{tmp}/out.pb.gz"]
-    return {
-        "bpfprof block": [*bpfprof, "-t", "block"],
-        "bpfprof min 100us": [*bpfprof, "-t", "block", "--min-block", "100"],
-        "bpfprof wall": [*bpfprof, "-t", "wall"],
-        "offcputime": ["offcputime-bpfcc", "-f"],
-        "perf sched_switch": ["perf", "record", "-e", "sched:sched_switch", "-a", "-g", "-q", "-o", f"{tmp}/perf.data"],
-    }
+def profilers(tmp: Path, builds: List[str]) -> Dict[str, List[str]]:
+    commands = {}
+    for build, bpfprof in bpfprof_builds(builds).items():
+        record = [*bpfprof, "record", "-a", "-o", f"{tmp}/out.pb.gz"]
+        commands[f"{build} block"] = [*record, "-t", "block"]
+        commands[f"{build} min 100us"] = [*record, "-t", "block", "--min-block", "100"]
+        commands[f"{build} wall"] = [*record, "-t", "wall"]
+    commands["offcputime"] = ["offcputime-bpfcc", "-f"]
+    commands["perf sched_switch"] = ["perf", "record", "-e", "sched:sched_switch", "-a", "-g", "-q", "-o",
+                                     f"{tmp}/perf.data"]
+    return commands
 
 
 def build(tmp: Path, name: str) -> Path:
@@ -160,12 +161,12 @@ def what_bpfprof_saw(stderr: str) -> str:
     return lost_text
 
 
-def measure(tmp: Path, name: str, rounds: int, seconds: float) -> None:
+def measure(tmp: Path, name: str, rounds: int, seconds: float, builds: List[str]) -> None:
     work = build(tmp, name)
     trips = 200_000
     base_seconds, _ = run_work(work, trips)
     trips = int(trips * seconds / base_seconds)
-    commands = {name: argv for name, argv in profilers(tmp).items() if shutil.which(argv[0])}
+    commands = {name: argv for name, argv in profilers(tmp, builds).items() if shutil.which(argv[0])}
     results: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in ["none", *commands]}
     notes: Dict[str, str] = {}
     for r in range(rounds):
@@ -189,16 +190,16 @@ def measure(tmp: Path, name: str, rounds: int, seconds: float) -> None:
     base_rate = statistics.median(r[1] for r in results["none"])
     print(f"\n{name}: {os.cpu_count()} CPUs, {trips} rounds per thread, {base:.2f} s median and "
           f"{base_rate / 1e3:.0f}k context switches/s without a profiler, {rounds} rounds")
-    print(f"{'profiler':<18} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9}")
+    print(f"{'profiler':<26} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9}")
     slowdowns = {}
     for profiler in commands:
         runs = results[profiler]
         if not runs:
-            print(f"{profiler:<18} {notes.get(profiler, 'no runs')}")
+            print(f"{profiler:<26} {notes.get(profiler, 'no runs')}")
             continue
         median = statistics.median(r[0] for r in runs)
         slowdowns[profiler] = median / base - 1
-        print(f"{profiler:<18} {median:7.2f} {100 * slowdowns[profiler]:8.1f}% "
+        print(f"{profiler:<26} {median:7.2f} {100 * slowdowns[profiler]:8.1f}% "
               f"{statistics.median(r[1] for r in runs) / 1e3:10.0f}k {100 * statistics.median(r[2] for r in runs):8.1f}%"
               + (f"   {notes[profiler]}" if profiler in notes else ""))
     for ours in ("bpfprof block", "bpfprof wall"):
@@ -212,10 +213,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10, help="length of each work without a profiler")
     parser.add_argument("--work", choices=sorted(WORKS), action="append", help="only this work (repeatable)")
+    add_build_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
         for name in args.work or list(WORKS):
-            measure(Path(d), name, args.rounds, args.seconds)
+            measure(Path(d), name, args.rounds, args.seconds, args.build)
 
 if __name__ == "__main__":
     run_main(main, "block_overhead")

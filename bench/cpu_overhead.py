@@ -5,7 +5,7 @@ each profiler in turn, the order rotated per round; reported are each profiler's
 slowdown of that work, and bpfprof's own CPU (steady state, after start-up) and peak RSS.
 Also: time from `bpfprof record` start to the moment sampling runs (compile included).
 
-    sudo .venv/bin/python bench/cpu_overhead.py [--rounds 3] [--seconds 20]
+    sudo .venv/bin/python bench/cpu_overhead.py [--rounds 3] [--seconds 20] [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Dict, List
 
-from _proc import cpu_seconds, memory_mb
+from _proc import add_build_option, bpfprof_builds, cpu_seconds, memory_mb, run_main
 
 HERE = Path(__file__).parent
 
@@ -60,26 +61,26 @@ def run_work(work: Path, n: int) -> float:
     return time.monotonic() - started
 
 
+def profilers(builds: List[str]) -> Dict[str, Callable[[Path], List[str]]]:
+    """Each profiler's command, given a directory for its output."""
+    commands: Dict[str, Callable[[Path], List[str]]] = {
+        name: lambda out, bpfprof=bpfprof: [*bpfprof, "record", "-a", "-F", "99", "-o", f"{out}/b.pb.gz"]
+        for name, bpfprof in bpfprof_builds(builds).items()
+    }
+    commands["perf"] = lambda out: ["perf", "record", "-a", "-g", "-F", "99", "-q", "-o", f"{out}/perf.data"]
+    commands["bcc-profile"] = lambda out: ["profile-bpfcc", "-F", "99", "-f"]
+    return commands
 
 
-
-
-PROFILERS = {
-    "bpfprof": lambda out: [sys.executable, "-m", "bpfprof", "record", "-a", "-F", "99", "-o", f"{out}/b.pb.gz"],
-    "perf": lambda out: ["perf", "record", "-a", "-g", "-F", "99", "-q", "-o", f"{out}/perf.data"],
-    "bcc-profile": lambda out: ["profile-bpfcc", "-F", "99", "-f"],
-}
-
-
-def under_profiler(name: str, work: Path, n: int, tmp: Path):
+def under_profiler(name: str, argv: List[str], work: Path, n: int):
     """(work seconds, profiler CPU as a fraction of one core, RSS MB while sampling, peak RSS MB)."""
     # SIGINT stops every profiler, even when this benchmark runs in the background,
     # where the shell started it with SIGINT ignored.
-    profiler = subprocess.Popen(PROFILERS[name](tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(4)  # compiled, attached, first drain done
     if profiler.poll() is not None:
-        raise SystemExit(f"{name} exited at start: {' '.join(PROFILERS[name](tmp))}")
+        raise SystemExit(f"{name} exited at start: {' '.join(argv)}")
     cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
     seconds = run_work(work, n)
     cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
@@ -113,11 +114,11 @@ def headers_for_bcc_tools():
         shutil.rmtree(modules)
 
 
-def time_to_first_sample(tmp: Path) -> float:
+def time_to_first_sample(bpfprof: List[str], tmp: Path) -> float:
     """From starting `record` to its command running, which happens once sampling is on."""
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "bpfprof", "record", "-o", f"{tmp}/start.folded", "--",
+        [*bpfprof, "record", "-o", f"{tmp}/start.folded", "--",
          sys.executable, "-c", "import time; print(time.monotonic())"],
         capture_output=True, text=True, check=True,
     )
@@ -128,8 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20, help="length of the work without a profiler")
+    add_build_option(parser)
     args = parser.parse_args()
-    names = [n for n in PROFILERS if shutil.which(PROFILERS[n](".")[0])]
+    commands = profilers(args.build)
+    names = [n for n in commands if shutil.which(commands[n](Path("."))[0])]
 
     with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
         tmp = Path(d)
@@ -143,21 +146,22 @@ def main() -> None:
                 if name == "none":
                     results[name].append((run_work(work, n), 0.0, 0.0, 0.0))
                 else:
-                    results[name].append(under_profiler(name, work, n, tmp))
+                    results[name].append(under_profiler(name, commands[name](tmp), work, n))
 
         base = statistics.median(r[0] for r in results["none"])
         print(f"work: {os.cpu_count()} copies, {base:.2f} s median without a profiler, {args.rounds} rounds")
-        print(f"{'profiler':<12} {'slowdown':>9} {'CPU/core':>9} {'RSS':>9} {'peak RSS':>9}")
+        print(f"{'profiler':<16} {'slowdown':>9} {'CPU/core':>9} {'RSS':>9} {'peak RSS':>9}")
         for name in names:
             slow = statistics.median(r[0] for r in results[name]) / base - 1
             cpu = statistics.median(r[1] for r in results[name])
             steady = max(r[2] for r in results[name])
             peak = max(r[3] for r in results[name])
-            print(f"{name:<12} {100 * slow:8.2f}% {100 * cpu:8.2f}% {steady:7.1f}MB {peak:7.1f}MB")
-        starts = [time_to_first_sample(tmp) for _ in range(3)]
-        print(f"bpfprof start to first sample: median {statistics.median(starts):.2f} s "
-              f"(min {min(starts):.2f}, max {max(starts):.2f})")
+            print(f"{name:<16} {100 * slow:8.2f}% {100 * cpu:8.2f}% {steady:7.1f}MB {peak:7.1f}MB")
+        for name, bpfprof in bpfprof_builds(args.build).items():
+            starts = [time_to_first_sample(bpfprof, tmp) for _ in range(3)]
+            print(f"{name} start to first sample: median {statistics.median(starts):.2f} s "
+                  f"(min {min(starts):.2f}, max {max(starts):.2f})")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "cpu_overhead")

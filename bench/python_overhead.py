@@ -20,6 +20,7 @@ the work ended and its peak RSS, and the samples per second it wrote inside the 
 bpfprof against each py-spy mode as ratios.
 
     sudo .venv/bin/python bench/python_overhead.py [--rounds 3] [--seconds 15] [--python /path/to/python3]
+                                                  [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from _proc import check_tools, cpu_seconds, memory_mb, run_main, running, start
+from _proc import add_build_option, bpfprof_builds, check_tools, cpu_seconds, memory_mb, run_main, running, start
 
 DEFAULT_PYTHON = "/root/.pyenv/versions/3.12.1/bin/python3"
 RATE = 99
@@ -116,14 +117,15 @@ def settle(profiler: subprocess.Popen, name: str, limit: float = 30) -> None:
             return
 
 
-def profiler_commands(py_spy: str) -> Dict[str, Callable[[int, str], List[str]]]:
-    bpfprof = [sys.executable, "-m", "bpfprof", "record", "-F", str(RATE)]
-    py_spy_record = [py_spy, "record", "--rate", str(RATE), "--format", "raw"]
-    return {
-        "bpfprof": lambda pid, out: [*bpfprof, "-p", str(pid), "-o", out],
-        "py-spy": lambda pid, out: [*py_spy_record, "--pid", str(pid), "-o", out],
-        "py-spy --nonblocking": lambda pid, out: [*py_spy_record, "--nonblocking", "--pid", str(pid), "-o", out],
+def profiler_commands(py_spy: str, builds: List[str]) -> Dict[str, Callable[[int, str], List[str]]]:
+    commands: Dict[str, Callable[[int, str], List[str]]] = {
+        name: lambda pid, out, bpfprof=bpfprof: [*bpfprof, "record", "-F", str(RATE), "-p", str(pid), "-o", out]
+        for name, bpfprof in bpfprof_builds(builds).items()
     }
+    py_spy_record = [py_spy, "record", "--rate", str(RATE), "--format", "raw"]
+    commands["py-spy"] = lambda pid, out: [*py_spy_record, "--pid", str(pid), "-o", out]
+    commands["py-spy --nonblocking"] = lambda pid, out: [*py_spy_record, "--nonblocking", "--pid", str(pid), "-o", out]
+    return commands
 
 
 def run_job(python: str, job: Path, rounds: int, name: str, commands, tmp: Path) -> Run:
@@ -188,9 +190,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15, help="length of the work without a profiler")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="the CPython that runs the job")
+    add_build_option(parser)
     args = parser.parse_args()
 
-    commands = profiler_commands(check_tools(args.python))
+    commands = profiler_commands(check_tools(args.python), args.build)
 
     with tempfile.TemporaryDirectory(prefix="bpfprof-overhead-") as d:
         tmp = Path(d)

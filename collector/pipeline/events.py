@@ -2,8 +2,9 @@
 
 A process that lives 30 ms is gone before a busy drain ends, so the sampler's ring
 buffers are polled on a separate thread, which reads the process's /proc files as each
-event arrives, and for CPython the names of new threads and the code objects of new
-stacks, and starts walking a new CPython process (or stops, at its exec). The recorder
+event arrives, and lets each kind of interpreter recognise a new process (or drop one at
+its exec) and read what must be read while it runs: the names of new threads, the code
+objects of new stacks. The recorder
 applies the events, in order, on its own thread.
 """
 
@@ -12,14 +13,14 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.table import ProcFiles, read_proc_files
-from bpfprof.collector.processes.python import PythonProcesses
 from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
 
 # The ring buffers wake the thread as each event comes, so the poll's timeout only sets
-# how often a CPython process with new threads is scanned for their names, and how soon
+# how often interpreters with work pending (new threads to name) get to it, and how soon
 # stop() is answered. Every wake-up costs: about 0.1 ms of CPU on a cloud VM.
 _SCAN_POLL_MS = 50
 _IDLE_POLL_MS = 250
@@ -36,9 +37,9 @@ class EventReader:
     """Start the sampler with `on_event` as its callback, then start() this; take()
     returns what arrived, each event with the /proc files read when it came."""
 
-    def __init__(self, sampler: Sampler, python: Optional[PythonProcesses] = None) -> None:
+    def __init__(self, sampler: Sampler, interpreters: Sequence[InterpreterProcesses] = ()) -> None:
         self._sampler = sampler
-        self._python = python
+        self._interpreters = interpreters
         # A SimpleQueue: wake() puts to it from a signal handler.
         self._arrived: "queue.SimpleQueue[Optional[Arrival]]" = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -46,15 +47,20 @@ class EventReader:
 
     def on_event(self, event: ProcessEvent) -> None:
         if event.kind == "PYTHON_THREAD":
-            if self._python:
-                self._python.on_python_thread(event.pid)
+            for interpreters in self._interpreters:
+                interpreters.on_thread_found(event.pid)
             return
         early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
-        if self._python and event.kind == "PROCESS_EXEC":
-            self._python.on_exec(event.pid)
-        elif self._python and early is not None:
-            self._python.on_first_read(event.pid, early)
+        for interpreters in self._interpreters:
+            if event.kind == "PROCESS_EXEC":
+                interpreters.on_exec(event.pid)
+            elif early is not None:
+                interpreters.on_first_read(event.pid, early)
         self._arrived.put((event, early))
+
+    def on_stack(self, pid: int, frames: Sequence) -> None:
+        for interpreters in self._interpreters:
+            interpreters.on_stack(pid, frames)
 
     def start(self) -> None:
         # A drain keeps the recorder's thread busy for up to a second; let this thread
@@ -65,12 +71,13 @@ class EventReader:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._poll(_SCAN_POLL_MS if self._python and self._python.scans_pending() else _IDLE_POLL_MS)
+            busy = any(interpreters.has_work() for interpreters in self._interpreters)
+            self._poll(_SCAN_POLL_MS if busy else _IDLE_POLL_MS)
 
     def _poll(self, timeout_ms: int) -> None:
         self._sampler.poll(timeout_ms)
-        if self._python:
-            self._python.scan_new_threads()
+        for interpreters in self._interpreters:
+            interpreters.work()
 
     def take(self, timeout: float) -> List[Arrival]:
         """What arrived so far, waiting up to timeout seconds for the first (or a wake())."""

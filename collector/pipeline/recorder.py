@@ -13,6 +13,7 @@ from bpfprof.collector.pipeline.events import Arrival, EventReader
 from bpfprof.collector.pipeline.stacks import StackResolver
 from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
 from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
+from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.processes.table import ProcFiles, ProcessTable
 from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
@@ -86,14 +87,17 @@ class Recorder:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
-        self._python = PythonProcesses(self._sampler, self._native, warn) if config.python else None
-        self._events = EventReader(self._sampler, self._python)
+        # Each kind of interpreter the BPF side walks.
+        self._interpreters: List[InterpreterProcesses] = []
+        if config.python:
+            self._interpreters.append(PythonProcesses(self._sampler, self._native, warn))
+        self._events = EventReader(self._sampler, self._interpreters)
         self._unwinding = NativeUnwinding(self._sampler, self._native) if config.native_unwind else None
-        told = [told.on_snapshot for told in (self._python, self._unwinding) if told is not None]
+        told = [told.on_snapshot for told in (*self._interpreters, self._unwinding) if told is not None]
         self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again)
         self._events_due = 0.0
         self._kernel = KernelSymbols()
-        self._resolver = StackResolver(self._processes, self._native, self._kernel, self._python,
+        self._resolver = StackResolver(self._processes, self._native, self._kernel, self._interpreters,
                                        between_frames=self._take_events_when_due)
         self._live_targets = set(config.pids)
         self._stop = False
@@ -134,7 +138,7 @@ class Recorder:
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
             self._processes.snapshot(event.pid, event.comm, early)
-        elif event.kind == "PROCESS_EXEC":  # the event thread told PythonProcesses
+        elif event.kind == "PROCESS_EXEC":  # the event thread told the interpreters
             if self._unwinding:
                 self._unwinding.forget(event.pid)
             self._processes.on_exec(event.pid)
@@ -154,7 +158,7 @@ class Recorder:
     def _drain(self) -> None:
         self._apply(self._events.take(0))  # snapshots first, so every sample finds its process
         exited = self._processes.exited()
-        ended_threads = self._python.ended_threads() if self._python else {}
+        ended_threads = [interpreters.ended_threads() for interpreters in self._interpreters]
         self._events_due = time.monotonic() + EVENTS_IN_DRAIN_S
         drained = self._sampler.drain()
         self._processes.on_code_mapped(drained.code_mapped)
@@ -171,8 +175,8 @@ class Recorder:
                     if kind in self.profiles:
                         self.profiles[kind].add(stack, labels, values)
                 self._take_events_when_due()
-        if self._python:
-            self._python.drop_names(ended_threads)
+        for interpreters, ended in zip(self._interpreters, ended_threads):
+            interpreters.drop_names(ended)
         for pid in self._processes.end_drain(exited):
             self._resolver.forget(pid)
         self._native.drop_inflated()
@@ -197,7 +201,7 @@ class Recorder:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         child = None
         try:
-            self._sampler.start(self._events.on_event, self._python.on_python_stack if self._python else None)
+            self._sampler.start(self._events.on_event, self._events.on_stack)
             self._events.start()
             if self.config.kernel_stacks:
                 self._kernel.load_in_background()
@@ -242,8 +246,8 @@ class Recorder:
                 self._unwinding.close()
             self._sampler.close()
             self._native.close()
-            if self._python:
-                self._python.close()
+            for interpreters in self._interpreters:
+                interpreters.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         end_ns = time.time_ns()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from bpfprof.collector.probe.sampler import RawSample
-from bpfprof.collector.processes.python import PythonProcesses
+from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.table import ProcessTable
 from bpfprof.collector.profile import Labels
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module, Stack
+from bpfprof.symbolizer.interpreters import InterpreterProcess
 from bpfprof.symbolizer.interpreters.merge import merge
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
@@ -23,21 +24,28 @@ def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
 
 class StackResolver:
     def __init__(self, processes: ProcessTable, native: NativeSymbolizer, kernel: KernelSymbols,
-                 python: Optional[PythonProcesses] = None, between_frames: Callable[[], None] = lambda: None):
+                 interpreters: Sequence[InterpreterProcesses] = (), between_frames: Callable[[], None] = lambda: None):
         self._between_frames = between_frames  # called before each user frame is named
         self._processes = processes
         self._native = native
         self._kernel = kernel
-        self._python = python
+        self._interpreters = interpreters
 
     def forget(self, pid: int) -> None:
         """The process is gone and its last samples are in."""
-        if self._python is not None:
-            self._python.forget(pid)
+        for interpreters in self._interpreters:
+            interpreters.forget(pid)
+
+    def _interpreter(self, pid: int) -> Optional[InterpreterProcess]:
+        for interpreters in self._interpreters:
+            found = interpreters.get(pid)
+            if found is not None:
+                return found
+        return None
 
     def resolve(self, sample: RawSample) -> Tuple[Stack, Labels]:
         process = self._processes.get(sample.pid, sample.thread_name)
-        interpreter = self._python.get(sample.pid) if self._python else None
+        interpreter = self._interpreter(sample.pid)
         frames: List[Frame] = [self._kernel.get_frame(a) for a in _lookup_addresses(sample.kernel_stack)]
         if sample.user_stack and not process.readable:
             name = f"[{process.comm or sample.pid}: process exited before it could be read]"

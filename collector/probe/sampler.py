@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from bpfprof.bpf import BPF_DIR, PROGRAM, define, enum_names
+from bpfprof.bpf import BPF_DIR, BUFFERED_MAPS, PROGRAM, define, enum_names
 from bpfprof.collector.errors import SetupError
 from bpfprof.collector.probe.kernel_headers import KernelHeaders
 from bpfprof.symbolizer.interpreters.python.threads import FRAME_ENTRY, FRAME_SHIM
@@ -38,7 +38,7 @@ UNWIND_ROWS_SEARCHED = 1 << define("UNWIND_ROW_SEARCH")  # a binary's rows a bin
 _FNV_OFFSET, _FNV_PRIME = define("FNV_OFFSET"), define("FNV_PRIME")  # stack keys, as BPF makes them
 
 
-# Sizes of the unwinder's map entries (profile.h), for `check` before anything is loaded.
+# Sizes of the unwinder's map entries (common.h), for `check` before anything is loaded.
 _UNWIND_ROW_SIZE = 8  # u64
 _UNWIND_MAPPING_SIZE = 32  # struct unwind_mapping: three u64 and two u32
 _NATIVE_STACK_SIZE = 8 + 8 * NATIVE_STACK_DEPTH  # struct native_stack
@@ -142,32 +142,30 @@ class SamplerConfig:
                 + stack_maps * self.native_stack_entries() * _NATIVE_STACK_SIZE)
 
     def cflags(self) -> List[str]:
-        return [
-            f"-DCOUNTS_ENTRIES={self.map_size}",
-            f"-DSTACK_ENTRIES={self.stack_storage_size}",
-            f"-DTARGET_ENTRIES={self.target_entries}",
-            f"-DSEEN_ENTRIES={self.target_entries}",
-            f"-DEVENT_PAGES={self.event_pages}",
-            f"-DFILTER_PIDS={int(bool(self.pids) or self.follow_children)}",
-            f"-DFOLLOW_CHILDREN={int(self.follow_children)}",
-            f"-DKERNEL_STACKS={int(self.kernel_stacks)}",
-            f"-DPYTHON_STACKS={int(self.python)}",
-            f"-DPYTHON_PROCESSES={self.python_processes}",
-            f"-DPYTHON_THREADS={self.target_entries}",
-            f"-DPYTHON_EVENT_PAGES={self.python_event_pages}",
-            f"-DOFFCPU={int(self.block or self.wall)}",
-            f"-DOFFCPU_BLOCK={int(self.block)}",
-            f"-DOFFCPU_WALL={int(self.wall)}",
-            f"-DMIN_BLOCK_NS={self.min_block_ns}",
-            f"-DOFFCPU_THREADS={self.target_entries}",
+        """The settings common.bpf.c lists, as -D flags."""
+        settings = {
+            "FILTER_PIDS": bool(self.pids) or self.follow_children,
+            "FOLLOW_CHILDREN": self.follow_children,
+            "KERNEL_STACKS": self.kernel_stacks,
+            "PYTHON_STACKS": self.python,
+            "OFFCPU_BLOCK": self.block,
+            "OFFCPU_WALL": self.wall,
+            "NATIVE_UNWIND": self.native_unwind,
+            "SAMPLE_ENTRIES": self.map_size,
+            "STACK_ENTRIES": self.stack_storage_size,
+            "THREAD_ENTRIES": self.target_entries,
+            "EVENT_PAGES": self.event_pages,
+            "PYTHON_PROCESSES": self.python_processes,
             # A Python stack takes 2 KiB of kernel memory per entry, twice (double buffering).
-            f"-DPYTHON_STACK_ENTRIES={max(64, self.stack_storage_size // 8)}",
-            f"-DNATIVE_UNWIND={int(self.native_unwind)}",
-            f"-DUNWIND_ROWS={self.unwind_rows}",
-            f"-DUNWIND_MAPPINGS={self.unwind_mappings}",
-            f"-DNATIVE_STACK_ENTRIES={self.native_stack_entries()}",
-            f"-DUNWIND_FRAMES_PER_PROGRAM={self.unwind_frames_per_program}",
-        ]
+            "PYTHON_STACK_ENTRIES": max(64, self.stack_storage_size // 8),
+            "PYTHON_EVENT_PAGES": self.python_event_pages,
+            "UNWIND_ROWS": self.unwind_rows,
+            "UNWIND_MAPPINGS": self.unwind_mappings,
+            "NATIVE_STACK_ENTRIES": self.native_stack_entries(),
+            "MIN_BLOCK_NS": self.min_block_ns,
+            "UNWIND_FRAMES_PER_PROGRAM": self.unwind_frames_per_program,
+        }
+        return [f"-D{name}={int(value)}" for name, value in settings.items()]
 
 
 @dataclass(frozen=True)
@@ -223,7 +221,7 @@ def _write_array(table, first: int, data: bytes) -> None:
 @functools.lru_cache(maxsize=None)
 def _unpacker(ctype) -> struct.Struct:
     """Reads the C struct behind a ctypes structure of plain fields (as bcc makes them
-    from profile.h) straight from its bytes, many times faster than its fields."""
+    from common.h) straight from its bytes, many times faster than its fields."""
     layout = struct.Struct("@" + "".join(field_type._type_ for _, field_type in ctype._fields_))
     if layout.size != ctypes.sizeof(ctype):
         raise RuntimeError(f"{ctype.__name__} is not a struct of plain fields")
@@ -244,6 +242,16 @@ def _python_frames(stack) -> Tuple[RawPythonFrame, ...]:
         else:
             frames.append(RawPythonFrame(code, instr, check, bool(flags & FRAME_ENTRY)))
     return tuple(frames)
+
+
+def python_stack_key(frames: Sequence[Tuple[int, int, int, int]]) -> int:
+    """The key BPF stores a Python stack under: FNV-1a over each frame's code and instr
+    (frames as struct python_frame holds them, leaf first)."""
+    key = _FNV_OFFSET
+    for code, instr, _, _ in frames:
+        key = ((key ^ code) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+        key = ((key ^ (instr & 0xFFFFFFFF)) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return key | 1
 
 
 def _text(raw: bytes) -> str:
@@ -276,6 +284,10 @@ class Sampler:
             self._bpf = BPF(text=PROGRAM, cflags=cflags)
         except Exception as e:  # bcc raises bare Exception for compile and load failures
             raise SetupError(f"cannot load the BPF program ({e}); kernel headers: {self.headers.description}") from e
+        for pair in BUFFERED_MAPS:
+            outer = self._bpf[pair]
+            for buffer in (0, 1):
+                outer[ctypes.c_int(buffer)] = ctypes.c_int(self._bpf[f"{pair}_{buffer}"].map_fd)
         if self.config.native_unwind:
             self._load_unwinders(BPF)
         _release_compiler_memory()
@@ -513,12 +525,9 @@ class Sampler:
         stack = stacks.Leaf()
         stack.depth = min(len(frames), len(stack.frames))
         stack.truncated = len(frames) > stack.depth
-        stack_hash = _FNV_OFFSET
         for slot, (code, instr, check, flags) in zip(stack.frames, frames):
             slot.code, slot.instr, slot.check, slot.flags = code, instr, check, flags
-            stack_hash = ((stack_hash ^ code) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
-            stack_hash = ((stack_hash ^ (instr & 0xFFFFFFFF)) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
-        key = stacks.Key(stack_hash | 1)
+        key = stacks.Key(python_stack_key(frames[:stack.depth]))
         if lib.bpf_update_elem(stacks.map_fd, ctypes.byref(key), ctypes.byref(stack), 0) != 0:
             return  # the map is full: the thread's time counts without Python frames
         late = self._bpf["offcpu_late_python"]
@@ -533,12 +542,12 @@ class Sampler:
         table[table.Key(pid)] = leaf
 
     def losses(self) -> Dict[str, int]:
-        """Cumulative losses per reason (LOSS_* names from profile.h)."""
+        """Cumulative losses per reason (LOSS_* names from common.h)."""
         table = self._bpf["losses"]
         return {name: sum(table[table.Key(i)]) for name, i in LOSS_REASONS.items()}
 
     def offcpu_stats(self) -> Dict[str, int]:
-        """Off-CPU switches so far per kind (OFFCPU_* names from profile.h)."""
+        """Off-CPU switches so far per kind (OFFCPU_* names from common.h)."""
         if not (self.config.block or self.config.wall):
             return {}
         table = self._bpf["offcpu_stats"]

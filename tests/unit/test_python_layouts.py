@@ -1,8 +1,10 @@
 """The CPython layout table checked against the headers of each CPython that pyenv has
 installed: a small C program per version prints offsetof()/sizeof() for every field of
-PythonLayout, and the table must agree. For 3.13+ the offsets come from `_Py_DebugOffsets`
-instead, so its test reads the start of `_PyRuntime` out of the installed libpython and
-compares what `parse_debug_offsets` makes of it with the same header measurements.
+PythonLayout and of its ObjectLayout, and the tables must agree. For 3.13+ the offsets
+come from `_Py_DebugOffsets` instead (and, for ObjectLayout, from the members it does not
+carry in OBJECT_LAYOUTS), so its test reads the start of `_PyRuntime` out of the installed
+libpython and compares what `parse_debug_offsets` makes of it with the same header
+measurements.
 Where no 3.14 is installed, a `_PyRuntime` prefix written out here member by member
 (with the values of a real 3.14.10 build) stands in for it."""
 
@@ -13,7 +15,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from conftest import pyenv_python, skip_or_fail
@@ -23,6 +25,8 @@ from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     LAYOUTS,
+    OBJECT_LAYOUTS,
+    ObjectLayout,
     PythonLayout,
     _DEBUG_OFFSETS_LAYOUTS,
     layout_for,
@@ -31,7 +35,10 @@ from bpfprof.symbolizer.interpreters.python.layouts import (
 
 TABLE_MINORS = (8, 9, 10, 11, 12)
 DEBUG_OFFSETS_MINORS = (13,)  # 3.14 has no installed headers here: its synthetic test is below
-LAYOUT_FIELDS = [f.name for f in dataclasses.fields(PythonLayout) if f.name != "version"]
+LAYOUT_FIELDS = [f.name for f in dataclasses.fields(PythonLayout) if f.name not in ("version", "objects")]
+# ObjectLayout's offsets; instance_dict and long_tagged, no numbers, are checked by the
+# live processes of test_python_thread_names.py.
+OBJECT_FIELDS = [f.name for f in dataclasses.fields(ObjectLayout) if f.name not in ("instance_dict", "long_tagged")]
 PT_LOAD = "PT_LOAD"
 
 
@@ -67,6 +74,7 @@ def c_expressions(minor: int) -> Dict[str, Optional[str]]:
         "runtime_interpreters_head": off("_PyRuntimeState", "interpreters.head"),
         "interp_next": off("PyInterpreterState", "next"),
         "interp_threads_head": off("PyInterpreterState", "tstate_head" if old_frames else "threads.head"),
+        "interp_modules": off("PyInterpreterState", "modules" if minor <= 11 else "imports.modules"),
         "tstate_next": off("PyThreadState", "next"),
         "tstate_interp": off("PyThreadState", "interp"),
         "tstate_thread_id": off("PyThreadState", "thread_id"),
@@ -93,22 +101,68 @@ def c_expressions(minor: int) -> Dict[str, Optional[str]]:
     }
 
 
+def object_c_expressions(minor: int) -> Dict[str, Optional[str]]:
+    """For each ObjectLayout offset, the C expression that measures it on 3.<minor>, or
+    None where the field does not exist or no installed header has it (3.8-3.10 dict
+    keys, 3.8/3.9 module objects: those the live processes of test_python_thread_names.py
+    check)."""
+    new_dicts = minor >= 11
+    obj = "((PyObject *)&an_object)"
+    managed_dict = {
+        11: f"(char *)_PyObject_ManagedDictPointer({obj}) - (char *){obj}",
+        12: f"(char *)_PyObject_DictOrValuesPointer({obj}) - (char *){obj}",
+        13: "MANAGED_DICT_OFFSET",
+    }
+    managed_values = {
+        11: f"(char *)_PyObject_ValuesPointer({obj}) - (char *){obj}",
+        13: f"(char *)_PyObject_InlineValues({obj}) - (char *){obj}",
+    }
+    return {
+        "object_type": "offsetof(PyObject, ob_type)",
+        "module_dict": "offsetof(PyModuleObject, md_dict)" if minor >= 10 else None,
+        "type_flags": "offsetof(PyTypeObject, tp_flags)",
+        "type_dictoffset": "offsetof(PyTypeObject, tp_dictoffset)",
+        "heaptype_cached_keys": "offsetof(PyHeapTypeObject, ht_cached_keys)",
+        "dict_keys": "offsetof(PyDictObject, ma_keys)",
+        "dict_values": "offsetof(PyDictObject, ma_values)",
+        "keys_size": "offsetof(PyDictKeysObject, dk_log2_size)" if new_dicts else None,
+        "keys_log2_index_bytes": "offsetof(PyDictKeysObject, dk_log2_index_bytes)" if new_dicts else None,
+        "keys_kind": "offsetof(PyDictKeysObject, dk_kind)" if new_dicts else None,
+        "keys_nentries": "offsetof(PyDictKeysObject, dk_nentries)" if new_dicts else None,
+        "keys_indices": "offsetof(PyDictKeysObject, dk_indices)" if new_dicts else None,
+        "values_items": "offsetof(PyDictValues, values)" if new_dicts else None,
+        "values_capacity": "offsetof(PyDictValues, capacity)" if minor >= 13 else None,
+        "values_valid": "offsetof(PyDictValues, valid)" if minor >= 13 else None,
+        "managed_dict": managed_dict.get(minor),
+        "managed_values": managed_values.get(minor),
+        "long_size": ("offsetof(PyLongObject, long_value.lv_tag)" if minor >= 12 else
+                      "offsetof(PyVarObject, ob_size)"),
+        "long_digits": ("offsetof(PyLongObject, long_value.ob_digit)" if minor >= 12 else
+                        "offsetof(PyLongObject, ob_digit)"),
+    }
+
+
 def internal_headers(minor: int) -> List[str]:
     if minor == 8:
         return ["internal/pycore_pystate.h"]   # _PyRuntimeState and PyInterpreterState
     headers = ["internal/pycore_runtime.h", "internal/pycore_interp.h"]
+    if minor >= 10:
+        headers.append("internal/pycore_moduleobject.h")
     if minor >= 11:
-        headers.append("internal/pycore_frame.h")
+        headers += ["internal/pycore_frame.h", "internal/pycore_dict.h", "internal/pycore_object.h"]
     return headers
 
 
 def c_program(minor: int) -> str:
     lines = ["#define Py_BUILD_CORE 1", "#include <Python.h>"]
     if minor <= 10:                            # 3.8's Python.h leaves out code.h
-        lines += ["#include <code.h>", "#include <frameobject.h>"]
+        lines += ["#include <code.h>", "#include <frameobject.h>", "#include <longintrepr.h>"]
     lines += [f'#include "{header}"' for header in internal_headers(minor)]
-    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "int main(void) {"]
+    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "static PyObject an_object;", "",
+              "int main(void) {"]
     measures = {name: expr for name, expr in c_expressions(minor).items() if expr is not None}
+    measures.update({f"objects.{name}": expr for name, expr in object_c_expressions(minor).items()
+                     if expr is not None})
     if minor >= 13:
         measures["sizeof_debug_offsets"] = "sizeof(_Py_DebugOffsets)"
     for name, expr in measures.items():
@@ -120,7 +174,8 @@ def c_program(minor: int) -> str:
 @pytest.fixture(scope="module")
 def measure(tmp_path_factory):
     """measure(minor) -> {field: value} from 3.<minor>'s own headers, -1 where the field
-    does not exist; compiled and run once per version."""
+    does not exist; ObjectLayout's as "objects.field", only those the headers have;
+    compiled and run once per version."""
     cache: Dict[int, Dict[str, int]] = {}
 
     def run(minor: int) -> Dict[str, int]:
@@ -133,8 +188,9 @@ def measure(tmp_path_factory):
         work = tmp_path_factory.mktemp(f"layout3{minor}")
         source, binary = work / "layout.c", work / "layout"
         source.write_text(c_program(minor))
-        compile_cmd = ["gcc", "-w", "-o", str(binary), "-I", str(include), "-I", str(include / "internal"),
-                       str(source)]
+        # NDEBUG: the inline helpers of object_c_expressions assert on the object's type otherwise.
+        compile_cmd = ["gcc", "-w", "-DNDEBUG", "-o", str(binary), "-I", str(include),
+                       "-I", str(include / "internal"), str(source)]
         result = subprocess.run(compile_cmd, capture_output=True, text=True)
         assert result.returncode == 0, f"compiling against 3.{minor} headers failed:\n{result.stderr}"
         output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
@@ -192,14 +248,20 @@ def runtime_bytes(prefix: Path, minor: int) -> bytes:
 # The tests
 
 
+def mismatches(layout: PythonLayout, measured: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
+    """(layout's, headers') of each field where the two differ."""
+    values = {name: getattr(layout, name) for name in LAYOUT_FIELDS}
+    values.update({f"objects.{name}": getattr(layout.objects, name) for name in OBJECT_FIELDS})
+    return {name: (values[name], value) for name, value in measured.items()
+            if name in values and values[name] != value}
+
+
 @pytest.mark.parametrize("minor", TABLE_MINORS, ids=[f"3.{m}" for m in TABLE_MINORS])
 def test_table_matches_headers(minor, measure):
     layout = LAYOUTS[(3, minor)]
     assert layout.version == (3, minor)
-    measured = measure(minor)
-    table = {name: getattr(layout, name) for name in LAYOUT_FIELDS}
-    mismatches = {name: (table[name], measured[name]) for name in LAYOUT_FIELDS if table[name] != measured[name]}
-    assert not mismatches, f"3.{minor} (table, headers): {mismatches}"
+    found = mismatches(layout, measure(minor))
+    assert not found, f"3.{minor} (table, headers): {found}"
 
 
 @pytest.mark.parametrize("minor", DEBUG_OFFSETS_MINORS, ids=[f"3.{m}" for m in DEBUG_OFFSETS_MINORS])
@@ -209,22 +271,24 @@ def test_debug_offsets_match_headers(minor, measure):
     data = runtime_bytes(installed_version(minor), minor)
     layout = parse_debug_offsets(data)
     assert layout.version == (3, minor)
-    parsed = {name: getattr(layout, name) for name in LAYOUT_FIELDS}
-    mismatches = {name: (parsed[name], measured[name]) for name in LAYOUT_FIELDS if parsed[name] != measured[name]}
-    assert not mismatches, f"3.{minor} (debug offsets, headers): {mismatches}"
+    found = mismatches(layout, measured)
+    assert not found, f"3.{minor} (debug offsets and object table, headers): {found}"
 
 
 def test_every_field_is_measured():
     for minor in TABLE_MINORS + DEBUG_OFFSETS_MINORS:
         assert set(c_expressions(minor)) == set(LAYOUT_FIELDS)
+        assert set(object_c_expressions(minor)) == set(OBJECT_FIELDS)
 
 
 def test_table_versions():
     assert sorted(LAYOUTS) == [(3, m) for m in TABLE_MINORS]
     for minor in TABLE_MINORS:
         assert layout_for((3, minor)) is LAYOUTS[(3, minor)]
+        assert LAYOUTS[(3, minor)].objects is OBJECT_LAYOUTS[(3, minor)]
     for version in ((2, 7), (3, 7), (3, 13), (3, 14), (4, 0)):
         assert layout_for(version) is None
+    assert sorted(OBJECT_LAYOUTS) == [(3, m) for m in TABLE_MINORS + DEBUG_OFFSETS_MINORS]
 
 
 def fake_debug_offsets(version_hex: int, cookie: bytes = DEBUG_OFFSETS_COOKIE) -> bytes:
@@ -302,7 +366,7 @@ SIZEOF_DEBUG_OFFSETS_3_14 = 760   # sizeof(_Py_DebugOffsets) compiled against 3.
 LAYOUT_3_14_10 = PythonLayout(
     version=(3, 14),
     runtime_interpreters_head=808,
-    interp_next=7272, interp_threads_head=7344,
+    interp_next=7272, interp_threads_head=7344, interp_modules=7688,
     tstate_next=8, tstate_interp=16, tstate_thread_id=152, tstate_native_thread_id=160,
     tstate_frame=72, cframe_current_frame=-1,
     frame_previous=8, frame_code=0, frame_instr=56, frame_owner=74, frame_is_entry=-1,
@@ -310,6 +374,7 @@ LAYOUT_3_14_10 = PythonLayout(
     code_linetable=136, code_adaptive=208,
     unicode_state=32, unicode_length=16, unicode_ascii_data=40, unicode_compact_data=56,
     bytes_size=16, bytes_data=32,
+    objects=None,                 # no object table for 3.14: no thread names
 )
 
 
@@ -365,8 +430,9 @@ def test_debug_offsets_unknown_future_version_message():
     assert "known: 3.13, 3.14" in message
 
 
-def test_debug_offsets_refuses_free_threaded_builds():
-    data = bytearray(synthetic_runtime_3_14())
+@pytest.mark.parametrize("data", [fake_debug_offsets(0x030D00F0), synthetic_runtime_3_14()], ids=["3.13", "3.14"])
+def test_debug_offsets_refuses_free_threaded_builds(data):
+    data = bytearray(data)
     struct.pack_into("<Q", data, 16, 1)  # free_threaded
     with pytest.raises(ValueError, match="free-threaded"):
         parse_debug_offsets(bytes(data))

@@ -1,8 +1,9 @@
 """Thread names read out of live CPython processes: under every installed interpreter a
 script starts named threads and prints what `threading.get_ident()` and the name are in
 each; `thread_names` must find the same from the outside, in a number of reads bounded by
-what the process holds. Also: the offset tables against each version's headers, and
-garbage memory giving a clean error within a bounded number of reads, never a hang."""
+what the process holds. Also: the constants it reads with, against each version's
+headers (its offsets, in layouts.py, are checked by test_python_layouts.py), and garbage
+memory giving a clean error within a bounded number of reads, never a hang."""
 
 from __future__ import annotations
 
@@ -26,24 +27,20 @@ from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     LAYOUTS,
+    OBJECT_LAYOUTS,
     PythonLayout,
     layout_for,
     parse_debug_offsets,
 )
 from bpfprof.symbolizer.interpreters.python import thread_names as python_thread_names
 from bpfprof.symbolizer.interpreters.python.thread_names import (
-    _DEBUG_FREE_THREADED,
-    _DEBUG_IMPORTS_MODULES,
-    _OFFSETS,
-    ABSENT,
     DICT_KEYS_GENERAL,
     INLINE_VALUES_FLAG,
     MANAGED_DICT_FLAG,
-    MAX_INTERPRETERS,
-    SUPPORTED_VERSIONS,
     Searches,
     thread_names,
 )
+from bpfprof.symbolizer.interpreters.python.threads import MAX_INTERPRETERS, thread_states
 
 MINORS = PYTHON_MINORS
 INTERPRETER_NAME = re.compile(r"^(?:lib)?python3\.(\d+)")
@@ -194,17 +191,11 @@ def test_thread_names_of_a_live_process(python):
 
 def test_the_idents_are_the_thread_states_thread_ids(python):
     """Joining with the thread list works: each name's ident is some thread state's
-    thread_id, walking the interpreter's thread states as the collector does."""
+    thread_id, walking the thread states as the collector does."""
     with Running(python, SCRIPT) as running:
         layout = process_layout(running.memory, running.runtime, python)
         names = thread_names(running.memory, layout, running.runtime)
-        memory = running.memory
-        interp = memory.pointer(running.runtime + layout.runtime_interpreters_head)
-        tstate = memory.pointer(interp + layout.interp_threads_head)
-        thread_ids = set()
-        while tstate:
-            thread_ids.add(memory.pointer(tstate + layout.tstate_thread_id))
-            tstate = memory.pointer(tstate + layout.tstate_next)
+        thread_ids = {ident for _, ident, _ in thread_states(running.memory, layout, running.runtime)}
     assert set(names) <= thread_ids
     assert len(names) == 9
 
@@ -355,10 +346,14 @@ def test_damaged_memory_of_a_live_process_gives_a_clean_result_in_bounded_reads(
 
 
 def layouts_for_garbage() -> List[PythonLayout]:
-    layouts = [LAYOUTS[v] for v in SUPPORTED_VERSIONS if v in LAYOUTS]
-    # 3.13 has no tabled PythonLayout; 3.12's with the version changed serves for walking.
-    layouts.append(dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 13)))
-    return layouts
+    # 3.13 has no tabled PythonLayout; 3.12's serves for walking, with 3.13's objects
+    # completed by what its _Py_DebugOffsets carry (the same numbers as 3.12's).
+    objects_3_12 = LAYOUTS[(3, 12)].objects
+    objects_3_13 = dataclasses.replace(
+        OBJECT_LAYOUTS[(3, 13)], object_type=objects_3_12.object_type, type_flags=objects_3_12.type_flags,
+        dict_keys=objects_3_12.dict_keys, dict_values=objects_3_12.dict_values,
+        long_size=objects_3_12.long_size, long_digits=objects_3_12.long_digits)
+    return [*LAYOUTS.values(), dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 13), objects=objects_3_13)]
 
 
 @pytest.mark.parametrize("layout", layouts_for_garbage(), ids=lambda l: f"3.{l.version[1]}")
@@ -368,10 +363,6 @@ def test_garbage_gives_a_clean_error_in_bounded_reads(layout, hostile_work):
         rng = random.Random(seed)
         data = garbage(rng, base, size)
         runtime = base + rng.randrange(0, size // 2) & ~7
-        if layout.version == (3, 13):  # get past the debug offsets
-            data[runtime - base:runtime - base + 8] = DEBUG_OFFSETS_COOKIE
-            struct.pack_into("<QQ", data, runtime - base + 16, 0, 0)
-            struct.pack_into("<Q", data, runtime - base + 88, rng.randrange(8, 4096, 8))
         memory = CountingMemory(FakeMemory(base, bytes(data)), HOSTILE_READ_BUDGET)
         try:
             names = thread_names(memory, layout, runtime)
@@ -388,74 +379,26 @@ def test_unreadable_runtime():
             thread_names(memory, layout, 0x90000)
 
 
-def test_unknown_versions_are_refused():
-    memory = FakeMemory(0x1000, bytes(64))
-    for version in ((3, 7), (3, 14)):
-        with pytest.raises(ValueError):
-            thread_names(memory, dataclasses.replace(LAYOUTS[(3, 12)], version=version), 0x1000)
-
-
-def test_free_threaded_is_refused():
-    data = bytearray(1024)
-    data[:8] = DEBUG_OFFSETS_COOKIE
-    struct.pack_into("<QQ", data, 8, 0x030D00F0, 1)
-    with pytest.raises(ValueError, match="free-threaded"):
-        thread_names(FakeMemory(0x1000, bytes(data)), dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 13)), 0x1000)
+def test_versions_without_objects_are_refused():
+    # As parse_debug_offsets makes 3.14's layout: no object table for it.
+    layout = dataclasses.replace(LAYOUTS[(3, 12)], version=(3, 14), objects=None)
+    with pytest.raises(ValueError, match="3.14"):
+        thread_names(FakeMemory(0x1000, bytes(64)), layout, 0x1000)
 
 
 # ---------------------------------------------------------------------------------------
-# The offset tables against the headers
+# The constants against the headers
 
 
 def c_expressions(minor: int) -> Dict[str, Optional[str]]:
-    """For each _Offsets field, the C expression that measures it on 3.<minor>, or None
-    where no installed header has it (3.8-3.10 dict keys, 3.8/3.9 module objects: those
-    the live-process test checks). Constants are measured too."""
-    new_dicts = minor >= 11
-    obj = "((PyObject *)&an_object)"
-    managed_dict = {
-        11: f"(char *)_PyObject_ManagedDictPointer({obj}) - (char *){obj}",
-        12: f"(char *)_PyObject_DictOrValuesPointer({obj}) - (char *){obj}",
-        13: "MANAGED_DICT_OFFSET",
-    }
-    managed_values = {
-        11: f"(char *)_PyObject_ValuesPointer({obj}) - (char *){obj}",
-        13: f"(char *)_PyObject_InlineValues({obj}) - (char *){obj}",
-    }
+    """For each constant the reader takes, the C expression that gives it on 3.<minor>,
+    or None where the version has no such constant."""
     return {
-        "interp_modules": (None if minor >= 13 else
-                           "offsetof(PyInterpreterState, imports.modules)" if minor == 12 else
-                           "offsetof(PyInterpreterState, modules)"),
-        "object_type": "offsetof(PyObject, ob_type)",
-        "module_dict": "offsetof(PyModuleObject, md_dict)" if minor >= 10 else None,
-        "type_flags": "offsetof(PyTypeObject, tp_flags)",
-        "type_dictoffset": "offsetof(PyTypeObject, tp_dictoffset)",
-        "heaptype_cached_keys": "offsetof(PyHeapTypeObject, ht_cached_keys)",
-        "dict_keys": "offsetof(PyDictObject, ma_keys)",
-        "dict_values": "offsetof(PyDictObject, ma_values)",
-        "keys_size": "offsetof(PyDictKeysObject, dk_log2_size)" if new_dicts else None,
-        "keys_log2_index_bytes": "offsetof(PyDictKeysObject, dk_log2_index_bytes)" if new_dicts else None,
-        "keys_kind": "offsetof(PyDictKeysObject, dk_kind)" if new_dicts else None,
-        "keys_nentries": "offsetof(PyDictKeysObject, dk_nentries)" if new_dicts else None,
-        "keys_indices": "offsetof(PyDictKeysObject, dk_indices)" if new_dicts else None,
-        "values_items": "offsetof(PyDictValues, values)" if new_dicts else None,
-        "values_capacity": "offsetof(PyDictValues, capacity)" if minor >= 13 else None,
-        "values_valid": "offsetof(PyDictValues, valid)" if minor >= 13 else None,
-        "managed_dict": managed_dict.get(minor),
-        "managed_values": managed_values.get(minor),
-        "long_size": ("offsetof(PyLongObject, long_value.lv_tag)" if minor >= 12 else
-                      "offsetof(PyVarObject, ob_size)"),
-        "long_digits": ("offsetof(PyLongObject, long_value.ob_digit)" if minor >= 12 else
-                        "offsetof(PyLongObject, ob_digit)"),
-        # constants
         "PyLong_SHIFT": "PyLong_SHIFT",
         "_PyLong_NON_SIZE_BITS": "_PyLong_NON_SIZE_BITS" if minor >= 12 else None,
         "Py_TPFLAGS_MANAGED_DICT": "Py_TPFLAGS_MANAGED_DICT" if minor >= 11 else None,
         "Py_TPFLAGS_INLINE_VALUES": "Py_TPFLAGS_INLINE_VALUES" if minor >= 13 else None,
-        "DICT_KEYS_GENERAL": "DICT_KEYS_GENERAL" if new_dicts else None,
-        "debug_free_threaded": "offsetof(_Py_DebugOffsets, free_threaded)" if minor >= 13 else None,
-        "debug_imports_modules": ("offsetof(_Py_DebugOffsets, interpreter_state.imports_modules)"
-                                  if minor >= 13 else None),
+        "DICT_KEYS_GENERAL": "DICT_KEYS_GENERAL" if minor >= 11 else None,
     }
 
 
@@ -463,16 +406,10 @@ def c_program(minor: int) -> str:
     headers = ["Python.h"]
     if minor <= 10:
         headers.append("longintrepr.h")
-    headers.append("internal/pycore_pystate.h" if minor == 8 else "internal/pycore_interp.h")
-    if minor >= 10:
-        headers.append("internal/pycore_moduleobject.h")
-    if minor >= 11:
-        headers += ["internal/pycore_dict.h", "internal/pycore_object.h"]
-    if minor >= 13:
-        headers.append("internal/pycore_runtime.h")
+    else:
+        headers.append("internal/pycore_dict.h")
     lines = ["#define Py_BUILD_CORE 1"] + [f'#include "{h}"' for h in headers]
-    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "static PyObject an_object;", "",
-              "int main(void) {"]
+    lines += ["#include <stdio.h>", "", "int main(void) {"]
     for name, expr in c_expressions(minor).items():
         if expr is not None:
             lines.append(f'    printf("%s %ld\\n", "{name}", (long)({expr}));')
@@ -487,34 +424,20 @@ def measure(minor: int, work: Path) -> Dict[str, int]:
     include = prefix / "include" / f"python3.{minor}"
     if not (include / "Python.h").is_file():
         skip_or_fail(f"no headers in {include}")
-    source, binary = work / f"offsets3{minor}.c", work / f"offsets3{minor}"
+    source, binary = work / f"constants3{minor}.c", work / f"constants3{minor}"
     source.write_text(c_program(minor))
-    # NDEBUG: the inline helpers measured above assert on the object's type otherwise.
-    result = subprocess.run(["gcc", "-w", "-DNDEBUG", "-o", str(binary), "-I", str(include),
-                             "-I", str(include / "internal"), str(source)], capture_output=True, text=True)
+    result = subprocess.run(["gcc", "-w", "-o", str(binary), "-I", str(include), "-I", str(include / "internal"),
+                             str(source)], capture_output=True, text=True)
     assert result.returncode == 0, f"compiling against 3.{minor} headers failed:\n{result.stderr}"
     output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
     return {name: int(value) for name, value in (line.split() for line in output.splitlines())}
 
 
 @pytest.mark.parametrize("minor", MINORS, ids=[f"3.{m}" for m in MINORS])
-def test_offsets_match_headers(minor, tmp_path):
+def test_constants_match_headers(minor, tmp_path):
     measured = measure(minor, tmp_path)
-    offsets = _OFFSETS[(3, minor)]
-    table = {f.name: getattr(offsets, f.name) for f in dataclasses.fields(offsets)}
-    mismatches = {name: (table[name], value) for name, value in measured.items()
-                  if name in table and table[name] != value}
-    assert not mismatches, f"3.{minor} (table, headers): {mismatches}"
     assert measured["PyLong_SHIFT"] == 30
     assert measured.get("_PyLong_NON_SIZE_BITS", 3) == 3
     assert measured.get("Py_TPFLAGS_MANAGED_DICT", MANAGED_DICT_FLAG) == MANAGED_DICT_FLAG
     assert measured.get("Py_TPFLAGS_INLINE_VALUES", INLINE_VALUES_FLAG) == INLINE_VALUES_FLAG
     assert measured.get("DICT_KEYS_GENERAL", DICT_KEYS_GENERAL) == DICT_KEYS_GENERAL
-    if minor >= 13:
-        assert offsets.interp_modules == ABSENT
-        assert measured["debug_free_threaded"] == _DEBUG_FREE_THREADED[(3, minor)]
-        assert measured["debug_imports_modules"] == _DEBUG_IMPORTS_MODULES[(3, minor)]
-
-
-def test_every_version_has_offsets():
-    assert SUPPORTED_VERSIONS == tuple((3, m) for m in MINORS)

@@ -10,11 +10,12 @@ from bpfprof.symbolizer.frames import Frame, FrameKind
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
 from bpfprof.symbolizer.interpreters.python.lines import line_for_offset
+from bpfprof.symbolizer.interpreters.python.objects import read_str
 
 # The eval loop: each call of it runs one group of Python frames.
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 TRUNCATED = Frame(FrameKind.PYTHON, "[more Python frames]")
-_MAX_STRING = 4096
+_MAX_STRING = 4096          # characters kept of a qualname or file name (a longer one is cut)
 _MAX_LINE_TABLE = 1 << 20
 
 
@@ -29,19 +30,6 @@ class CodeInfo:
 def check_of(firstlineno: int, name_address: int) -> int:
     """The code-object hash the BPF walker takes (struct python_frame.check)."""
     return (firstlineno ^ (name_address >> 4) ^ (name_address >> 20)) & 0xFFFF
-
-
-def _read_str(memory: ProcessMemory, layout: PythonLayout, address: int) -> str:
-    """A compact str object's text (the only kind code objects hold)."""
-    state = memory.u32(address + layout.unicode_state)
-    length = memory.s64(address + layout.unicode_length)
-    kind, compact, ascii_only = (state >> 2) & 7, (state >> 5) & 1, (state >> 6) & 1
-    if not compact or not 0 <= length <= _MAX_STRING or kind not in (1, 2, 4):
-        raise UnreadableMemory(f"not a compact str at {address:#x}")
-    if ascii_only:
-        return memory.read(address + layout.unicode_ascii_data, length).decode("ascii", "replace")
-    data = memory.read(address + layout.unicode_compact_data, length * kind)
-    return data.decode({1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind], "replace")
 
 
 def _read_bytes(memory: ProcessMemory, layout: PythonLayout, address: int) -> bytes:
@@ -59,8 +47,8 @@ def read_code(memory: ProcessMemory, layout: PythonLayout, address: int, check: 
         return None
     qualname_address = memory.pointer(address + layout.code_qualname) if layout.code_qualname >= 0 else name
     return CodeInfo(
-        qualname=_read_str(memory, layout, qualname_address),
-        filename=_read_str(memory, layout, memory.pointer(address + layout.code_filename)),
+        qualname=read_str(memory, layout, qualname_address, _MAX_STRING),
+        filename=read_str(memory, layout, memory.pointer(address + layout.code_filename), _MAX_STRING),
         firstlineno=firstlineno,
         linetable=_read_bytes(memory, layout, memory.pointer(address + layout.code_linetable)),
     )

@@ -8,7 +8,12 @@ and bytes objects. The byte offsets it needs depend on the CPython minor version
   measured from each version's headers (tests/unit/test_python_layouts.py recompiles them).
 * 3.13 and later: `_PyRuntime` opens with `_Py_DebugOffsets`, a table of offsets that
   CPython itself fills in for out-of-process tools. `parse_debug_offsets` decodes it from
-  the first `DEBUG_OFFSETS_SIZE` bytes of `_PyRuntime` read out of the target.
+  the first `DEBUG_OFFSETS_SIZE` bytes of `_PyRuntime` read out of the target; it is the
+  only reader of that struct.
+
+Reading thread names takes more: sys.modules, module, type, dict, int and instance
+attribute offsets. A layout's `objects` holds them (an `ObjectLayout`, from the table
+`OBJECT_LAYOUTS`, 3.8 to 3.13); it is None for a version without an entry there.
 
 All numbers are for x86-64 Linux release builds (no Py_DEBUG, no Py_TRACE_REFS).
 A field that does not exist in a version holds -1 (`ABSENT`).
@@ -36,10 +41,127 @@ How the frame fields are meant to be read:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 ABSENT = -1
+
+# How an instance keeps its attributes (ObjectLayout.instance_dict).
+DICT_POINTER = "dict pointer"          # <= 3.10: a dict at obj + type->tp_dictoffset
+VALUES_OR_DICT = "values or dict"      # 3.11: two pointers in front of the object
+TAGGED_DICT_OR_VALUES = "tagged"       # 3.12: one pointer in front, low bit 1 = values
+INLINE_VALUES = "inline values"        # 3.13: values inside the object, dict in front
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Byte offsets (and how instance attributes and ints are kept) for reading dicts,
+    modules, ints and instance attributes of one CPython minor version. ABSENT (-1) where
+    a field does not exist."""
+
+    object_type: int             # offsetof(PyObject, ob_type)
+    module_dict: int             # offsetof(PyModuleObject, md_dict)
+    type_flags: int              # offsetof(PyTypeObject, tp_flags), an unsigned long
+    type_dictoffset: int         # offsetof(PyTypeObject, tp_dictoffset)
+    heaptype_cached_keys: int    # offsetof(PyHeapTypeObject, ht_cached_keys)
+    dict_keys: int               # offsetof(PyDictObject, ma_keys)
+    dict_values: int             # offsetof(PyDictObject, ma_values)
+    keys_size: int               # dk_size (Py_ssize_t, <= 3.10) / dk_log2_size (uint8_t, 3.11+)
+    keys_log2_index_bytes: int   # dk_log2_index_bytes (uint8_t, 3.11+)
+    keys_kind: int               # dk_kind (uint8_t, 3.11+)
+    keys_nentries: int           # dk_nentries
+    keys_indices: int            # dk_indices: the hash table, followed by the entries
+    values_items: int            # offsetof(PyDictValues, values); 0 where ma_values is a PyObject **
+    values_capacity: int         # offsetof(PyDictValues, capacity) (uint8_t, 3.13+)
+    values_valid: int            # offsetof(PyDictValues, valid) (uint8_t, 3.13+)
+    instance_dict: str           # one of the four ways above
+    managed_dict: int            # 3.11+: where the (tagged) dict pointer is, from the object
+    managed_values: int          # 3.11: the values pointer; 3.13: the inline values, from the object
+    long_size: int               # ob_size (<= 3.11) / long_value.lv_tag (3.12+)
+    long_digits: int             # ob_digit / long_value.ob_digit; 30-bit digits in uint32
+    long_tagged: bool            # lv_tag: digit count << 3 | sign (0 +, 1 zero, 2 -)
+
+
+OBJECT_LAYOUTS: Dict[Tuple[int, int], ObjectLayout] = {
+    # 3.8: cpython/object.h (PyTypeObject, PyHeapTypeObject), cpython/dictobject.h
+    # (PyDictObject), longintrepr.h. Not in any installed header, so taken from the sources
+    # and checked against the DWARF of libpython3.8.so: Objects/dict-common.h
+    # (PyDictKeysObject: dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices) and
+    # Objects/moduleobject.c (PyModuleObject).
+    (3, 8): ObjectLayout(
+        object_type=8, module_dict=16,
+        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
+        dict_keys=32, dict_values=40,
+        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
+        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
+        long_size=16, long_digits=24, long_tagged=False,
+    ),
+    # 3.9: PyHeapTypeObject loses a slot. Dict keys and module objects as in 3.8
+    # (Objects/dict-common.h, Objects/moduleobject.c).
+    (3, 9): ObjectLayout(
+        object_type=8, module_dict=16,
+        type_flags=168, type_dictoffset=288, heaptype_cached_keys=864,
+        dict_keys=32, dict_values=40,
+        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
+        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
+        long_size=16, long_digits=24, long_tagged=False,
+    ),
+    # 3.10: internal/pycore_moduleobject.h (now installed), cpython/object.h,
+    # cpython/dictobject.h, longintrepr.h; dict keys still from Objects/dict-common.h
+    # (checked against the DWARF of libpython3.10.so).
+    (3, 10): ObjectLayout(
+        object_type=8, module_dict=16,
+        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
+        dict_keys=32, dict_values=40,
+        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
+        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
+        long_size=16, long_digits=24, long_tagged=False,
+    ),
+    # 3.11: internal/pycore_dict.h (PyDictKeysObject with dk_log2_size and dk_kind,
+    # PyDictValues), internal/pycore_object.h (_PyObject_ValuesPointer = obj - 4 pointers,
+    # _PyObject_ManagedDictPointer = obj - 3), internal/pycore_moduleobject.h,
+    # cpython/object.h, cpython/longintrepr.h.
+    (3, 11): ObjectLayout(
+        object_type=8, module_dict=16,
+        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
+        dict_keys=32, dict_values=40,
+        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
+        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+        instance_dict=VALUES_OR_DICT, managed_dict=-24, managed_values=-32,
+        long_size=16, long_digits=24, long_tagged=False,
+    ),
+    # 3.12: internal/pycore_object.h (_PyObject_DictOrValuesPointer = obj - 3 pointers, a
+    # PyDictOrValues whose low bit set means values - 1), internal/pycore_dict.h,
+    # cpython/longintrepr.h (_PyLongValue: lv_tag, ob_digit; _PyLong_NON_SIZE_BITS 3).
+    (3, 12): ObjectLayout(
+        object_type=8, module_dict=16,
+        type_flags=168, type_dictoffset=288, heaptype_cached_keys=880,
+        dict_keys=32, dict_values=40,
+        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
+        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+        instance_dict=TAGGED_DICT_OR_VALUES, managed_dict=-24, managed_values=ABSENT,
+        long_size=16, long_digits=24, long_tagged=True,
+    ),
+    # 3.13: the members that _Py_DebugOffsets carries (_DEBUG_OFFSETS_OBJECTS: ob_type,
+    # tp_flags, ma_keys, ma_values, lv_tag, ob_digit) are left ABSENT here, and
+    # parse_debug_offsets fills them in; so use a PythonLayout's `objects`, not this entry.
+    # The rest: internal/pycore_dict.h (PyDictValues gains capacity/size/embedded/valid
+    # bytes before values[]), internal/pycore_object.h (MANAGED_DICT_OFFSET = -3 pointers;
+    # _PyObject_InlineValues = obj + sizeof(PyObject)), internal/pycore_moduleobject.h,
+    # cpython/object.h.
+    (3, 13): ObjectLayout(
+        object_type=ABSENT, module_dict=16,
+        type_flags=ABSENT, type_dictoffset=288, heaptype_cached_keys=880,
+        dict_keys=ABSENT, dict_values=ABSENT,
+        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
+        values_items=8, values_capacity=0, values_valid=3,
+        instance_dict=INLINE_VALUES, managed_dict=-24, managed_values=16,
+        long_size=ABSENT, long_digits=ABSENT, long_tagged=True,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +174,7 @@ class PythonLayout:
     # PyInterpreterState
     interp_next: int                         # interp->next
     interp_threads_head: int                 # tstate_head (<=3.10) / threads.head (3.11+)
+    interp_modules: int                      # sys.modules: modules (<=3.11) / imports.modules (3.12+)
     # PyThreadState
     tstate_next: int
     tstate_interp: int
@@ -79,6 +202,8 @@ class PythonLayout:
     unicode_compact_data: int                # sizeof(PyCompactUnicodeObject): where compact non-ASCII data starts
     bytes_size: int                          # offsetof(PyVarObject, ob_size)
     bytes_data: int                          # offsetof(PyBytesObject, ob_sval)
+    # dicts, modules, ints and instance attributes; None where OBJECT_LAYOUTS has no entry
+    objects: Optional[ObjectLayout]
 
 
 LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
@@ -88,7 +213,7 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
     (3, 8): PythonLayout(
         version=(3, 8),
         runtime_interpreters_head=32,
-        interp_next=0, interp_threads_head=8,
+        interp_next=0, interp_threads_head=8, interp_modules=56,
         tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
         tstate_frame=24, cframe_current_frame=ABSENT,
         frame_previous=24, frame_code=32, frame_instr=104, frame_owner=ABSENT, frame_is_entry=ABSENT,
@@ -96,13 +221,14 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
         code_linetable=120, code_adaptive=ABSENT,
         unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
         bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 8)],
     ),
     # 3.9: internal/pycore_runtime.h, internal/pycore_interp.h, cpython/pystate.h,
     # cpython/frameobject.h, cpython/code.h, cpython/unicodeobject.h, cpython/bytesobject.h.
     (3, 9): PythonLayout(
         version=(3, 9),
         runtime_interpreters_head=32,
-        interp_next=0, interp_threads_head=8,
+        interp_next=0, interp_threads_head=8, interp_modules=856,
         tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
         tstate_frame=24, cframe_current_frame=ABSENT,
         frame_previous=24, frame_code=32, frame_instr=104, frame_owner=ABSENT, frame_is_entry=ABSENT,
@@ -110,13 +236,14 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
         code_linetable=120, code_adaptive=ABSENT,
         unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
         bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 9)],
     ),
     # 3.10: the same headers as 3.9; co_lnotab gives way to co_linetable (PEP 626) and
     # f_lasti moves up a slot (and counts code units rather than bytes).
     (3, 10): PythonLayout(
         version=(3, 10),
         runtime_interpreters_head=32,
-        interp_next=0, interp_threads_head=8,
+        interp_next=0, interp_threads_head=8, interp_modules=856,
         tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
         tstate_frame=24, cframe_current_frame=ABSENT,
         frame_previous=24, frame_code=32, frame_instr=96, frame_owner=ABSENT, frame_is_entry=ABSENT,
@@ -124,14 +251,15 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
         code_linetable=120, code_adaptive=ABSENT,
         unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
         bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 10)],
     ),
-    # 3.11: internal/pycore_runtime.h, internal/pycore_interp.h (threads.head),
+    # 3.11: internal/pycore_runtime.h, internal/pycore_interp.h (threads.head, modules),
     # cpython/pystate.h (PyThreadState, _PyCFrame), internal/pycore_frame.h
     # (_PyInterpreterFrame), cpython/code.h, cpython/unicodeobject.h, cpython/bytesobject.h.
     (3, 11): PythonLayout(
         version=(3, 11),
         runtime_interpreters_head=40,
-        interp_next=0, interp_threads_head=16,
+        interp_next=0, interp_threads_head=16, interp_modules=888,
         tstate_next=8, tstate_interp=16, tstate_thread_id=152, tstate_native_thread_id=160,
         tstate_frame=56, cframe_current_frame=8,
         frame_previous=48, frame_code=32, frame_instr=56, frame_owner=69, frame_is_entry=68,
@@ -139,13 +267,15 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
         code_linetable=136, code_adaptive=184,
         unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
         bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 11)],
     ),
-    # 3.12: the same headers as 3.11; _PyInterpreterFrame reordered (f_code first, no
-    # is_entry), and PyASCIIObject/PyCompactUnicodeObject lose their wstr members.
+    # 3.12: the same headers as 3.11 and internal/pycore_import.h (imports.modules);
+    # _PyInterpreterFrame reordered (f_code first, no is_entry), and
+    # PyASCIIObject/PyCompactUnicodeObject lose their wstr members.
     (3, 12): PythonLayout(
         version=(3, 12),
         runtime_interpreters_head=40,
-        interp_next=0, interp_threads_head=72,
+        interp_next=0, interp_threads_head=72, interp_modules=944,
         tstate_next=8, tstate_interp=16, tstate_thread_id=136, tstate_native_thread_id=144,
         tstate_frame=56, cframe_current_frame=0,
         frame_previous=8, frame_code=0, frame_instr=56, frame_owner=70, frame_is_entry=ABSENT,
@@ -153,6 +283,7 @@ LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
         code_linetable=136, code_adaptive=192,
         unicode_state=32, unicode_length=16, unicode_ascii_data=40, unicode_compact_data=56,
         bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 12)],
     ),
 }
 
@@ -260,11 +391,12 @@ def _version_text(version_hex: int) -> str:
         text += f"{_RELEASE_NAMES[level]}{serial}"
     return text
 
-# The members of the debug offsets that PythonLayout takes, "struct.member" -> field.
+# The members of the debug offsets that PythonLayout takes: field -> "struct.member".
 _FROM_DEBUG_OFFSETS = {
     "runtime_interpreters_head": "runtime_state.interpreters_head",
     "interp_next": "interpreter_state.next",
     "interp_threads_head": "interpreter_state.threads_head",
+    "interp_modules": "interpreter_state.imports_modules",
     "tstate_next": "thread_state.next",
     "tstate_interp": "thread_state.interp",
     "tstate_thread_id": "thread_state.thread_id",
@@ -287,7 +419,20 @@ _FROM_DEBUG_OFFSETS = {
     "bytes_data": "bytes_object.ob_sval",
 }
 
-# The one PythonLayout value the debug offsets do not carry: sizeof(PyCompactUnicodeObject).
+# The members of the debug offsets that ObjectLayout takes: field -> "struct.member".
+# They replace the ABSENT placeholders of the version's OBJECT_LAYOUTS entry, which
+# supplies the rest.
+_DEBUG_OFFSETS_OBJECTS = {
+    "object_type": "pyobject.ob_type",
+    "type_flags": "type_object.tp_flags",
+    "dict_keys": "dict_object.ma_keys",
+    "dict_values": "dict_object.ma_values",
+    "long_size": "long_object.lv_tag",
+    "long_digits": "long_object.ob_digit",
+}
+
+# The one PythonLayout value (beside `objects`) the debug offsets do not carry:
+# sizeof(PyCompactUnicodeObject).
 # Since 3.12 that struct is a PyASCIIObject followed by Py_ssize_t utf8_length and
 # char *utf8 and nothing else (3.13's cpython/unicodeobject.h; 3.14 keeps it), so it is
 # asciiobject_size plus two 8-byte members.
@@ -308,6 +453,8 @@ def _positions(layout: _DebugOffsetsLayout) -> Tuple[Dict[str, int], int]:
 def parse_debug_offsets(data: bytes) -> PythonLayout:
     """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
     (at least DEBUG_OFFSETS_SIZE bytes are best; fewer will do if they cover the struct).
+    Its `objects` takes the members the struct carries and the rest from OBJECT_LAYOUTS,
+    or is None for a version without an entry there.
 
     Raises ValueError when the bytes are not debug offsets (wrong cookie), come from a
     version before 3.13, from a minor version whose struct layout is not known here, or
@@ -344,18 +491,24 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     def member(name: str) -> int:
         return struct.unpack_from("<Q", data, positions[name])[0]
 
-    values = {field: member(name) for field, name in _FROM_DEBUG_OFFSETS.items()}
-    for field, name in _FROM_DEBUG_OFFSETS.items():
-        # Every offset must fall inside its structure, whose size the struct also gives.
-        # (For asciiobject_size, a size itself, that holds as well: PyUnicodeObject is larger.)
-        limit = member(name.split(".")[0] + ".size")
-        if not values[field] < limit:
-            raise ValueError(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
-                             f"is not below the structure's size {limit}")
+    def members(fields: Dict[str, str]) -> Dict[str, int]:
+        values = {field: member(name) for field, name in fields.items()}
+        for field, name in fields.items():
+            # Every offset must fall inside its structure, whose size the struct also gives.
+            # (For asciiobject_size, a size itself, that holds as well: PyUnicodeObject is larger.)
+            limit = member(name.split(".")[0] + ".size")
+            if not values[field] < limit:
+                raise ValueError(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
+                                 f"is not below the structure's size {limit}")
+        return values
+
+    values = members(_FROM_DEBUG_OFFSETS)
+    objects = OBJECT_LAYOUTS.get(version)
     return PythonLayout(
         version=version,
         cframe_current_frame=ABSENT,      # no _PyCFrame from 3.13 on
         frame_is_entry=ABSENT,            # entry frames are marked by owner instead
         unicode_compact_data=values["unicode_ascii_data"] + _COMPACT_UNICODE_EXTRA,
+        objects=None if objects is None else replace(objects, **members(_DEBUG_OFFSETS_OBJECTS)),
         **values,
     )

@@ -16,11 +16,9 @@ Only memory is read (/proc/PID/mem through ProcessMemory): the process is not st
 so what is read may change underneath. Every loop is bounded and every size checked,
 and anything that does not look right ends in UnreadableMemory.
 
-The offsets this needs beyond PythonLayout are kept here, one `_Offsets` per minor
-version, measured from that version's headers (tests/unit/test_python_thread_names.py
-recompiles them). For 3.13 the place of sys.modules in PyInterpreterState comes from
-`_Py_DebugOffsets` at the start of `_PyRuntime`. All numbers are for x86-64 Linux
-release builds with the GIL (the free-threaded 3.13 build is refused).
+The offsets come from the process's PythonLayout: `interp_modules` and `objects` (an
+ObjectLayout). All numbers are for x86-64 Linux release builds with the GIL (the
+free-threaded 3.13 build has no layout: parse_debug_offsets refuses it).
 """
 
 from __future__ import annotations
@@ -30,20 +28,20 @@ from dataclasses import dataclass, field
 from typing import Container, Dict, Iterator, Optional, Tuple
 
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
-from bpfprof.symbolizer.interpreters.python.layouts import ABSENT, DEBUG_OFFSETS_COOKIE, PythonLayout
+from bpfprof.symbolizer.interpreters.python.layouts import (
+    ABSENT,
+    DICT_POINTER,
+    TAGGED_DICT_OR_VALUES,
+    VALUES_OR_DICT,
+    PythonLayout,
+)
+from bpfprof.symbolizer.interpreters.python.objects import is_str, read_str
+from bpfprof.symbolizer.interpreters.python.threads import interpreters
 
-MAX_INTERPRETERS = 64
 MAX_THREADS = 4096           # entries of threading._active looked at
 MAX_DICT_ENTRIES = 1 << 16   # entries of any dict (sys.modules included) looked at
 MAX_NAME_LENGTH = 256        # characters kept of a thread name (a longer one is cut)
 MAX_WORK = 1 << 18           # dict entries looked at in all, so that garbage cannot keep us long
-
-
-# How an instance keeps its attributes (Thread._name is an instance attribute).
-DICT_POINTER = "dict pointer"          # <= 3.10: a dict at obj + type->tp_dictoffset
-VALUES_OR_DICT = "values or dict"      # 3.11: two pointers in front of the object
-TAGGED_DICT_OR_VALUES = "tagged"       # 3.12: one pointer in front, low bit 1 = values
-INLINE_VALUES = "inline values"        # 3.13: values inside the object, dict in front
 
 # Type flags (object.h).
 MANAGED_DICT_FLAG = 1 << 4             # Py_TPFLAGS_MANAGED_DICT, 3.11+
@@ -52,126 +50,8 @@ INLINE_VALUES_FLAG = 1 << 2            # Py_TPFLAGS_INLINE_VALUES, 3.13+
 # Values of PyDictKeysObject.dk_kind (3.11+, internal/pycore_dict.h).
 DICT_KEYS_GENERAL = 0                  # entries are {hash, key, value}; otherwise {key, value}
 
-
-@dataclass(frozen=True)
-class _Offsets:
-    """Byte offsets (and a few constants) for reading dicts, modules, ints and instance
-    attributes of one CPython minor version. ABSENT (-1) where a field does not exist."""
-
-    interp_modules: int          # offsetof(PyInterpreterState, modules) / imports.modules
-    object_type: int             # offsetof(PyObject, ob_type)
-    module_dict: int             # offsetof(PyModuleObject, md_dict)
-    type_flags: int              # offsetof(PyTypeObject, tp_flags), an unsigned long
-    type_dictoffset: int         # offsetof(PyTypeObject, tp_dictoffset)
-    heaptype_cached_keys: int    # offsetof(PyHeapTypeObject, ht_cached_keys)
-    dict_keys: int               # offsetof(PyDictObject, ma_keys)
-    dict_values: int             # offsetof(PyDictObject, ma_values)
-    keys_size: int               # dk_size (Py_ssize_t, <= 3.10) / dk_log2_size (uint8_t, 3.11+)
-    keys_log2_index_bytes: int   # dk_log2_index_bytes (uint8_t, 3.11+)
-    keys_kind: int               # dk_kind (uint8_t, 3.11+)
-    keys_nentries: int           # dk_nentries
-    keys_indices: int            # dk_indices: the hash table, followed by the entries
-    values_items: int            # offsetof(PyDictValues, values); 0 where ma_values is a PyObject **
-    values_capacity: int         # offsetof(PyDictValues, capacity) (uint8_t, 3.13+)
-    values_valid: int            # offsetof(PyDictValues, valid) (uint8_t, 3.13+)
-    instance_dict: str           # one of the four ways above
-    managed_dict: int            # 3.11+: where the (tagged) dict pointer is, from the object
-    managed_values: int          # 3.11: the values pointer; 3.13: the inline values, from the object
-    long_size: int               # ob_size (<= 3.11) / long_value.lv_tag (3.12+)
-    long_digits: int             # ob_digit / long_value.ob_digit; 30-bit digits in uint32
-    long_tagged: bool            # lv_tag: digit count << 3 | sign (0 +, 1 zero, 2 -)
-
-
 _LONG_SHIFT = 30                 # PyLong_SHIFT (pyport.h picks 30 on 64-bit platforms)
 _LONG_MAX_DIGITS = 3             # enough for any 64-bit pthread_t
-
-_OFFSETS: Dict[Tuple[int, int], _Offsets] = {
-    # 3.8: internal/pycore_pystate.h (PyInterpreterState.modules), cpython/object.h
-    # (PyTypeObject, PyHeapTypeObject), cpython/dictobject.h (PyDictObject), longintrepr.h.
-    # Not in any installed header, so taken from the sources and checked against the DWARF
-    # of libpython3.8.so: Objects/dict-common.h (PyDictKeysObject: dk_size, dk_lookup,
-    # dk_usable, dk_nentries, dk_indices) and Objects/moduleobject.c (PyModuleObject).
-    (3, 8): _Offsets(
-        interp_modules=56, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
-        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
-        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
-        long_size=16, long_digits=24, long_tagged=False,
-    ),
-    # 3.9: internal/pycore_interp.h moves PyInterpreterState; PyHeapTypeObject loses a slot.
-    # Dict keys and module objects as in 3.8 (Objects/dict-common.h, Objects/moduleobject.c).
-    (3, 9): _Offsets(
-        interp_modules=856, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=864,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
-        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
-        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
-        long_size=16, long_digits=24, long_tagged=False,
-    ),
-    # 3.10: internal/pycore_interp.h, internal/pycore_moduleobject.h (now installed),
-    # cpython/object.h, cpython/dictobject.h, longintrepr.h; dict keys still from
-    # Objects/dict-common.h (checked against the DWARF of libpython3.10.so).
-    (3, 10): _Offsets(
-        interp_modules=856, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
-        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
-        instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
-        long_size=16, long_digits=24, long_tagged=False,
-    ),
-    # 3.11: internal/pycore_interp.h, internal/pycore_dict.h (PyDictKeysObject with
-    # dk_log2_size and dk_kind, PyDictValues), internal/pycore_object.h
-    # (_PyObject_ValuesPointer = obj - 4 pointers, _PyObject_ManagedDictPointer = obj - 3),
-    # internal/pycore_moduleobject.h, cpython/object.h, cpython/longintrepr.h.
-    (3, 11): _Offsets(
-        interp_modules=888, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=872,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
-        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
-        instance_dict=VALUES_OR_DICT, managed_dict=-24, managed_values=-32,
-        long_size=16, long_digits=24, long_tagged=False,
-    ),
-    # 3.12: internal/pycore_interp.h and internal/pycore_import.h (imports.modules),
-    # internal/pycore_object.h (_PyObject_DictOrValuesPointer = obj - 3 pointers, a
-    # PyDictOrValues whose low bit set means values - 1), internal/pycore_dict.h,
-    # cpython/longintrepr.h (_PyLongValue: lv_tag, ob_digit; _PyLong_NON_SIZE_BITS 3).
-    (3, 12): _Offsets(
-        interp_modules=944, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=880,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
-        values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
-        instance_dict=TAGGED_DICT_OR_VALUES, managed_dict=-24, managed_values=ABSENT,
-        long_size=16, long_digits=24, long_tagged=True,
-    ),
-    # 3.13: sys.modules from _Py_DebugOffsets (interpreter_state.imports_modules);
-    # internal/pycore_dict.h (PyDictValues gains capacity/size/embedded/valid bytes before
-    # values[]), internal/pycore_object.h (MANAGED_DICT_OFFSET = -3 pointers;
-    # _PyObject_InlineValues = obj + sizeof(PyObject)), cpython/object.h, cpython/longintrepr.h.
-    (3, 13): _Offsets(
-        interp_modules=ABSENT, object_type=8, module_dict=16,
-        type_flags=168, type_dictoffset=288, heaptype_cached_keys=880,
-        dict_keys=32, dict_values=40,
-        keys_size=8, keys_log2_index_bytes=9, keys_kind=10, keys_nentries=24, keys_indices=32,
-        values_items=8, values_capacity=0, values_valid=3,
-        instance_dict=INLINE_VALUES, managed_dict=-24, managed_values=16,
-        long_size=16, long_digits=24, long_tagged=True,
-    ),
-}
-
-# In 3.13's _Py_DebugOffsets (internal/pycore_runtime.h) every member is a uint64_t:
-# cookie[8], version, free_threaded, then runtime_state {size, finalizing,
-# interpreters_head} and interpreter_state {size, id, next, threads_head, gc,
-# imports_modules, ...}. So free_threaded is at byte 16 and imports_modules at 88.
-_DEBUG_FREE_THREADED = {(3, 13): 16}
-_DEBUG_IMPORTS_MODULES = {(3, 13): 88}
-
-SUPPORTED_VERSIONS = tuple(sorted(_OFFSETS))
 
 
 @dataclass
@@ -199,51 +79,26 @@ def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, sear
     imported threading has none: {}. Pass the same `searches` to every read of a process.
 
     Raises UnreadableMemory when the process is gone or its memory does not hold what it
-    should, and ValueError for a CPython this module has no offsets for."""
-    offsets = _OFFSETS.get(tuple(layout.version))
-    if offsets is None:
-        raise ValueError(f"no thread-name offsets for CPython {layout.version[0]}.{layout.version[1]}")
-    reader = _Reader(memory, layout, offsets, searches or Searches(), known)
-    interp_modules = offsets.interp_modules
-    if interp_modules == ABSENT:
-        interp_modules = _debug_imports_modules(memory, layout, runtime)
+    should, and ValueError for a CPython whose layout has no `objects`."""
+    if layout.objects is None:
+        raise ValueError(f"no object layout for CPython {layout.version[0]}.{layout.version[1]}")
+    reader = _Reader(memory, layout, searches or Searches(), known)
     names: Dict[int, str] = {}
-    interp = memory.pointer(runtime + layout.runtime_interpreters_head)
-    interpreters = []
-    while interp and len(interpreters) < MAX_INTERPRETERS:
-        interpreters.append(interp)
-        interp = memory.pointer(interp + layout.interp_next)
     # The main interpreter comes last in the list; let it have the last word.
-    for interp in interpreters:
-        names.update(reader.interpreter_thread_names(memory.pointer(interp + interp_modules)))
+    for interp in interpreters(memory, layout, runtime):
+        names.update(reader.interpreter_thread_names(memory.pointer(interp + layout.interp_modules)))
     return names
 
 
-def _debug_imports_modules(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> int:
-    version = tuple(layout.version)
-    if version not in _DEBUG_IMPORTS_MODULES:
-        raise ValueError(f"no known place of imports_modules in the debug offsets of {version}")
-    if memory.read(runtime, len(DEBUG_OFFSETS_COOKIE)) != DEBUG_OFFSETS_COOKIE:
-        raise UnreadableMemory(f"no _Py_DebugOffsets at {runtime:#x}")
-    free_threaded = memory.pointer(runtime + _DEBUG_FREE_THREADED[version])
-    if free_threaded == 1:
-        raise ValueError("free-threaded CPython builds are not supported")
-    if free_threaded != 0:
-        raise UnreadableMemory(f"free_threaded is {free_threaded} in _Py_DebugOffsets at {runtime:#x}")
-    offset = memory.pointer(runtime + _DEBUG_IMPORTS_MODULES[version])
-    if not 0 < offset < 1 << 20:
-        raise UnreadableMemory(f"implausible imports_modules offset {offset} in _Py_DebugOffsets")
-    return offset
-
-
 class _Reader:
-    """Reads dicts, ints, str and instance attributes of one process."""
+    """Reads dicts, ints and instance attributes of one process (str objects through
+    objects.py)."""
 
-    def __init__(self, memory: ProcessMemory, layout: PythonLayout, offsets: _Offsets, searches: Searches,
+    def __init__(self, memory: ProcessMemory, layout: PythonLayout, searches: Searches,
                  known: Container[int]) -> None:
         self.memory = memory
         self.layout = layout
-        self.o = offsets
+        self.o = layout.objects  # there: thread_names checked
         self.searches = searches
         self.known = known
         self.dict_type = 0  # the address of PyDict_Type, learnt from sys.modules
@@ -264,7 +119,7 @@ class _Reader:
                     continue
                 name_address = self.attribute(thread, "_name")
                 if name_address is not None:
-                    names[ident] = self.read_str(name_address, MAX_NAME_LENGTH)
+                    names[ident] = read_str(self.memory, self.layout, name_address, MAX_NAME_LENGTH)
             except UnreadableMemory:
                 continue  # a thread ending while we look: skip it
         return names
@@ -279,7 +134,7 @@ class _Reader:
         if keys != search.keys:
             search.keys, search.searched = keys, 0
         for index, key, value in self.dict_items(modules, first=search.searched):
-            if self.is_str(key, "threading"):
+            if is_str(self.memory, self.layout, key, "threading"):
                 # The module is in sys.modules before its body has run: until _active is
                 # made, the search stays at this entry.
                 search.active = self.dict_get(self.memory.pointer(value + self.o.module_dict), "_active") or 0
@@ -291,33 +146,6 @@ class _Reader:
 
     def type_of(self, address: int) -> int:
         return self.memory.pointer(address + self.o.object_type)
-
-    def str_header(self, address: int) -> Tuple[int, int, bool, int]:
-        """(length, bytes per character, ASCII only, address of the characters) of a
-        compact str object."""
-        layout = self.layout
-        header = self.memory.read(address, layout.unicode_ascii_data)
-        (state,) = struct.unpack_from("<I", header, layout.unicode_state)
-        (length,) = struct.unpack_from("<q", header, layout.unicode_length)
-        kind, compact, ascii_only = (state >> 2) & 7, (state >> 5) & 1, bool((state >> 6) & 1)
-        if not compact or kind not in (1, 2, 4) or not 0 <= length < 1 << 31:
-            raise UnreadableMemory(f"not a compact str at {address:#x}")
-        data = layout.unicode_ascii_data if ascii_only else layout.unicode_compact_data
-        return length, kind, ascii_only, address + data
-
-    def read_str(self, address: int, max_length: int) -> str:
-        length, kind, ascii_only, data = self.str_header(address)
-        raw = self.memory.read(data, min(length, max_length) * kind)
-        encoding = "ascii" if ascii_only else {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
-        return raw.decode(encoding, "replace")
-
-    def is_str(self, address: int, text: str) -> bool:
-        """Whether the object at address is a str equal to the (ASCII) text."""
-        try:
-            length, _, ascii_only, data = self.str_header(address)
-        except UnreadableMemory:
-            return False  # keys of other types, or garbage, are not our key
-        return ascii_only and length == len(text) and self.memory.read(data, length) == text.encode()
 
     def read_ident(self, address: int) -> Optional[int]:
         """The value of an int object, or None if it cannot be a thread ident."""
@@ -389,7 +217,7 @@ class _Reader:
     def dict_get(self, address: int, name: str) -> Optional[int]:
         """The value under a str key in a dict object, or None."""
         for _, key, value in self.dict_items(address):
-            if self.is_str(key, name):
+            if is_str(self.memory, self.layout, key, name):
                 return value
         return None
 
@@ -436,7 +264,7 @@ class _Reader:
         if not keys:
             raise UnreadableMemory(f"values at {values:#x} but no shared keys in type {tp:#x}")
         for index, key, _ in self.keys_entries(keys, MAX_DICT_ENTRIES):
-            if self.is_str(key, name):
+            if is_str(self.memory, self.layout, key, name):
                 if self.o.values_capacity != ABSENT and index >= self.memory.read(values + self.o.values_capacity, 1)[0]:
                     return None
                 return self.memory.pointer(values + self.o.values_items + 8 * index) or None

@@ -1,13 +1,13 @@
 """A CPython process's threads and their Python frames, read from its memory as the BPF
 walker reads them, and what that walker needs to know of the process (struct
-python_process in bpf/profile.h)."""
+python_process in bpf/common.h)."""
 
 from __future__ import annotations
 
 import os
 import re
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from bpfprof.bpf import define, enum_names
 from bpfprof.symbolizer.interpreters.python.code_objects import check_of
@@ -48,22 +48,31 @@ def layout_of(memory: ProcessMemory, runtime: int, version_address: Optional[int
     return layout_for((int(match.group(1)), int(match.group(2)))) if match else None
 
 
+def interpreters(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> Iterator[int]:
+    """The PyInterpreterState addresses of a process (`runtime` is the address of its
+    `_PyRuntime`), newest first, so the main interpreter last; at most MAX_INTERPRETERS
+    (garbage can make the list circular). Each is read when asked for; a read that fails
+    raises UnreadableMemory."""
+    interp = memory.pointer(runtime + layout.runtime_interpreters_head)
+    for _ in range(MAX_INTERPRETERS):
+        if not interp:
+            return
+        yield interp
+        interp = memory.pointer(interp + layout.interp_next)
+
+
 def thread_states(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> List[ThreadState]:
     """Every thread state of every interpreter, newest first; tids from 3.11's
-    native_thread_id (0 before: see pthread_tids). A list that changes or ends under the
-    walk gives what was read."""
+    native_thread_id (0 before: see learn_pthread_tid_offset). A list that changes or
+    ends under the walk gives what was read."""
     states: List[ThreadState] = []
     try:
-        interp = memory.pointer(runtime + layout.runtime_interpreters_head)
-        for _ in range(MAX_INTERPRETERS):
-            if not interp:
-                break
+        for interp in interpreters(memory, layout, runtime):
             tstate = memory.pointer(interp + layout.interp_threads_head)
             while tstate and len(states) < MAX_THREADS:
                 tid = memory.u32(tstate + layout.tstate_native_thread_id) if layout.tstate_native_thread_id >= 0 else 0
                 states.append((tstate, memory.pointer(tstate + layout.tstate_thread_id), tid))
                 tstate = memory.pointer(tstate + layout.tstate_next)
-            interp = memory.pointer(interp + layout.interp_next)
     except UnreadableMemory:
         pass
     return states

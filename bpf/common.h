@@ -1,6 +1,6 @@
 /* Layouts shared by the BPF sampler and the collector: declared here once. */
-#ifndef BPFPROF_PROFILE_H
-#define BPFPROF_PROFILE_H
+#ifndef BPFPROF_COMMON_H
+#define BPFPROF_COMMON_H
 
 #define THREAD_NAME_LEN 16
 
