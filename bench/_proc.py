@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, NamedTuple
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -121,3 +122,41 @@ def bpfprof_builds(builds: List[str]) -> Dict[str, List[str]]:
             raise ToolMissing(f"--build {build}: expected NAME=PYTHON, PYTHON an executable")
         commands[f"bpfprof {name}"] = [python, "-m", "bpfprof"]
     return commands
+
+
+class BpfRun(NamedTuple):
+    type: str  # the program's type, as bpftool names it: perf_event, tracepoint...
+    run_ns: int  # time spent in the program (tail calls it made included)
+    runs: int
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """The kernel's accounting of BPF run time (kernel.bpf_stats_enabled), on while this lasts."""
+    switch = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = switch.read_text().strip()
+    switch.write_text("1")
+    try:
+        yield
+    finally:
+        switch.write_text(before)
+
+
+def bpf_runs() -> Dict[int, BpfRun]:
+    """Program id -> its run time and runs so far, of every BPF program loaded."""
+    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise ToolMissing(f"bpftool prog show failed: {shown.stderr.strip()} (apt-get install bpftool)")
+    return {p["id"]: BpfRun(p["type"], p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in json.loads(shown.stdout)}
+
+
+def bpf_spent(before: Dict[int, BpfRun], after: Dict[int, BpfRun], new_since: Dict[int, BpfRun],
+              kind: str = "") -> BpfRun:
+    """Run time and runs between two bpf_runs() of the programs loaded after `new_since`
+    was taken (one profiler's), of one type if given."""
+    ns = runs = 0
+    for program, end in after.items():
+        if program not in new_since and program in before and (not kind or end.type == kind):
+            ns += end.run_ns - before[program].run_ns
+            runs += end.runs - before[program].runs
+    return BpfRun(kind, ns, runs)

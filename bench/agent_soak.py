@@ -102,6 +102,7 @@ def main() -> None:
         profilers = {}
         for build, bpfprof in bpfprof_builds(args.build).items():
             name, ports[name], out = f"{build} agent", free_port(), tmp / build.replace(" ", "-")
+            out.mkdir()
             profilers[name] = start([*bpfprof, "agent", "--output-dir", str(out / "profiles"), "--interval", "15s",
                                      "--metrics-addr", f"127.0.0.1:{ports[name]}", "--push-url", store.url,
                                      "--log-file", str(out / "agent.log")])

@@ -19,8 +19,9 @@ rotated every round:
 
 Printed per work and profiler: the median time of the work and its slowdown, the
 machine's context switches per second while it ran (from /proc/stat), the profiler's own
-CPU (share of one core), and for bpfprof what it saw and lost; then bpfprof against the
-others as ratios of slowdown.
+CPU (share of one core), the time its BPF programs ran per context switch (the kernel's
+bpf_stats), and for bpfprof what it saw and lost; then bpfprof against the others as
+ratios of slowdown.
 
     sudo .venv/bin/python bench/block_overhead.py [--rounds 3] [--seconds 10] [--build NAME=PYTHON]
 """
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from _proc import add_build_option, bpfprof_builds, cpu_seconds, run_main
+from _proc import add_build_option, bpf_runs, bpf_spent, bpf_stats, bpfprof_builds, cpu_seconds, run_main
 from cpu_overhead import headers_for_bcc_tools
 
 PING_PONG_C = r"""
@@ -100,6 +101,8 @@ int main(int argc, char **argv) {
 WORKS = {"ping-pong": PING_PONG_C, "yield": YIELD_C}
 
 
+SETTLE_S = 5  # before each timed run: a profiler is compiled and attached by then
+
 def profilers(tmp: Path, builds: List[str]) -> Dict[str, List[str]]:
     commands = {}
     for build, bpfprof in bpfprof_builds(builds).items():
@@ -133,23 +136,26 @@ def run_work(work: Path, rounds: int) -> Tuple[float, float]:
     return seconds, (context_switches() - switches) / seconds
 
 
-def under(argv: List[str], work: Path, rounds: int) -> Tuple[Optional[Tuple[float, float, float]], str]:
-    """((work seconds, switches/s, profiler CPU share), its stderr), or (None, why) if it could not start."""
+def under(argv: List[str], work: Path, rounds: int) -> Tuple[Optional[Tuple[float, float, float, float]], str]:
+    """((work seconds, switches/s, profiler CPU share, its BPF ns per switch), its stderr),
+    or (None, why) if it could not start."""
     log = tempfile.TemporaryFile(mode="w+")
+    loaded = bpf_runs()
     profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(5)  # compiled and attached
+    time.sleep(SETTLE_S)  # compiled and attached
     if profiler.poll() is not None:
         log.seek(0)
         lines = log.read().strip().splitlines()
         return None, lines[-1] if lines else f"exited with {profiler.returncode}"
-    cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
+    cpu_before, t_before, bpf_before = cpu_seconds(profiler.pid), time.monotonic(), bpf_runs()
     seconds, rate = run_work(work, rounds)
     cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
+    bpf = bpf_spent(bpf_before, bpf_runs(), loaded)
     profiler.send_signal(signal.SIGINT)
     profiler.wait()
     log.seek(0)
-    return (seconds, rate, cpu), log.read()
+    return (seconds, rate, cpu, bpf.run_ns / (rate * seconds)), log.read()
 
 
 def what_bpfprof_saw(stderr: str) -> str:
@@ -167,14 +173,15 @@ def measure(tmp: Path, name: str, rounds: int, seconds: float, builds: List[str]
     base_seconds, _ = run_work(work, trips)
     trips = int(trips * seconds / base_seconds)
     commands = {name: argv for name, argv in profilers(tmp, builds).items() if shutil.which(argv[0])}
-    results: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in ["none", *commands]}
+    results: Dict[str, List[Tuple[float, float, float, float]]] = {name: [] for name in ["none", *commands]}
     notes: Dict[str, str] = {}
     for r in range(rounds):
         order = ["none", *commands]
         order = order[r % len(order):] + order[: r % len(order)]
         for profiler in order:
             if profiler == "none":
-                results[profiler].append((*run_work(work, trips), 0.0))
+                time.sleep(SETTLE_S)  # the same idle start as a profiled run
+                results[profiler].append((*run_work(work, trips), 0.0, 0.0))
                 continue
             if profiler in notes and not results[profiler]:
                 continue  # could not start before
@@ -190,7 +197,7 @@ def measure(tmp: Path, name: str, rounds: int, seconds: float, builds: List[str]
     base_rate = statistics.median(r[1] for r in results["none"])
     print(f"\n{name}: {os.cpu_count()} CPUs, {trips} rounds per thread, {base:.2f} s median and "
           f"{base_rate / 1e3:.0f}k context switches/s without a profiler, {rounds} rounds")
-    print(f"{'profiler':<26} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9}")
+    print(f"{'profiler':<26} {'work s':>7} {'slowdown':>9} {'switches/s':>11} {'CPU/core':>9} {'BPF ns/switch':>14}")
     slowdowns = {}
     for profiler in commands:
         runs = results[profiler]
@@ -201,6 +208,7 @@ def measure(tmp: Path, name: str, rounds: int, seconds: float, builds: List[str]
         slowdowns[profiler] = median / base - 1
         print(f"{profiler:<26} {median:7.2f} {100 * slowdowns[profiler]:8.1f}% "
               f"{statistics.median(r[1] for r in runs) / 1e3:10.0f}k {100 * statistics.median(r[2] for r in runs):8.1f}%"
+              f" {statistics.median(r[3] for r in runs):14.0f}"
               + (f"   {notes[profiler]}" if profiler in notes else ""))
     for ours in ("bpfprof block", "bpfprof wall"):
         for other in slowdowns:
@@ -215,7 +223,7 @@ def main() -> None:
     parser.add_argument("--work", choices=sorted(WORKS), action="append", help="only this work (repeatable)")
     add_build_option(parser)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
+    with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools(), bpf_stats():
         for name in args.work or list(WORKS):
             measure(Path(d), name, args.rounds, args.seconds, args.build)
 

@@ -2,7 +2,8 @@
 
 A fixed amount of CPU-bound work (one copy per CPU) is timed with no profiler and under
 each profiler in turn, the order rotated per round; reported are each profiler's median
-slowdown of that work, and bpfprof's own CPU (steady state, after start-up) and peak RSS.
+slowdown of that work, its own CPU (steady state, after start-up), RSS and peak RSS, and
+the time its BPF program ran per sample (the kernel's bpf_stats).
 Also: time from `bpfprof record` start to the moment sampling runs (compile included).
 
     sudo .venv/bin/python bench/cpu_overhead.py [--rounds 3] [--seconds 20] [--build NAME=PYTHON]
@@ -23,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from _proc import add_build_option, bpfprof_builds, cpu_seconds, memory_mb, run_main
+from _proc import add_build_option, bpf_runs, bpf_spent, bpf_stats, bpfprof_builds, cpu_seconds, memory_mb, run_main
 
 HERE = Path(__file__).parent
+SETTLE_S = 4  # before each timed run: a profiler is compiled and attached by then
 
 WORK_C = r"""
 #include <stdlib.h>
@@ -73,24 +75,27 @@ def profilers(builds: List[str]) -> Dict[str, Callable[[Path], List[str]]]:
 
 
 def under_profiler(name: str, argv: List[str], work: Path, n: int):
-    """(work seconds, profiler CPU as a fraction of one core, RSS MB while sampling, peak RSS MB)."""
+    """(work seconds, profiler CPU as a fraction of one core, RSS MB while sampling, peak RSS MB,
+    BPF ns per sample)."""
+    loaded = bpf_runs()
     # SIGINT stops every profiler, even when this benchmark runs in the background,
     # where the shell started it with SIGINT ignored.
     profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(4)  # compiled, attached, first drain done
+    time.sleep(SETTLE_S)  # compiled, attached, first drain done
     if profiler.poll() is not None:
         raise SystemExit(f"{name} exited at start: {' '.join(argv)}")
-    cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
+    cpu_before, t_before, bpf_before = cpu_seconds(profiler.pid), time.monotonic(), bpf_runs()
     seconds = run_work(work, n)
     cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
+    samples = bpf_spent(bpf_before, bpf_runs(), loaded, kind="perf_event")
     steady = memory_mb(profiler.pid, "VmRSS:")
     profiler.send_signal(signal.SIGINT)
     peak = 0.0
     while profiler.poll() is None:  # until it has written its output and exited
         peak = max(peak, memory_mb(profiler.pid, "VmHWM:"))
         time.sleep(0.05)
-    return seconds, cpu, steady, peak
+    return seconds, cpu, steady, peak, samples.run_ns / samples.runs if samples.runs else 0.0
 
 
 @contextlib.contextmanager
@@ -134,7 +139,7 @@ def main() -> None:
     commands = profilers(args.build)
     names = [n for n in commands if shutil.which(commands[n](Path("."))[0])]
 
-    with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools():
+    with tempfile.TemporaryDirectory() as d, headers_for_bcc_tools(), bpf_stats():
         tmp = Path(d)
         work = build_work(tmp)
         n = calibrate(work, args.seconds)
@@ -144,19 +149,22 @@ def main() -> None:
             order = order[r % len(order):] + order[: r % len(order)]
             for name in order:
                 if name == "none":
-                    results[name].append((run_work(work, n), 0.0, 0.0, 0.0))
+                    time.sleep(SETTLE_S)  # the same idle start as a profiled run
+                    results[name].append((run_work(work, n), 0.0, 0.0, 0.0, 0.0))
                 else:
                     results[name].append(under_profiler(name, commands[name](tmp), work, n))
 
         base = statistics.median(r[0] for r in results["none"])
         print(f"work: {os.cpu_count()} copies, {base:.2f} s median without a profiler, {args.rounds} rounds")
-        print(f"{'profiler':<16} {'slowdown':>9} {'CPU/core':>9} {'RSS':>9} {'peak RSS':>9}")
+        print(f"{'profiler':<16} {'slowdown':>9} {'CPU/core':>9} {'RSS':>9} {'peak RSS':>9} {'BPF ns/sample':>14}")
         for name in names:
             slow = statistics.median(r[0] for r in results[name]) / base - 1
             cpu = statistics.median(r[1] for r in results[name])
             steady = max(r[2] for r in results[name])
             peak = max(r[3] for r in results[name])
-            print(f"{name:<16} {100 * slow:8.2f}% {100 * cpu:8.2f}% {steady:7.1f}MB {peak:7.1f}MB")
+            per_sample = statistics.median(r[4] for r in results[name])
+            print(f"{name:<16} {100 * slow:8.2f}% {100 * cpu:8.2f}% {steady:7.1f}MB {peak:7.1f}MB "
+                  + (f"{per_sample:14.0f}" if per_sample else f"{'-':>14}"))
         for name, bpfprof in bpfprof_builds(args.build).items():
             starts = [time_to_first_sample(bpfprof, tmp) for _ in range(3)]
             print(f"{name} start to first sample: median {statistics.median(starts):.2f} s "
