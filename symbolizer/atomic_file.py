@@ -16,8 +16,8 @@ def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # the file made here, whatever its name points at by now
             os.fsync(f.fileno())  # the new name never points at data still in flight
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

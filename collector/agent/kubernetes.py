@@ -140,6 +140,9 @@ class PodMetadata:
             url = kubelet_url.rstrip("/") + "/pods"
             # The read-only port (http, 10255) takes no token, and must not see one in clear.
             send_token = has_token and url.startswith("https://")
+            if send_token and kubelet_insecure_tls:
+                log.warning("the service-account token goes to a kubelet whose certificate is not checked "
+                            "(--kubelet-insecure-tls)", extra={"fields": {"url": url}})
             endpoint = PodListEndpoint(url, token_path if send_token else "", ca_path,
                                        verify=not kubelet_insecure_tls, timeout_s=timeout_s,
                                        permission=_KUBELET_PERMISSION)

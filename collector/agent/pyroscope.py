@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import ssl
@@ -18,6 +19,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 from bpfprof import __version__
 from bpfprof.collector.errors import CollectorError, UsageError
 from bpfprof.collector.output.pprof_schema import message_classes
+
+log = logging.getLogger("bpfprof.agent")
 
 # Field numbers as in Pyroscope's api/push/v1/push.proto and api/types/v1/types.proto.
 # RawProfileSeries.annotations (3) is left out: the store drops annotations that are pushed.
@@ -165,6 +168,12 @@ class PushClient:
         }
         if credentials.scheme:
             self._headers["Authorization"] = credentials.authorization()
+            if parts.scheme == "http":
+                log.warning("the push credentials go to the store in clear text: give an https:// --push-url",
+                            extra={"fields": {"url": url}})
+            elif not verify_tls:
+                log.warning("the push credentials go to a store whose certificate is not checked "
+                            "(--push-insecure-skip-verify)", extra={"fields": {"url": url}})
         if tenant:
             self._headers["X-Scope-OrgID"] = tenant
         self._opener = urllib.request.build_opener(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import zlib
 from typing import Dict, Tuple
 
@@ -13,6 +15,11 @@ from bpfprof.collector.errors import UsageError
 from bpfprof.collector.output.pprof_schema import PprofProfile
 from bpfprof.collector.profile import Labels, Profile, ValueType
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
+
+# A profile given to `report` may be anything: how large a file, and the message inside it,
+# are read at most.
+MAX_PPROF_FILE = 256 << 20
+MAX_PPROF_MESSAGE = 1 << 30
 
 
 class _Builder:
@@ -116,18 +123,40 @@ def write_pprof(profile: Profile, path: str) -> None:
     write_atomically(path, pprof_bytes(profile))
 
 
-def read_pprof(path: str):
-    """A pprof message from a file, gzipped or not; UsageError when it is not a profile."""
+def _read_file(path: str) -> bytes:
+    """A regular file of at most MAX_PPROF_FILE bytes, opened without waiting (a FIFO
+    given as a profile is refused, not waited on)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise UsageError(f"{path} is not a regular file")
+        if status.st_size > MAX_PPROF_FILE:
+            raise UsageError(f"{path} is {status.st_size} bytes, more than a profile can be ({MAX_PPROF_FILE})")
+        return f.read(MAX_PPROF_FILE)
+
+
+def _gunzip(data: bytes, path: str) -> bytes:
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = inflate.decompress(data, MAX_PPROF_MESSAGE)
+    if inflate.unconsumed_tail:
+        raise UsageError(f"{path} inflates to more than a profile can be ({MAX_PPROF_MESSAGE} bytes)")
+    if not inflate.eof:
+        raise UsageError(f"{path} is not a pprof profile: its gzip stream is cut short")
+    return data
+
+
+def read_pprof(path: str):
+    """A pprof message from a file, gzipped or not; UsageError when it is not a profile."""
+    data = _read_file(path)
     try:
         if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+            data = _gunzip(data, path)
         message = PprofProfile.FromString(data)
-    except (OSError, EOFError, zlib.error, DecodeError) as e:
+    except (EOFError, zlib.error, DecodeError) as e:
         raise UsageError(f"{path} is not a pprof profile: {e}") from None
     if not message.string_table or message.string_table[0] != "":
         raise UsageError(f"{path} is not a pprof profile: its string table does not start with \"\"")
@@ -144,12 +173,12 @@ def _frame_kind(mapping_name: str, file: str) -> FrameKind:
     return FrameKind.NATIVE
 
 
-def _labels(strings, sample) -> Labels:
+def _labels(string, sample) -> Labels:
     known = {"pid": 0, "tid": 0, "comm": "", "thread": ""}
     extra = []
     for label in sample.label:
-        key = strings[label.key]
-        value = strings[label.str] if label.str else label.num
+        key = string(label.key)
+        value = string(label.str) if label.str else label.num
         if key in known and isinstance(value, type(known[key])):
             known[key] = value
         else:
@@ -201,7 +230,7 @@ def from_pprof(message) -> Profile:
         if len(sample.value) != len(sample_types):
             raise UsageError(f"a sample has {len(sample.value)} values for {len(sample_types)} sample types")
         stack = tuple(frame for location_id in sample.location_id for frame in stacks.get(location_id, ()))
-        profile.add(stack, _labels(strings, sample), list(sample.value))
+        profile.add(stack, _labels(string, sample), list(sample.value))
     return profile
 
 

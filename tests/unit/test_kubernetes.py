@@ -261,7 +261,7 @@ def test_kubelet_pods_endpoint(server, secrets, clock):
     assert server.requests == [Request("/pods", "Bearer token-1")]
 
 
-def test_kubelet_self_signed_certificate_needs_insecure_tls(server, tmp_path, clock):
+def test_kubelet_self_signed_certificate_needs_insecure_tls(server, tmp_path, clock, caplog):
     (tmp_path / "token").write_text("token-1")  # no ca.crt that vouches for the kubelet
     checked = PodMetadata.from_environment("", kubelet_url=server.url, environ={}, secrets_dir=str(tmp_path),
                                            clock=clock)
@@ -269,6 +269,9 @@ def test_kubelet_self_signed_certificate_needs_insecure_tls(server, tmp_path, cl
     unchecked = PodMetadata.from_environment("", kubelet_url=server.url, environ={}, secrets_dir=str(tmp_path),
                                              kubelet_insecure_tls=True, clock=clock)
     assert unchecked.lookup(COREDNS_ID).container == "coredns"
+    token_warnings = [r.getMessage() for r in caplog.records if "service-account token" in r.getMessage()]
+    assert token_warnings == [
+        "the service-account token goes to a kubelet whose certificate is not checked (--kubelet-insecure-tls)"]
 
 
 def test_a_redirect_does_not_carry_the_token(server, secrets, clock):

@@ -1,11 +1,15 @@
 """pprof as the output contract says, read back by us and by `go tool pprof`."""
 
 import gzip
+import os
+import stat
 
 import pytest
 
 from bpfprof.collector.errors import UsageError
+from bpfprof.collector.output import pprof
 from bpfprof.collector.output.pprof import read_pprof, write_pprof
+from bpfprof.symbolizer.atomic_file import write_atomically
 from bpfprof.collector.profile import Labels, cpu_profile
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from pprof_check import check_with_go
@@ -102,3 +106,40 @@ def test_corrupt_input_is_one_clear_error(tmp_path, content):
 def test_missing_input(tmp_path):
     with pytest.raises(UsageError, match="cannot read"):
         read_pprof(str(tmp_path / "none.pb.gz"))
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "profile.pb.gz"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        read_pprof(str(fifo))
+
+
+def test_a_gzip_bomb_stops_at_the_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(pprof, "MAX_PPROF_MESSAGE", 1 << 20)
+    path = tmp_path / "bomb.pb.gz"
+    path.write_bytes(gzip.compress(bytes(8 << 20)))
+    with pytest.raises(UsageError, match="inflates to more than a profile can be"):
+        read_pprof(str(path))
+
+
+def test_a_cut_gzip_stream_is_one_clear_error(written):
+    written.write_bytes(written.read_bytes()[:-20])
+    with pytest.raises(UsageError, match="gzip stream is cut short"):
+        read_pprof(str(written))
+
+
+def test_string_indexes_out_of_range_read_as_empty(written):
+    message = read_pprof(str(written))
+    message.sample[0].label[0].key = len(message.string_table) + 5
+    message.sample[0].label[1].str = 1 << 40
+    profile = pprof.from_pprof(message)
+    assert sum(sum(values) for values in profile.samples.values()) > 0
+
+
+def test_the_file_gets_its_mode_from_the_open_file(tmp_path, monkeypatch):
+    """Not through its name, which another process may have pointed elsewhere meanwhile."""
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: pytest.fail("chmod by path"))
+    path = tmp_path / "out.bin"
+    write_atomically(str(path), b"data", mode=0o640)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

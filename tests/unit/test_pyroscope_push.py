@@ -424,3 +424,17 @@ def test_a_sender_that_breaks_does_not_stop_the_queue(caplog):
     assert sent == [None, b"second"]
     assert (queue.failed, queue.dropped) == (1, 1)
     assert "push failed unexpectedly" in caplog.text
+
+
+@pytest.mark.parametrize("url, verify, warning", [
+    ("http://store:4040", True, "the push credentials go to the store in clear text: give an https:// --push-url"),
+    ("https://store:4040", False, "the push credentials go to a store whose certificate is not checked "
+                                  "(--push-insecure-skip-verify)"),
+    ("https://store:4040", True, None),
+], ids=["http", "unverified", "https"])
+def test_credentials_sent_unprotected_are_warned_of(url, verify, warning, caplog):
+    caplog.set_level(logging.INFO, logger="bpfprof.agent")
+    PushClient(url, Credentials(token="secret"), verify_tls=verify)
+    PushClient(url, Credentials(), verify_tls=verify)  # nothing to protect: no warning
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ([warning] if warning else [])
