@@ -11,6 +11,7 @@ import click
 
 from bpfprof.collector.cli import agent, check, record, report, top
 from bpfprof.collector.errors import CollectorError, UsageError
+from bpfprof.symbolizer.text import printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,21 +32,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         click.echo(e.format_message())
         code = 2
     except click.ClickException as e:
-        click.echo(f"bpfprof: {e.format_message()}", err=True)
+        click.echo(f"bpfprof: {printable(e.format_message())}", err=True)
         code = e.exit_code
     except click.Abort:
         code = 130
-    except UsageError as e:
-        click.echo(f"bpfprof: {e}", err=True)
+    except UsageError as e:  # may name what a profiled process or a file holds: printed escaped
+        click.echo(f"bpfprof: {printable(str(e))}", err=True)
         code = 2
     except CollectorError as e:
-        click.echo(f"bpfprof: {e}", err=True)
+        click.echo(f"bpfprof: {printable(str(e))}", err=True)
         code = 1
     except BrokenPipeError:
         code = 1
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("BPFPROF_DEBUG"):
             raise
-        click.echo(f"bpfprof: internal error: {type(e).__name__}: {e} (BPFPROF_DEBUG=1 shows where)", err=True)
+        click.echo(f"bpfprof: internal error: {type(e).__name__}: {printable(str(e))} (BPFPROF_DEBUG=1 shows where)",
+                   err=True)
         code = 70
     sys.exit(code or 0)

@@ -9,6 +9,7 @@ from typing import Sequence, Tuple
 import click
 
 from bpfprof.collector.errors import CollectorError, UsageError
+from bpfprof.symbolizer.text import printable
 
 PROFILE_TYPES = ("cpu", "block", "wall")
 MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
@@ -73,7 +74,7 @@ def parse_pids(values: Sequence[str]) -> Tuple[int, ...]:
 
 
 def warn(message: str) -> None:
-    click.echo(f"bpfprof: warning: {message}", err=True)
+    click.echo(f"bpfprof: warning: {printable(message)}", err=True)
 
 
 def make_recorder(config, types: Sequence[str], warn=warn):

@@ -15,6 +15,7 @@ from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_re
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH
 from bpfprof.symbolizer.interpreters.python.threads import STACK_DEPTH as PYTHON_STACK_DEPTH
+from bpfprof.symbolizer.text import printable
 
 LOSS_FIXES = {
     "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),
@@ -152,8 +153,8 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
                    "(their samples are marked)", err=True)
     if recording.unreadable_binaries:
         path, why = next(iter(recording.unreadable_binaries.items()))
-        click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. {path}: {why} "
-                   "(their frames show module+offset)", err=True)
+        click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. "
+                   f"{printable(path)}: {printable(why)} (their frames show module+offset)", err=True)
     if top:
         for t in types:
             profile = recording.profiles[t]

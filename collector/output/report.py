@@ -7,6 +7,7 @@ from typing import List, Sequence, Tuple
 
 from bpfprof.collector.output.functions import DiffRow, Row
 from bpfprof.collector.output.units import format_value
+from bpfprof.symbolizer.text import printable
 
 MIN_TEXT = 12  # narrowest a function or file column gets, however narrow the terminal
 
@@ -22,7 +23,9 @@ def _percent(part: float, whole: float) -> str:
 def _layout(numbers: List[Tuple[str, ...]], texts: List[Tuple[str, str]], headers: Sequence[str],
             width: int) -> List[str]:
     """Right-aligned number columns, then the function and its place, both cut so that each
-    line fits `width` (the place first, as the name matters more)."""
+    line fits `width` (the place first, as the name matters more). Names come from profiled
+    processes: they are printed escaped."""
+    texts = [(printable(name), printable(where)) for name, where in texts]
     n = len(headers) - 2
     widths = [max([len(headers[i])] + [len(r[i]) for r in numbers]) for i in range(n)]
     fixed = sum(widths) + 2 * n

@@ -13,6 +13,7 @@ from bpfprof.symbolizer.interpreters import InterpreterProcess
 from bpfprof.symbolizer.interpreters.merge import merge
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
+from bpfprof.symbolizer.text import printable
 
 
 def _lookup_addresses(stack: Tuple[int, ...]) -> Iterable[int]:
@@ -58,7 +59,8 @@ class StackResolver:
             frames.extend(user)
         thread = (interpreter.thread_name(sample.tid) if interpreter else None) or sample.thread_name
         extra = process.container.labels if process.container else ()
-        labels = Labels(sample.pid, sample.tid, process.comm or sample.thread_name, thread, extra)
+        # Names the process gave itself and its threads: escaped, as every label a store keeps.
+        labels = Labels(sample.pid, sample.tid, printable(process.comm or sample.thread_name), printable(thread), extra)
         return tuple(frames), labels
 
     def _user_frame(self, pid: int, address: int) -> Frame:

@@ -22,3 +22,14 @@ def test_folded_lines(tmp_path):
         "app;main;ns::work<a:b>;ksys_write_[k] 5",
         "python3;main;Handler.calc3 (app.py) 2",
     ]
+
+
+def test_names_cannot_forge_lines_or_reach_a_terminal(tmp_path):
+    """A comm or a name holding a newline, a carriage return or a terminal escape stays
+    inside its own field of its own line."""
+    profile = cpu_profile(hz=99, start_ns=0)
+    forged = Frame(FrameKind.NATIVE, "evil\r\x1b[2J\u202e", APP, 0x30)
+    profile.add((forged, MAIN), Labels(3, 3, "a 99999999\nb", "t"), [1, 0])
+    path = tmp_path / "out.folded"
+    write_folded(profile, str(path))
+    assert path.read_text() == "a 99999999\\x0ab;main;evil\\x0d\\x1b[2J\\u202e 1\n"

@@ -148,3 +148,11 @@ def test_an_exec_forgets_the_old_image():
     _, recording = record(events, Drained([sample], [], []))
     (stack, _), = recording.profiles["cpu"].samples
     assert stack[0].name in ("getpid", "__getpid")
+
+
+def test_names_a_process_gave_itself_are_escaped_in_labels():
+    evil = "a\n99\x1b[2J"
+    sample = RawSample(GONE_PID, GONE_PID, evil, (), (0x401000,), 1)
+    _, recording = record([ProcessEvent("PROCESS_SEEN", GONE_PID, GONE_PID, evil)], Drained([sample], [], []))
+    (_, labels), = recording.profiles["cpu"].samples
+    assert (labels.comm, labels.thread) == ("a\\x0a99\\x1b[2J", "a\\x0a99\\x1b[2J")

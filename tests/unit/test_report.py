@@ -180,3 +180,15 @@ def test_missing_file_and_wrong_count(tmp_path, written):
     assert "cannot read" in run_bpfprof("report", str(tmp_path / "none.pb.gz")).stderr
     result = run_bpfprof("report", "--diff", str(written))
     assert result.returncode == 2 and "--diff takes two files" in result.stderr
+
+
+def test_names_in_a_profile_reach_the_terminal_escaped(tmp_path):
+    """A profile is anyone's file: its names cannot clear the screen or reorder a line."""
+    evil = Frame(FrameKind.NATIVE, "evil\x1b[2J\u202e", Module("/tmp/\x1b]0;title\x07x"), 0x10, "a\nb.c", 3)
+    path = tmp_path / "evil.pb.gz"
+    write_pprof(cpu([((evil, MAIN), A, 5)]), str(path))
+    result = run_bpfprof("report", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "evil\\x1b[2J\\u202e" in result.stdout
+    assert not [c for c in result.stdout if ord(c) < 0x20 and c != "\n"]
+    assert "\u202e" not in result.stdout
