@@ -9,6 +9,11 @@ Paths as the runtimes make them (cgroup v1 lines carry controllers, v2 lines sta
   kubelet, systemd driver          /kubepods.slice/kubepods-burstable.slice/
                                    kubepods-burstable-pod<uid, "_" for "-">.slice/cri-containerd-<id>.scope
   cri-o                            .../crio-<id>.scope   (crio-conmon-<id>: the monitor, not the container)
+
+Below its own cgroup a container (or a user, under user.slice) may make cgroups of any
+name, so only the runtime's level counts: the outermost segment named like a container,
+outside user.slice, and the pod above it. (Rootless containers, under user.slice, are
+labelled as the host.)
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ def container_of(cgroup_text: str) -> Optional[Container]:
         if len(parts) != 3:
             continue
         segments = parts[2].split("/")
-        for i in range(len(segments) - 1, -1, -1):
-            match = _CONTAINER.match(segments[i])
+        if "user.slice" in segments:
+            continue
+        for i, segment in enumerate(segments):
+            match = _CONTAINER.match(segment)
             if match:
                 return Container(match.group(1), _pod_uid(segments[:i]))
     return None

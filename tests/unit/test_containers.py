@@ -8,6 +8,8 @@ from bpfprof.collector.processes.containers import Container, container_of
 ID = "3f1c0a6d2b9e8f7a6c5b4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a"
 UID = "6e1f6c1e-2d3b-4c5a-9e8f-7a6b5c4d3e2f"
 UID_ = UID.replace("-", "_")
+OTHER = "a" * 64
+OTHER_UID = "11111111-2222-3333-4444-555555555555"
 
 
 @pytest.mark.parametrize("cgroup, expected", [
@@ -27,6 +29,9 @@ UID_ = UID.replace("-", "_")
     (f"0::/kubepods.slice/kubepods-pod{UID_}.slice/crio-{ID}.scope", Container(ID, UID)),
     # kubernetes + docker (dockershim), cgroup v1
     (f"9:devices:/kubepods/besteffort/pod{UID}/{ID}", Container(ID, UID)),
+    # cgroups a container made below its own, named to claim another container and pod
+    (f"0::/kubepods/burstable/pod{UID}/{ID}/pod{OTHER_UID}/{OTHER}", Container(ID, UID)),
+    (f"0::/system.slice/docker-{ID}.scope/x/docker-{OTHER}.scope", Container(ID)),
 ])
 def test_container_and_pod(cgroup, expected):
     assert container_of(cgroup) == expected
@@ -34,6 +39,7 @@ def test_container_and_pod(cgroup, expected):
 
 @pytest.mark.parametrize("cgroup", [
     "0::/user.slice/user-1000.slice/session-3.scope",
+    f"0::/user.slice/user-1000.slice/user@1000.service/docker-{ID}.scope",  # a user's cgroup claiming a container
     "0::/system.slice/containerd.service",
     f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-conmon-{ID}.scope",
     "0::/",
