@@ -14,6 +14,9 @@ _pread = ctypes.PyDLL(None, use_errno=True).pread
 _pread.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64]
 _pread.restype = ctypes.c_ssize_t
 _MAX_ADDRESS = (1 << 63) - 1
+# The most one read takes. Sizes come from the process read (a str's length, a dict's
+# entries): one that claims more is not believed, and nothing of its size is allocated.
+MAX_READ = 16 << 20
 
 
 class UnreadableMemory(Exception):
@@ -31,6 +34,8 @@ class ProcessMemory:
     def read(self, address: int, size: int) -> bytes:
         if size == 0 and address > 0:
             return b""
+        if not 0 < size <= MAX_READ:
+            raise UnreadableMemory(f"will not read {size} bytes at {address:#x} in {self.pid}")
         buffer = ctypes.create_string_buffer(size)
         if not 0 < address <= _MAX_ADDRESS - size or _pread(self._fd, buffer, size, address) != size:
             raise UnreadableMemory(f"cannot read {size} bytes at {address:#x} in {self.pid}")

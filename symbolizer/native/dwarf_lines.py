@@ -311,14 +311,20 @@ def _string_at(section, offset: int) -> str:
         size *= 4
 
 
+_LEB128_BITS = 70  # kept of a LEB128 number: ten bytes, more than any 64-bit value takes
+
+
 def leb128(data: bytes, i: int, signed: bool = False) -> Tuple[int, int]:
-    """The LEB128 number at data[i] and the index after it."""
+    """The LEB128 number at data[i] and the index after it. Bits past _LEB128_BITS are
+    dropped, so that a number of any length (a file may hold a megabyte of one) is read in
+    time linear in its length."""
     value = shift = 0
     while True:
         byte = data[i]
         i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
+        if shift < _LEB128_BITS:
+            value |= (byte & 0x7F) << shift
+            shift += 7
         if byte < 0x80:
             return (value - (1 << shift) if signed and byte & 0x40 else value), i
 

@@ -9,7 +9,8 @@ import os
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.native.dwarf_lines import every_program_place, line_program, line_sequences, program_place
+from bpfprof.symbolizer.native.dwarf_lines import (every_program_place, leb128, line_program, line_sequences,
+                                                  program_place)
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 
@@ -93,3 +94,13 @@ def test_line_programs_of_every_unit_of_libpython_are_found_as_pyelftools_finds_
     pairs = list(programs_both_ways(libraries[-1]))
     assert len(pairs) > 100
     assert [ours for ours, _ in pairs] == [theirs for _, theirs in pairs]
+
+
+def test_a_leb128_of_a_megabyte_is_read_in_one_pass():
+    """Bits past a 64-bit number's are dropped, so a hostile file's megabyte-long number is
+    read in linear time, and its end is still found."""
+    data = b"\xff" * (1 << 20) + b"\x01" + b"\x05"
+    value, after = leb128(data, 0)
+    assert value < 1 << 70 and after == (1 << 20) + 1
+    assert leb128(data, after) == (5, len(data))
+    assert leb128(b"\x7f", 0, signed=True) == (-1, 1)

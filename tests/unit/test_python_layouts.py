@@ -436,3 +436,14 @@ def test_debug_offsets_refuses_free_threaded_builds(data):
     struct.pack_into("<Q", data, 16, 1)  # free_threaded
     with pytest.raises(ValueError, match="free-threaded"):
         parse_debug_offsets(bytes(data))
+
+
+def test_debug_offsets_claiming_huge_structures_are_refused():
+    """The struct is the process's to write: a structure that claims to be exabytes large
+    cannot carry an offset past what any real one has (nor past the walker's s32 fields)."""
+    names = [f"{group}.{name}" for group, members in DEBUG_OFFSETS_3_14_10 for name, _ in members]
+    data = bytearray(synthetic_runtime_3_14())
+    for member, value in (("unicode_object.size", 1 << 62), ("unicode_object.asciiobject_size", 1 << 40)):
+        struct.pack_into("<Q", data, 24 + 8 * names.index(member), value)
+    with pytest.raises(ValueError, match="asciiobject_size"):
+        parse_debug_offsets(bytes(data))

@@ -260,3 +260,11 @@ def test_location_table_forms():
 def test_old_versions_rejected():
     with pytest.raises(ValueError):
         line_table((3, 7), b"", 1)
+
+
+def test_a_varint_of_a_megabyte_is_read_in_one_pass():
+    """A hostile line table: one entry whose line delta runs on for a megabyte (each byte
+    continues the varint). Its bits past a line's are dropped, so the read is linear."""
+    entry = bytes([0x80 | (13 << 3)]) + b"\x7f" * (1 << 20) + b"\x00"  # code 13: no columns, a varint
+    (start, end, line), = line_table((3, 12), entry, 10)
+    assert (start, end) == (0, 2) and abs(line) < 1 << 36

@@ -450,6 +450,9 @@ def _positions(layout: _DebugOffsetsLayout) -> Tuple[Dict[str, int], int]:
     return positions, at
 
 
+_MAX_STRUCT = 1 << 24  # bytes: _PyRuntimeState and PyInterpreterState, the largest, take a few hundred KiB
+
+
 def parse_debug_offsets(data: bytes) -> PythonLayout:
     """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
     (at least DEBUG_OFFSETS_SIZE bytes are best; fewer will do if they cover the struct).
@@ -494,9 +497,11 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     def members(fields: Dict[str, str]) -> Dict[str, int]:
         values = {field: member(name) for field, name in fields.items()}
         for field, name in fields.items():
-            # Every offset must fall inside its structure, whose size the struct also gives.
-            # (For asciiobject_size, a size itself, that holds as well: PyUnicodeObject is larger.)
-            limit = member(name.split(".")[0] + ".size")
+            # Every offset must fall inside its structure, whose size the struct also gives,
+            # and no structure is larger than _MAX_STRUCT (the struct is the process's to
+            # write). For asciiobject_size, a size itself, that holds as well: PyUnicodeObject
+            # is larger.
+            limit = min(member(name.split(".")[0] + ".size"), _MAX_STRUCT)
             if not values[field] < limit:
                 raise ValueError(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
                                  f"is not below the structure's size {limit}")

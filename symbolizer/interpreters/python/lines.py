@@ -124,14 +124,19 @@ def _signed_byte(value: int) -> int:
     return value - 256 if value >= 128 else value
 
 
+_VARINT_BITS = 36  # kept of a line table's varint: more than any line number takes
+
+
 def _signed_varint(data: bytes, pos: int) -> int:
     # Varint: 6 bits a byte, least significant first, 0x40 set on all but the last.
     # Signed: the lowest bit of the decoded value is the sign, the rest the magnitude.
+    # Bits past _VARINT_BITS are dropped: a varint of any length is read in linear time.
     value, shift = 0, 0
     while pos < len(data) and not data[pos] & 0x80:  # 0x80 starts the next entry
         byte = data[pos]
-        value |= (byte & 0x3F) << shift
-        shift += 6
+        if shift < _VARINT_BITS:
+            value |= (byte & 0x3F) << shift
+            shift += 6
         pos += 1
         if not byte & 0x40:
             break
