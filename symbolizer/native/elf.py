@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
+import re
 import struct
 import zlib
 from array import array
@@ -32,6 +33,7 @@ STT_GNU_IFUNC = 10
 STB_GLOBAL = 1
 STB_WEAK = 2
 DEBUG_ROOT = "/usr/lib/debug"
+_BUILD_ID = re.compile(r"[0-9a-f]{2,128}")  # as hex: what a cache or debug file name may hold
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,15 @@ def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, .
 
 
 def read_build_id(elf: ELFFile) -> str:
+    """The GNU build ID in lowercase hex, "" without one. A note of that type with another
+    owner is someone else's (its description is raw bytes), and is not taken for one."""
     for section in elf.iter_sections():
         if section["sh_type"] == "SHT_NOTE":
             for note in section.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID":
-                    return note["n_desc"]
+                description = note["n_desc"]
+                if (note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU" and isinstance(description, str)
+                        and _BUILD_ID.fullmatch(description)):
+                    return description
     return ""
 
 

@@ -4,13 +4,16 @@ stripped ones with debug files found by build ID and by .gnu_debuglink, C++ name
 import os
 import re
 import shutil
+import struct
 import subprocess
 import time
 import zlib
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.native.elf import open_elf_symbols
+from bpfprof.symbolizer.native.elf import open_elf_symbols, read_build_id
+from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
@@ -229,3 +232,20 @@ def test_native_symbolizer_refuses_a_replaced_file(build_c):
     native = NativeSymbolizer()
     assert native.get_frame(obj, 0x1000).name == f"[{binary.name}+0x1000]"
     assert str(binary) in native.unreadable
+
+
+def test_a_build_id_note_of_another_owner_is_not_a_build_id(tmp_path):
+    """A note of the build ID's type whose owner is not "GNU" holds raw bytes, which would
+    name cache and debug files (and crash the unwind table builder): it is no build ID."""
+    binary = tmp_path / "forged"
+    subprocess.run(["gcc", "-O1", "-Wl,--build-id=none", "-o", str(binary), str(FIXTURES / "chain.c")], check=True)
+    note = tmp_path / "note"
+    description = bytes(range(0xf0, 0x100)) + b"../x"
+    note.write_bytes(struct.pack("<III", 4, len(description), 3) + b"XNU\0" + description)
+    subprocess.run(["objcopy", "--add-section", f".note.forged={note}", str(binary)], check=True)
+    with open(binary, "rb") as f:
+        elf = ELFFile(f)
+        assert any(s["sh_type"] == "SHT_NOTE" and s.name == ".note.forged" for s in elf.iter_sections())
+        assert read_build_id(elf) == ""
+    assert open_elf_symbols(str(binary)).build_id == ""
+    assert open_unwind_table(str(binary), str(tmp_path / "cache")) is not None
