@@ -33,6 +33,9 @@ STT_GNU_IFUNC = 10
 STB_GLOBAL = 1
 STB_WEAK = 2
 DEBUG_ROOT = "/usr/lib/debug"
+# What DWARF that is not as it should be raises, in pyelftools or here (a line past
+# what an unsigned table holds: OverflowError).
+_MALFORMED_DWARF = (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error)
 _BUILD_ID = re.compile(r"[0-9a-f]{2,128}")  # as hex: what a cache or debug file name may hold
 
 
@@ -126,8 +129,20 @@ def read_build_id(elf: ELFFile) -> str:
 
 
 def _has_lines(elf: ELFFile) -> bool:
-    section = elf.get_section_by_name(".debug_line")
-    return section is not None and section["sh_type"] != "SHT_NOBITS"
+    """Whether the file has the DWARF sections that lines are read from."""
+    sections = [elf.get_section_by_name(name) for name in (".debug_line", ".debug_info", ".debug_abbrev")]
+    return all(section is not None and section["sh_type"] != "SHT_NOBITS" for section in sections)
+
+
+def _lines(elf: ELFFile, stream: BinaryIO) -> Optional["_Lines"]:
+    """The file's line tables, or None when it has none or they cannot be read: its
+    symbols name its functions all the same."""
+    if not _has_lines(elf):
+        return None
+    try:
+        return _Lines(elf, stream)
+    except _MALFORMED_DWARF:
+        return None
 
 
 def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
@@ -220,8 +235,16 @@ class _Inflated(_Window):
 
     def _read(self, offset: int, size: int) -> bytes:
         if self._data is None:
+            if self._size > MAX_INFLATED:
+                raise ValueError(f"a compressed section claims {self._size} bytes inflated")
             compressed = os.pread(self._fd, self._compressed_size, self._compressed_start)
-            self._data = zlib.decompress(compressed, bufsize=self._size)
+            inflate = zlib.decompressobj()
+            try:
+                self._data = inflate.decompress(compressed, self._size)
+            except zlib.error as e:
+                raise ValueError(f"a compressed section does not inflate: {e}") from None
+            if inflate.unconsumed_tail:
+                raise ValueError("a compressed section inflates to more than it claims")
         return self._data[offset:offset + size]
 
     def forget(self) -> None:
@@ -229,6 +252,7 @@ class _Inflated(_Window):
 
 
 ELFCOMPRESS_ZLIB = 1
+MAX_INFLATED = 512 << 20  # bytes a compressed debug section may inflate to
 
 
 def _section_stream(elf: ELFFile, fd: int, section) -> _Window:
@@ -313,7 +337,7 @@ class _Lines:
                     else program_place(self._dwarf, cu_offset)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed(keep_inflated=True)
-        except (ELFError, ValueError, KeyError, IndexError, TypeError, struct.error):
+        except _MALFORMED_DWARF:
             return None  # malformed DWARF: names still come from the symbol tables
         base, addresses, lines, files, names = table
         i = bisect.bisect_right(addresses, vaddr - base) - 1
@@ -468,8 +492,8 @@ def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
     entries, data, lines = [], {}, None
     try:
         entries, data = _read_symbols(elf, data_names)
-        if want_lines and _has_lines(elf):
-            lines = _Lines(elf, stream)
+        if want_lines:
+            lines = _lines(elf, stream)
     except (ELFError, struct.error, ValueError):
         pass
     if lines is None:
@@ -507,7 +531,7 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
         build_id = read_build_id(elf)
         segments = load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
-        own_lines = lines = _Lines(elf, stream) if _has_lines(elf) else None
+        own_lines = lines = _lines(elf, stream)
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_path = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_path:

@@ -96,8 +96,8 @@ def test_compressed_sections_are_inflated_once_a_batch(tmp_path, monkeypatch):
     offsets = {name: file_offset(binary, addresses[name]) for name in ("chain_a", "second_unit", "third_unit")}
     symbols = open_elf_symbols(str(binary))
     inflations = []
-    inflate = zlib.decompress
-    monkeypatch.setattr(zlib, "decompress", lambda *args, **kwargs: inflations.append(1) or inflate(*args, **kwargs))
+    inflate = zlib.decompressobj
+    monkeypatch.setattr(zlib, "decompressobj", lambda *args, **kwargs: inflations.append(1) or inflate(*args, **kwargs))
     assert symbols.get_function(offsets["chain_a"] + 1).file.endswith("chain.c")
     per_table = len(inflations)
     assert per_table > 0
@@ -249,3 +249,32 @@ def test_a_build_id_note_of_another_owner_is_not_a_build_id(tmp_path):
         assert read_build_id(elf) == ""
     assert open_elf_symbols(str(binary)).build_id == ""
     assert open_unwind_table(str(binary), str(tmp_path / "cache")) is not None
+
+
+def without_abbreviations(binary):
+    copy = binary.with_name(binary.name + "_no_abbrev")
+    subprocess.run(["objcopy", "--remove-section", ".debug_abbrev", str(binary), str(copy)], check=True)
+    return copy
+
+
+def with_corrupt_line_section(binary):
+    """Compressed DWARF whose .debug_line payload no longer inflates."""
+    copy = compressed(binary)
+    with open(copy, "r+b") as f:
+        elf = ELFFile(f)
+        section = elf.get_section_by_name(".debug_line")
+        payload = section["sh_offset"] + 24  # after the Elf64_Chdr
+        f.seek(payload)
+        f.write(bytes(b ^ 0x5a for b in f.read(32)))
+    return copy
+
+
+@pytest.mark.parametrize("edit", [without_abbreviations, with_corrupt_line_section], ids=["no-abbrev", "corrupt-zlib"])
+def test_dwarf_that_cannot_be_read_leaves_the_names(build_c, edit):
+    """Lines that cannot be read are no lines; the symbol table still names every function."""
+    binary = edit(build_c("chain"))
+    symbols = open_elf_symbols(str(binary))
+    addresses = symbol_addresses(binary)
+    for name in CHAIN:
+        info = symbols.get_function(file_offset(binary, addresses[name]) + 1)
+        assert (info.name, info.line) == (name, 0)
