@@ -11,6 +11,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bpfprof.collector.probe.sampler import RawPythonFrame
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.process import PythonProcess
 from bpfprof.symbolizer.interpreters.python.threads import FRAME_SHIM
@@ -69,13 +70,8 @@ class Walker:
         self.late[tid] = (start_ns, frames)
 
 
-class Raw:
-    def __init__(self, code: int, instr: int, check: int) -> None:
-        self.code, self.instr, self.check, self.entry = code, instr, check, False
-
-
 def functions(process: PythonProcess, frames) -> List[str]:
-    code = [Raw(c, i, k) for c, i, k, flags in frames if not flags & FRAME_SHIM]
+    code = [RawPythonFrame(c, i, k, False) for c, i, k, flags in frames if not flags & FRAME_SHIM]
     return [frame.name for frame, _ in process.frames(code, False)]
 
 
