@@ -1,5 +1,16 @@
-"""Errors the symbolizer raises for a file it cannot use."""
+"""Errors the symbolizer raises for input it cannot use: a binary, a debug file, another
+process's memory. Every parser of untrusted input raises only these (or OSError from
+the operating system); anything else escaping one is a bug, which containment counts
+and which strict mode (BPFPROF_STRICT=1, the tests) lets through."""
 
 
 class SymbolizerError(Exception):
-    """A binary or debug file that cannot be read or parsed; the message says why."""
+    """Input that cannot be read or used; the message says why."""
+
+
+class MalformedInput(SymbolizerError):
+    """Data that breaks the rules of its format (ELF, DWARF, a CPython structure)."""
+
+
+class TooLarge(SymbolizerError):
+    """A size read from the input is over what is accepted; nothing of it was allocated."""

@@ -6,6 +6,8 @@ import ctypes
 import os
 import struct
 
+from bpfprof.symbolizer.errors import SymbolizerError
+
 # pread(2) called with the GIL held (a PyDLL function): a read of /proc/PID/mem takes
 # microseconds, while giving the GIL up for it (as os.pread does) makes every read wait
 # for the thread holding it to let go, a switch interval each, whenever a drain is busy
@@ -19,7 +21,7 @@ _MAX_ADDRESS = (1 << 63) - 1
 MAX_READ = 16 << 20
 
 
-class UnreadableMemory(Exception):
+class UnreadableMemory(SymbolizerError):
     """The address is not readable (unmapped, or the process is gone)."""
 
 
