@@ -15,6 +15,9 @@ from typing import List
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Strict mode: a bug in a parser (an exception other than the symbolizer's errors) is not
+# contained as an "internal error" but fails the test; bpfprof run by tests inherits it.
+os.environ["BPFPROF_STRICT"] = "1"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

@@ -14,6 +14,7 @@ from bpfprof.collector.agent.logs import LogFile, log
 from bpfprof.collector.agent.metrics import AgentStats
 from bpfprof.collector.agent.push_queue import PushQueue
 from bpfprof.collector.agent.pyroscope import Series, encode_push_request
+from bpfprof.collector.errors import CollectorError
 from bpfprof.collector.output.pprof import pprof_bytes
 from bpfprof.collector.profile import Profile
 from bpfprof.collector.pipeline.recorder import Recorder
@@ -72,6 +73,9 @@ class Agent:
                 stopped = self._recorder.stop_requested_at or time.monotonic()
                 self._queue.close(max(0.5, stopped + STOP_WITHIN_S - 0.5 - time.monotonic()))
             self._update_stats(recording.losses)
+            if recording.dead_thread:
+                raise CollectorError(f"a worker thread failed ({recording.dead_thread}); the agent ends so that "
+                                     "its supervisor starts it again")
             log.info("agent stopped", extra={"fields": {"samples": self._samples, "lost": recording.losses}})
         except Exception:
             log.exception("agent failed")  # the log keeps where; stderr gets the one-line summary
@@ -123,6 +127,7 @@ class Agent:
         self.stats = AgentStats(
             samples=dict(self._samples),
             lost=losses,
+            failures=self._recorder.failures.counts(),
             processes=status["processes"],
             processes_seen=status["processes_seen"],
             cached_binaries=status["binaries"],

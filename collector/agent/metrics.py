@@ -18,6 +18,8 @@ class AgentStats:
 
     samples: Dict[str, int] = field(default_factory=dict)  # profile type -> samples (or blocking events)
     lost: Dict[str, int] = field(default_factory=dict)  # reason -> samples or events lost
+    # (boundary, reason) -> failures contained reading binaries, processes, code objects, samples
+    failures: Dict[Tuple[str, str], int] = field(default_factory=dict)
     processes: int = 0
     processes_seen: int = 0
     cached_binaries: int = 0
@@ -66,6 +68,12 @@ class _StatsCollector:
             for key, value in sorted(values.items()):
                 family.add_metric([key], value)
             yield family
+        family = CounterMetricFamily("bpfprof_contained_failures", "Failures reading what profiled processes "
+                                     "hold, each contained where it entered, by boundary and reason.",
+                                     labels=["boundary", "reason"])
+        for (boundary, reason), value in sorted(stats.failures.items()):
+            family.add_metric([boundary, reason], value)
+        yield family
         for name, text, attribute in _COUNTERS:
             yield CounterMetricFamily(name, text, value=getattr(stats, attribute))
         for name, text, attribute in _GAUGES:

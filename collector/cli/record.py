@@ -12,10 +12,9 @@ import click
 
 from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
                                            min_block_option, parse_pids, sampler_config, write_output)
-from bpfprof.collector.errors import UsageError
+from bpfprof.collector.errors import CollectorError, UsageError
 from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH
 from bpfprof.symbolizer.interpreters.python.threads import STACK_DEPTH as PYTHON_STACK_DEPTH
-from bpfprof.symbolizer.text import printable
 
 LOSS_FIXES = {
     "LOSS_KERNEL_STACK_COLLISION": ("kernel stack collisions", "raise --stack-storage-size"),
@@ -45,6 +44,11 @@ UNWIND_END_NAMES = {
     "UNWIND_UNSUPPORTED_RULE": "unsupported rule", "UNWIND_RBP_LOST": "RBP lost",
     "UNWIND_READ_FAILED": "stack unreadable", "UNWIND_FALLBACK": "not read yet (frame pointers)",
 }
+
+# What failed at each containment boundary (symbolizer.containment), as the summary counts them.
+_FAILED = {"binary": "failures reading binaries", "process": "failures reading processes",
+           "code object": "Python code objects left unnamed", "sample": "samples left out",
+           "thread": "worker thread failures"}
 
 RECORD_EXAMPLES = """
 \b
@@ -151,15 +155,17 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     if recording.unreadable_processes:
         click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
                    "(their samples are marked)", err=True)
-    if recording.unreadable_binaries:
-        path, why = next(iter(recording.unreadable_binaries.items()))
-        click.echo(f"bpfprof: {len(recording.unreadable_binaries)} binaries could not be read, e.g. "
-                   f"{printable(path)}: {printable(why)} (their frames show module+offset)", err=True)
+    for (boundary, reason), n in sorted(recording.failures.items()):
+        click.echo(f"bpfprof: {n} {_FAILED[boundary]} ({reason}), e.g. "
+                   f"{recording.failure_examples[(boundary, reason)]}", err=True)
     if top:
         for t in types:
             profile = recording.profiles[t]
             click.echo(format_table(function_rows(profile)[:top], profile.total(), profile.main_type.unit,
                                     shutil.get_terminal_size((120, 24)).columns))
+    if recording.dead_thread:
+        raise CollectorError(f"recording ended early, a worker thread failed ({recording.dead_thread}); "
+                             f"what was collected is in {', '.join(outputs.values())}")
     if recording.exit_status is not None:
         status = recording.exit_status
         click.get_current_context().exit(status if status >= 0 else 128 - status)

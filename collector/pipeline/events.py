@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.table import ProcFiles, read_proc_files
 from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
+from bpfprof.symbolizer.containment import Failures
 
 # The ring buffers wake the thread as each event comes, so the poll's timeout only sets
 # how often interpreters with work pending (new threads to name) get to it, and how soon
@@ -37,8 +38,9 @@ class EventReader:
     """Start the sampler with `on_event` as its callback, then start() this; take()
     returns what arrived, each event with the /proc files read when it came."""
 
-    def __init__(self, sampler: Sampler, interpreters: Sequence[InterpreterProcesses] = ()) -> None:
+    def __init__(self, sampler: Sampler, failures: Failures, interpreters: Sequence[InterpreterProcesses] = ()) -> None:
         self._sampler = sampler
+        self._failures = failures
         self._interpreters = interpreters
         # A SimpleQueue: wake() puts to it from a signal handler.
         self._arrived: "queue.SimpleQueue[Optional[Arrival]]" = queue.SimpleQueue()
@@ -50,29 +52,36 @@ class EventReader:
             for interpreters in self._interpreters:
                 interpreters.on_thread_found(event.pid)
             return
-        early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
-        for interpreters in self._interpreters:
-            if event.kind == "PROCESS_EXEC":
-                interpreters.on_exec(event.pid)
-            elif early is not None:
-                interpreters.on_first_read(event.pid, early)
-        self._arrived.put((event, early))
+        early = None
+        with self._failures.contain("process", str(event.pid)):
+            early = read_proc_files(event.pid) if event.kind in _READ_EARLY else None
+            for interpreters in self._interpreters:
+                if event.kind == "PROCESS_EXEC":
+                    interpreters.on_exec(event.pid)
+                elif early is not None:
+                    interpreters.on_first_read(event.pid, early)
+        self._arrived.put((event, early))  # whatever happened above, the recorder hears of it
 
     def on_stack(self, pid: int, frames: Sequence) -> None:
-        for interpreters in self._interpreters:
-            interpreters.on_stack(pid, frames)
+        with self._failures.contain("process", str(pid)):
+            for interpreters in self._interpreters:
+                interpreters.on_stack(pid, frames)
 
     def start(self) -> None:
         # A drain keeps the recorder's thread busy for up to a second; let this thread
         # have the interpreter within a millisecond of an event rather than five.
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
-        self._thread = threading.Thread(target=self._run, name="bpfprof-events", daemon=True)
+        self._thread = threading.Thread(target=self._failures.keep_running, args=("events", self._run),
+                                        name="bpfprof-events", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            busy = any(interpreters.has_work() for interpreters in self._interpreters)
-            self._poll(_SCAN_POLL_MS if busy else _IDLE_POLL_MS)
+        try:
+            while not self._stopping.is_set():
+                busy = any(interpreters.has_work() for interpreters in self._interpreters)
+                self._poll(_SCAN_POLL_MS if busy else _IDLE_POLL_MS)
+        finally:
+            self.wake()  # a recorder waiting in take() looks at the failures again
 
     def _poll(self, timeout_ms: int) -> None:
         self._sampler.poll(timeout_ms)

@@ -7,7 +7,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from bpfprof.collector.pipeline.events import Arrival, EventReader
 from bpfprof.collector.pipeline.stacks import StackResolver
@@ -17,6 +17,7 @@ from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.processes.table import ProcFiles, ProcessTable
 from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
@@ -32,7 +33,10 @@ class Recording:
     offcpu: Dict[str, int]  # OFFCPU_* -> switches seen, when off-CPU time was followed
     num_processes: int
     unreadable_processes: int
-    unreadable_binaries: Dict[str, str] = field(default_factory=dict)  # path -> why
+    # (boundary, reason) -> failures contained there, and the first of each as "name: why"
+    failures: Dict[Tuple[str, str], int] = field(default_factory=dict)
+    failure_examples: Dict[Tuple[str, str], str] = field(default_factory=dict)
+    dead_thread: Optional[str] = None  # "name: why" of a worker thread given up, which ended the recording
     exit_status: Optional[int] = None  # of the command, when one was started
     unwind: Optional[UnwindStats] = None  # the unwind tables, when native stacks were unwound from them
     unwind_ends: Dict[str, int] = field(default_factory=dict)  # UNWIND_* -> native stacks that ended so
@@ -86,13 +90,14 @@ class Recorder:
         # One open file per binary keeps it readable after its process exits.
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
+        self.failures = Failures(warn)
+        self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS, self.failures)
         # Each kind of interpreter the BPF side walks.
         self._interpreters: List[InterpreterProcesses] = []
         if config.python:
-            self._interpreters.append(PythonProcesses(self._sampler, self._native, warn))
-        self._events = EventReader(self._sampler, self._interpreters)
-        self._unwinding = NativeUnwinding(self._sampler, self._native) if config.native_unwind else None
+            self._interpreters.append(PythonProcesses(self._sampler, self._native, self.failures, warn))
+        self._events = EventReader(self._sampler, self.failures, self._interpreters)
+        self._unwinding = NativeUnwinding(self._sampler, self._native, self.failures) if config.native_unwind else None
         told = [told.on_snapshot for told in (*self._interpreters, self._unwinding) if told is not None]
         self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again)
         self._events_due = 0.0
@@ -136,6 +141,10 @@ class Recorder:
             self._on_event(event, early)
 
     def _on_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
+        with self.failures.contain("process", str(event.pid)):
+            self._apply_event(event, early)
+
+    def _apply_event(self, event: ProcessEvent, early: Optional[ProcFiles]) -> None:
         if event.kind == "PROCESS_SEEN":
             self._processes.snapshot(event.pid, event.comm, early)
         elif event.kind == "PROCESS_EXEC":  # the event thread told the interpreters
@@ -170,10 +179,11 @@ class Recorder:
             (drained.wall, lambda s: {"wall": [s.delay_ns]}),
         ):
             for sample in samples:
-                stack, labels = self._resolver.resolve(sample)
-                for kind, values in values_by_type(sample).items():
-                    if kind in self.profiles:
-                        self.profiles[kind].add(stack, labels, values)
+                with self.failures.contain("sample", f"of process {sample.pid}"):
+                    stack, labels = self._resolver.resolve(sample)
+                    for kind, values in values_by_type(sample).items():
+                        if kind in self.profiles:
+                            self.profiles[kind].add(stack, labels, values)
                 self._take_events_when_due()
         for interpreters, ended in zip(self._interpreters, ended_threads):
             interpreters.drop_names(ended)
@@ -223,7 +233,7 @@ class Recorder:
                 due = min(next_drain, end, time.monotonic() + COMMAND_POLL_S if child is not None else end)
                 self._apply(self._events.take(due - time.monotonic()))
                 now = time.monotonic()
-                if now >= end:
+                if now >= end or self.failures.dead_thread:
                     break
                 if child is not None and child.poll():
                     break
@@ -261,7 +271,9 @@ class Recorder:
             offcpu=offcpu,
             num_processes=self._processes.num_seen,
             unreadable_processes=self._processes.num_unreadable,
-            unreadable_binaries=dict(self._native.unreadable),
+            failures=self.failures.counts(),
+            failure_examples=self.failures.examples(),
+            dead_thread=self.failures.dead_thread,
             exit_status=child.exit_status if child else None,
             unwind=self._unwinding.stats() if self._unwinding else None,
             unwind_ends=unwind_ends,

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from bpfprof.collector.processes.table import Mapping, Process
 from bpfprof.collector.processes.run_allocator import RunAllocator
 from bpfprof.collector.probe.sampler import UNWIND_MAPPINGS_SEARCHED, UNWIND_ROWS_SEARCHED, Sampler
-from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import UnwindTable
@@ -63,17 +63,21 @@ class _TableBuilder:
     """A thread that builds the unwind tables submit() asks for, and hands each to
     on_built(file, its table or None if it has none)."""
 
-    def __init__(self, cache_dir: Optional[str], on_built: Callable[[FileId, Optional[UnwindTable]], None]) -> None:
+    def __init__(self, cache_dir: Optional[str], on_built: Callable[[FileId, Optional[UnwindTable]], None],
+                 failures: Failures) -> None:
         self._cache_dir = cache_dir
         self._on_built = on_built
-        self._todo: "queue.Queue[Optional[Tuple[FileId, str]]]" = queue.Queue()
+        self._failures = failures
+        self._todo: "queue.Queue[Optional[Tuple[FileId, str, str]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
-    def submit(self, file_id: FileId, open_path: str) -> None:
+    def submit(self, file_id: FileId, path: str, open_path: str) -> None:
+        """`path` names the binary in what is told of it; `open_path` opens it."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="bpfprof-unwind-tables", daemon=True)
+            self._thread = threading.Thread(target=self._failures.keep_running, args=("unwind tables", self._run),
+                                            name="bpfprof-unwind-tables", daemon=True)
             self._thread.start()
-        self._todo.put((file_id, open_path))
+        self._todo.put((file_id, path, open_path))
 
     def stop(self) -> None:
         """The thread ends after the table it may be building (it is a daemon: nobody waits)."""
@@ -84,11 +88,10 @@ class _TableBuilder:
             work = self._todo.get()
             if work is None:
                 return
-            file_id, open_path = work
-            try:
-                table: Optional[UnwindTable] = open_unwind_table(open_path, self._cache_dir)
-            except SymbolizerError:
-                table = None  # not an x86-64 ELF file, or gone: frame pointers there
+            file_id, path, open_path = work
+            table: Optional[UnwindTable] = None  # not an x86-64 ELF file, or gone: frame pointers there
+            with self._failures.contain("binary", path):
+                table = open_unwind_table(open_path, self._cache_dir)
             self._on_built(file_id, table)
 
 
@@ -96,12 +99,13 @@ class NativeUnwinding:
     """Call on_snapshot() for every fresh read of a process and forget() when it execs or
     exits; tables come in on the builder's thread, hence the lock."""
 
-    def __init__(self, sampler: Sampler, native: NativeSymbolizer, cache_dir: Optional[str] = None) -> None:
+    def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures,
+                 cache_dir: Optional[str] = None) -> None:
         self._sampler = sampler
         self._native = native
         self._lock = threading.Lock()
         self._closed = False
-        self._builder = _TableBuilder(cache_dir, self._on_built)
+        self._builder = _TableBuilder(cache_dir, self._on_built, failures)
         self._building: Dict[FileId, Set[int]] = {}  # binaries being built -> pids waiting for them
         self._rows = RunAllocator(sampler.config.unwind_rows)
         self._mappings = RunAllocator(sampler.config.unwind_mappings)
@@ -206,7 +210,7 @@ class NativeUnwinding:
                 self._by_file[obj.file_id] = None
                 return None
             self._building[obj.file_id] = set()
-            self._builder.submit(obj.file_id, path)
+            self._builder.submit(obj.file_id, obj.path, path)
         self._building[obj.file_id].add(pid)
         return None
 

@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.probe.sampler import RawPythonFrame, Sampler
 from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
+from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.process import PythonProcess
 from bpfprof.symbolizer.interpreters.python.threads import INTERPRETER_NAME, layout_of
@@ -32,6 +34,10 @@ def _candidates(process: Process) -> List[Mapping]:
     return list(found.values())
 
 
+def _name(pid: int) -> str:
+    return f"{pid} (CPython)"
+
+
 def _still_mapped(pid: int, mapping: Mapping) -> bool:
     """Whether the process still maps the interpreter where it was seen."""
     try:
@@ -46,10 +52,11 @@ class PythonProcesses:
     while a thread or process still runs is read on the event thread (on_thread_found,
     work, on_stack); the rest on the recorder's."""
 
-    def __init__(self, sampler: Sampler, native: NativeSymbolizer,
+    def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures,
                  warn: Callable[[str], None] = lambda message: None) -> None:
         self._sampler = sampler
         self._native = native
+        self._failures = failures
         self._warn = warn
         self.interpreters: Dict[int, PythonProcess] = {}
         self.symbols = PythonSymbolizer()
@@ -74,7 +81,7 @@ class PythonProcesses:
         self._start_walking(process, exported_only=False)
 
     def _start_walking(self, process: Process, exported_only: bool) -> None:
-        with self._walk_lock:
+        with self._walk_lock, self._failures.contain("process", _name(process.pid)):
             self._start_walking_locked(process, exported_only)
 
     def _start_walking_locked(self, process: Process, exported_only: bool) -> None:
@@ -111,7 +118,7 @@ class PythonProcesses:
             runtime = bias + symbols.data["_PyRuntime"]
             layout = layout_of(memory, runtime, bias + version if version else None, mapping.obj.path)
             reason = "no known layout"
-        except (UnreadableMemory, ValueError) as e:
+        except (SymbolizerError, ValueError) as e:  # a structure no layout fits, or unreadable
             layout, reason = None, str(e)
         if layout is None and not _still_mapped(process.pid, mapping):
             memory.close()  # it exited or exec'd while being read: nothing to say of its interpreter
@@ -121,10 +128,11 @@ class PythonProcesses:
             self._unreadable.add(process.pid)  # not looked at again until it execs
             self._cannot_read(mapping.obj.path, reason)
             return
-        interpreter = PythonProcess(process.pid, layout, runtime, mapping.obj.path, memory, self.symbols, self._sampler)
+        interpreter = PythonProcess(process.pid, layout, runtime, mapping.obj.path, memory, self.symbols, self._sampler,
+                                    self._failures)
         self.scan_threads(interpreter)
         self.interpreters[process.pid] = interpreter  # before the walker's events about it can come
-        with self._scan_lock:
+        with self._scan_lock, self._failures.contain("process", _name(process.pid)):
             interpreter.start_walker()
 
     def _cannot_read(self, path: str, reason: str) -> None:
@@ -137,7 +145,7 @@ class PythonProcesses:
 
     def scan_threads(self, interpreter: PythonProcess) -> None:
         """Re-read the process's thread lists (either thread may ask)."""
-        with self._scan_lock:
+        with self._scan_lock, self._failures.contain("process", _name(interpreter.pid)):
             interpreter.scan()
 
     def on_thread_found(self, pid: int) -> None:

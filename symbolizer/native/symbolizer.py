@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
-from bpfprof.symbolizer.errors import SymbolizerError
 
 FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them
 
@@ -52,8 +52,9 @@ class NativeSymbolizer:
     """Names native frames. Call keep_reachable() when a mapping is first seen: the
     binary stays readable after its process exits or its file is replaced."""
 
-    def __init__(self, data_names: Tuple[str, ...] = ()) -> None:
+    def __init__(self, data_names: Tuple[str, ...] = (), failures: Optional[Failures] = None) -> None:
         self._data_names = data_names  # data objects whose addresses callers need
+        self._failures = failures or Failures()
         self._fds: Dict[FileId, int] = {}
         self._roots: Dict[FileId, str] = {}
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
@@ -62,7 +63,6 @@ class NativeSymbolizer:
         self._by_build_id: Dict[str, ElfSymbols] = {}
         self._modules: Dict[FileId, Module] = {}
         self._frames: Dict[Tuple[FileId, int], Frame] = {}
-        self.unreadable: Dict[str, str] = {}  # path -> why, for the summary
 
     def keep_reachable(self, obj: ObjectFile) -> None:
         # Once its symbols are read (or known unreadable) a binary need not be reopened.
@@ -85,10 +85,10 @@ class NativeSymbolizer:
             return self._symbols[obj.file_id]
         if obj.file_id not in self._exported:
             path = self.get_open_path(obj)
-            try:
-                exported = read_exported_data(path, self._data_names) if path is not None else None
-            except SymbolizerError:
-                exported = None
+            exported = None
+            if path is not None:
+                with self._failures.contain("binary", obj.path):
+                    exported = read_exported_data(path, self._data_names)
             self._exported[obj.file_id] = exported
         return self._exported[obj.file_id]
 
@@ -100,13 +100,11 @@ class NativeSymbolizer:
         symbols = None
         path = self.get_open_path(obj)
         if path is None:
-            self.unreadable[obj.path] = "gone before it could be opened"
+            self._failures.add("binary", obj.path, FileNotFoundError("gone before it could be opened"))
         else:
-            try:
+            with self._failures.contain("binary", obj.path):
                 symbols = open_elf_symbols(path, obj.path, self._roots[obj.file_id], self._data_names)
-            except SymbolizerError as e:
-                self.unreadable[obj.path] = str(e)
-            else:
+            if symbols is not None:
                 # The same binary seen through two mount namespaces is parsed once.
                 shared = self._by_build_id.get(symbols.build_id) if symbols.build_id else None
                 if shared is not None:
@@ -132,7 +130,10 @@ class NativeSymbolizer:
         if frame is None:
             symbols = self.get_symbols(obj)
             module = self._modules[obj.file_id]
-            info = symbols.get_function(file_offset) if symbols else None
+            info = None
+            if symbols is not None:
+                with self._failures.contain("binary", obj.path):
+                    info = symbols.get_function(file_offset)
             if info is None:
                 frame = Frame(FrameKind.NATIVE, f"[{os.path.basename(obj.path)}+{file_offset:#x}]", module, file_offset)
             else:

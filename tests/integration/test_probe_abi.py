@@ -16,6 +16,7 @@ from bpfprof.collector.probe.kernel_headers import find_kernel_headers
 from bpfprof.collector.probe.sampler import Sampler, SamplerConfig, python_stack_key
 from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.processes.table import Process, parse_maps
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.interpreters.python.layouts import LAYOUTS
 from bpfprof.symbolizer.interpreters.python.threads import (FRAME_SHIM, STACK_DEPTH, thread_states, walk_frames,
                                                             walker_fields)
@@ -96,7 +97,7 @@ def test_collector_and_bpf_walk_a_blocked_thread_alike(sampler):
     child = subprocess.Popen([pyenv_python(12), "-c", BLOCKING_SCRIPT], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     native = NativeSymbolizer(PYTHON_DATA_SYMBOLS)
-    pythons = PythonProcesses(s, native)
+    pythons = PythonProcesses(s, native, Failures())
     try:
         assert child.stdout.readline() == "ready\n"
         with open(f"/proc/{child.pid}/maps") as maps:

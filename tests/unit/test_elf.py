@@ -15,6 +15,7 @@ from elftools.elf.elffile import ELFFile
 from bpfprof.symbolizer.native.elf import open_elf_symbols, read_build_id
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
 
@@ -229,9 +230,11 @@ def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp
 def test_native_symbolizer_refuses_a_replaced_file(build_c):
     binary = build_c("chain")
     obj = ObjectFile((0, 0, 1), str(binary), "/nonexistent", "/")  # not this inode
-    native = NativeSymbolizer()
+    failures = Failures()
+    native = NativeSymbolizer(failures=failures)
     assert native.get_frame(obj, 0x1000).name == f"[{binary.name}+0x1000]"
-    assert str(binary) in native.unreadable
+    assert failures.counts() == {("binary", "unreadable"): 1}
+    assert failures.examples()[("binary", "unreadable")] == f"{binary}: gone before it could be opened"
 
 
 def test_a_build_id_note_of_another_owner_is_not_a_build_id(tmp_path):

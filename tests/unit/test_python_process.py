@@ -12,6 +12,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from bpfprof.collector.probe.sampler import RawPythonFrame
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.process import PythonProcess
 from bpfprof.symbolizer.interpreters.python.threads import FRAME_SHIM
@@ -82,7 +83,7 @@ def test_threads_found_named_and_walked_where_they_wait(python):
         layout = process_layout(memory, running.runtime, python)
         walker = Walker()
         process = PythonProcess(running.process.pid, layout, running.runtime, running.binary, memory,
-                                PythonSymbolizer(), walker)
+                                PythonSymbolizer(), walker, Failures())
         try:
             process.scan()
             process.start_walker()

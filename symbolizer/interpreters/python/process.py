@@ -7,13 +7,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
-from bpfprof.symbolizer.frames import Frame
+from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.frames import Frame, FrameKind
 from bpfprof.symbolizer.interpreters.python.code_objects import EVAL_FUNCTIONS, TRUNCATED, PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
 from bpfprof.symbolizer.interpreters.python.thread_names import Searches, thread_names
 from bpfprof.symbolizer.interpreters.python.threads import (FRAME_SHIM, ThreadState, learn_pthread_tid_offset,
                                                             thread_states, walk_frames, walker_fields)
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
+
+
+_UNUSABLE_CODE = Frame(FrameKind.PYTHON, "[unusable Python code object]")
 
 
 class PythonWalker(Protocol):
@@ -55,6 +59,7 @@ class PythonProcess:
     memory: ProcessMemory
     symbols: PythonSymbolizer  # the code objects read so far, of every process
     walker: PythonWalker
+    failures: Failures  # of code objects that cannot be named
     threads: Set[int] = field(default_factory=set)  # tids with a thread state at the last scan
     names: Dict[int, str] = field(default_factory=dict)  # tid -> threading.Thread name, till the drain after it ends
     ended: Set[int] = field(default_factory=set)  # tids that left the thread list since take_ended()
@@ -71,8 +76,13 @@ class PythonProcess:
             self._walk_threads_away(self._thread_states())
 
     def frames(self, raw: Sequence[RawFrame], truncated: bool) -> List[Tuple[Frame, bool]]:
-        named = [(self.symbols.get_frame(self.memory, self.layout, f.code, f.instr, f.check), f.entry) for f in raw]
+        named = [(self._frame(f), f.entry) for f in raw]
         return named + [(TRUNCATED, True)] if truncated else named
+
+    def _frame(self, raw: RawFrame) -> Frame:
+        with self.failures.contain("code object", f"in process {self.pid}"):
+            return self.symbols.get_frame(self.memory, self.layout, raw.code, raw.instr, raw.check)
+        return _UNUSABLE_CODE
 
     def thread_name(self, tid: int) -> Optional[str]:
         return self.names.get(tid)
@@ -80,7 +90,8 @@ class PythonProcess:
     def learn(self, frames: Sequence[RawFrame]) -> None:
         """Read the code objects of a stack the walker took, while they exist."""
         for frame in frames:
-            self.symbols.learn(self.memory, self.layout, frame.code, frame.check)
+            with self.failures.contain("code object", f"in process {self.pid}"):
+                self.symbols.learn(self.memory, self.layout, frame.code, frame.check)
 
     def scan(self) -> None:
         """Walk the thread lists: which threads have a thread state, and the names
