@@ -25,6 +25,8 @@ and 3.11+ offsets are measured in the code units after co_code_adaptive.
 
 from __future__ import annotations
 
+import re
+
 from typing import Iterator, List, Tuple
 
 CODE_UNIT = 2  # bytes per instruction word (opcode + argument), 3.6 onwards
@@ -114,30 +116,29 @@ def _location_ranges(table: bytes, firstlineno: int) -> Iterator[LineRange]:
                 line += code - _ONE_LINE_FIRST
             yield start, end, line
         # The rest of the entry (varints, column bytes) never has the top bit set,
-        # so the next entry starts at the next byte that does.
-        pos += 1
-        while pos < len(table) and not table[pos] & 0x80:
-            pos += 1
+        # so the next entry starts at the next byte that does (found at C speed: an
+        # entry may be made as long as the table).
+        following = _ENTRY_START.search(table, pos + 1)
+        pos = following.start() if following else len(table)
 
 
 def _signed_byte(value: int) -> int:
     return value - 256 if value >= 128 else value
 
 
-_VARINT_BITS = 36  # kept of a line table's varint: more than any line number takes
+_VARINT_BYTES = 6  # read of a line table's varint: 36 bits, more than any line number takes
+_ENTRY_START = re.compile(rb"[\x80-\xff]")
 
 
 def _signed_varint(data: bytes, pos: int) -> int:
     # Varint: 6 bits a byte, least significant first, 0x40 set on all but the last.
     # Signed: the lowest bit of the decoded value is the sign, the rest the magnitude.
-    # Bits past _VARINT_BITS are dropped: a varint of any length is read in linear time.
-    value, shift = 0, 0
-    while pos < len(data) and not data[pos] & 0x80:  # 0x80 starts the next entry
-        byte = data[pos]
-        if shift < _VARINT_BITS:
-            value |= (byte & 0x3F) << shift
-            shift += 6
-        pos += 1
+    # Bytes past _VARINT_BYTES are not read: the caller skips to the next entry.
+    value = 0
+    for shift, byte in enumerate(data[pos:pos + _VARINT_BYTES]):
+        if byte & 0x80:  # the next entry
+            break
+        value |= (byte & 0x3F) << (6 * shift)
         if not byte & 0x40:
             break
     return -(value >> 1) if value & 1 else value >> 1
