@@ -72,7 +72,7 @@ class Failures:
             if tell:
                 self._told.add((boundary, name))
         if tell:
-            self._tell(f"{boundary} {printable(name)} left out ({reason}): {printable(_why(error, reason))}")
+            self._tell(f"{boundary} {printable(name)}: {reason}: {printable(_why(error, reason))}")
 
     def keep_running(self, thread: str, loop: Callable[[], None]) -> None:
         """Run a worker thread's loop until it returns. A failure that escapes it (inputs

@@ -25,6 +25,7 @@ from bpfprof.collector.processes.table import Mapping, Process
 from bpfprof.collector.processes.run_allocator import RunAllocator
 from bpfprof.collector.probe.sampler import UNWIND_MAPPINGS_SEARCHED, UNWIND_ROWS_SEARCHED, Sampler
 from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import MalformedInput
 from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import UnwindTable
@@ -92,6 +93,9 @@ class _TableBuilder:
             table: Optional[UnwindTable] = None  # not an x86-64 ELF file, or gone: frame pointers there
             with self._failures.contain("binary", path):
                 table = open_unwind_table(open_path, self._cache_dir)
+            if table is not None and table.unreadable_fdes:  # the rest of its rows stand
+                self._failures.add("binary", path, MalformedInput(
+                    f"{table.unreadable_fdes} unreadable entries in its unwind tables"))
             self._on_built(file_id, table)
 
 

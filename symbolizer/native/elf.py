@@ -134,15 +134,20 @@ def _has_lines(elf: ELFFile) -> bool:
     return all(section is not None and section["sh_type"] != "SHT_NOBITS" for section in sections)
 
 
-def _lines(elf: ELFFile, stream: BinaryIO) -> Optional["_Lines"]:
-    """The file's line tables, or None when it has none or they cannot be read: its
-    symbols name its functions all the same."""
+def _lines(elf: ELFFile, stream: BinaryIO, problems: List[str]) -> Optional["_Lines"]:
+    """The file's line tables, or None when it has none or they cannot be read (said in
+    problems): its symbols name its functions all the same."""
     if not _has_lines(elf):
         return None
     try:
-        return _Lines(elf, stream)
-    except _MALFORMED_DWARF:
+        return _Lines(elf, stream, problems)
+    except _MALFORMED_DWARF as e:
+        problems.append(_dwarf_problem(e))
         return None
+
+
+def _dwarf_problem(error: Exception) -> str:
+    return f"DWARF line tables left out: {type(error).__name__}: {error}"
 
 
 def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
@@ -303,8 +308,10 @@ def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, List[_Inflat
 class _Lines:
     """DWARF line tables, parsed per compilation unit on first use."""
 
-    def __init__(self, elf: ELFFile, stream: BinaryIO) -> None:
+    def __init__(self, elf: ELFFile, stream: BinaryIO, problems: List[str]) -> None:
         self._stream = stream  # kept open: compilation units are read lazily
+        self._problems = problems  # where units that cannot be read are said, once
+        self._said = False
         self._dwarf, self._inflated = _dwarf_info(elf, stream)
         self._aranges = self._dwarf.get_aranges()
         # A compressed .debug_info (6 MB in libc's debug file, and 30 ms to inflate) is read
@@ -337,8 +344,11 @@ class _Lines:
                     else program_place(self._dwarf, cu_offset)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed(keep_inflated=True)
-        except _MALFORMED_DWARF:
-            return None  # malformed DWARF: names still come from the symbol tables
+        except _MALFORMED_DWARF as e:  # names still come from the symbol tables
+            if not self._said:
+                self._said = True
+                self._problems.append(_dwarf_problem(e))
+            return None
         base, addresses, lines, files, names = table
         i = bisect.bisect_right(addresses, vaddr - base) - 1
         if i < 0 or not lines[i]:
@@ -441,11 +451,18 @@ class ElfSymbols(LoadedData):
     """Names for file offsets of one binary (plus its debug file, if any)."""
 
     def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
-                 lines: Optional[_Lines], data: Dict[str, int]) -> None:
+                 lines: Optional[_Lines], data: Dict[str, int], problems: List[str]) -> None:
         super().__init__(segments, data)
         self.build_id = build_id
         self._symbols = symbols
         self._lines = lines
+        self._problems = problems  # parts of the file left out as malformed, as they are found
+
+    def take_problems(self) -> List[str]:
+        """The parts of the file left out as malformed since the last call."""
+        problems = self._problems[:]
+        del self._problems[:]
+        return problems
 
     def get_function(self, file_offset: int) -> Optional[FunctionInfo]:
         vaddr = self.vaddr(file_offset)
@@ -481,7 +498,7 @@ def open_elf(path: str) -> Tuple[BinaryIO, ELFFile]:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
 
 
-def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
+def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
                    ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines]]:
     """Function symbols, data addresses and lines if wanted, of a separate debug file;
     nothing from one that cannot be used, so the binary's own symbols still stand."""
@@ -493,7 +510,7 @@ def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool
     try:
         entries, data = _read_symbols(elf, data_names)
         if want_lines:
-            lines = _lines(elf, stream)
+            lines = _lines(elf, stream, problems)
     except (ELFError, struct.error, ValueError):
         pass
     if lines is None:
@@ -531,17 +548,19 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
         build_id = read_build_id(elf)
         segments = load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
-        own_lines = lines = _lines(elf, stream)
+        problems: List[str] = []
+        own_lines = lines = _lines(elf, stream, problems)
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_path = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_path:
-                debug_entries, debug_data, debug_lines = _debug_symbols(debug_path, data_names, lines is None)
+                debug_entries, debug_data, debug_lines = _debug_symbols(debug_path, data_names, lines is None,
+                                                                         problems)
                 entries += debug_entries
                 data = {**debug_data, **data}
                 lines = lines or debug_lines
         if own_lines is None:
             stream.close()  # nothing reads the binary lazily
-        return ElfSymbols(build_id, segments, _Symbols(entries), lines, data)
+        return ElfSymbols(build_id, segments, _Symbols(entries), lines, data, problems)
     except (ELFError, struct.error, ValueError) as e:
         stream.close()
         if lines is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import MalformedInput
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 
@@ -105,6 +106,7 @@ class NativeSymbolizer:
             with self._failures.contain("binary", obj.path):
                 symbols = open_elf_symbols(path, obj.path, self._roots[obj.file_id], self._data_names)
             if symbols is not None:
+                self._tell_problems(obj, symbols)
                 # The same binary seen through two mount namespaces is parsed once.
                 shared = self._by_build_id.get(symbols.build_id) if symbols.build_id else None
                 if shared is not None:
@@ -116,6 +118,11 @@ class NativeSymbolizer:
         self._symbols[obj.file_id] = symbols
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
         return symbols
+
+    def _tell_problems(self, obj: ObjectFile, symbols: ElfSymbols) -> None:
+        """Parts of the binary left out as malformed (its lines, say) count as failures."""
+        for problem in symbols.take_problems():
+            self._failures.add("binary", obj.path, MalformedInput(problem))
 
     def num_binaries(self) -> int:
         """Binaries whose symbols are cached (or known unreadable)."""
@@ -134,6 +141,7 @@ class NativeSymbolizer:
             if symbols is not None:
                 with self._failures.contain("binary", obj.path):
                     info = symbols.get_function(file_offset)
+                self._tell_problems(obj, symbols)
             if info is None:
                 frame = Frame(FrameKind.NATIVE, f"[{os.path.basename(obj.path)}+{file_offset:#x}]", module, file_offset)
             else:

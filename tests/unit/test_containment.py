@@ -22,7 +22,7 @@ def test_input_failures_are_counted_by_reason_and_told_once_per_thing():
             raise error
     assert failures.counts() == {("binary", "malformed"): 2, ("binary", "too large"): 1, ("binary", "unreadable"): 2}
     # One line per binary, escaped; being unreadable (a process that exited) is not told.
-    assert told == ["binary /lib/evil\\x0a.so left out (malformed): bad note"]
+    assert told == ["binary /lib/evil\\x0a.so: malformed: bad note"]
     assert failures.examples()[("binary", "too large")] == "/lib/evil\\x0a.so: a 9 GiB section"
 
 
@@ -42,7 +42,7 @@ def test_a_bug_is_contained_and_counted_outside_strict_mode(monkeypatch):
     with failures.contain("code object", "in process 7"):
         {}["missing"]
     assert failures.counts() == {("code object", "internal error"): 1}
-    assert told == ["code object in process 7 left out (internal error): KeyError: 'missing'"]
+    assert told == ["code object in process 7: internal error: KeyError: 'missing'"]
 
 
 def test_a_worker_loop_that_fails_starts_again_then_is_given_up_loudly(monkeypatch):
