@@ -95,7 +95,7 @@ class Recorder:
         # Each kind of interpreter the BPF side walks.
         self._interpreters: List[InterpreterProcesses] = []
         if config.python:
-            self._interpreters.append(PythonProcesses(self._sampler, self._native, self.failures, warn))
+            self._interpreters.append(PythonProcesses(self._sampler, self._native, self.failures))
         self._events = EventReader(self._sampler, self.failures, self._interpreters)
         self._unwinding = NativeUnwinding(self._sampler, self._native, self.failures) if config.native_unwind else None
         told = [told.on_snapshot for told in (*self._interpreters, self._unwinding) if told is not None]

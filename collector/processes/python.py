@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.probe.sampler import RawPythonFrame, Sampler
 from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
@@ -52,15 +52,12 @@ class PythonProcesses:
     while a thread or process still runs is read on the event thread (on_thread_found,
     work, on_stack); the rest on the recorder's."""
 
-    def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures,
-                 warn: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures) -> None:
         self._sampler = sampler
         self._native = native
         self._failures = failures
-        self._warn = warn
         self.interpreters: Dict[int, PythonProcess] = {}
         self.symbols = PythonSymbolizer()
-        self._warned: Set[str] = set()
         self._looks: Dict[int, float] = {}  # pid -> when it was first looked at waiting for libpython
         self._unreadable: Set[int] = set()  # pids running a CPython that cannot be read
         self._new_threads: Dict[int, float] = {}  # pid -> scanned until (monotonic); event thread only
@@ -136,12 +133,10 @@ class PythonProcesses:
             interpreter.start_walker()
 
     def _cannot_read(self, path: str, reason: str) -> None:
-        """One warning per interpreter binary, naming its version."""
-        if path not in self._warned:
-            self._warned.add(path)
-            major, minor = INTERPRETER_NAME.match(os.path.basename(path)).groups()
-            self._warn(f"CPython {major}.{minor} ({path}) cannot be read ({reason}); "
-                       "its processes get native frames only")
+        """Counted, and told once per interpreter binary with its version."""
+        major, minor = INTERPRETER_NAME.match(os.path.basename(path)).groups()
+        self._failures.add("binary", path, SymbolizerError(
+            f"CPython {major}.{minor} cannot be read ({reason}); its processes get native frames only"))
 
     def scan_threads(self, interpreter: PythonProcess) -> None:
         """Re-read the process's thread lists (either thread may ask)."""
