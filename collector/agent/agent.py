@@ -140,4 +140,5 @@ class Agent:
             push_failures=queue.failed if queue else 0,
             pushes_dropped=queue.dropped if queue else 0,
             last_cut=self._last_cut,
+            last_drain=time.monotonic(),  # what /healthz and the liveness probe judge progress by
         )

@@ -1,13 +1,19 @@
-"""The agent's own metrics, served for Prometheus on --metrics-addr."""
+"""The agent's own metrics, served for Prometheus on --metrics-addr, and /healthz beside them."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Tuple
+from socketserver import ThreadingMixIn
+from typing import Callable, Dict, Iterator, Optional, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from bpfprof.collector.agent.health import Health, judge_health
 from bpfprof.collector.errors import CollectorError, UsageError
 
 
@@ -31,7 +37,8 @@ class AgentStats:
     pushes: int = 0
     push_failures: int = 0
     pushes_dropped: int = 0
-    last_cut: float = 0.0  # Unix time of the last interval cut: a liveness probe's measure of progress
+    last_cut: float = 0.0  # Unix time of the last interval cut
+    last_drain: Optional[float] = None  # time.monotonic() of the last drain; None before the first
 
 
 # (metric name, help, AgentStats field); counters end in _total once exposed.
@@ -55,11 +62,18 @@ _GAUGES = (
 
 
 class _StatsCollector:
-    def __init__(self, read: Callable[[], AgentStats]):
+    def __init__(self, read: Callable[[], AgentStats], health: Callable[[AgentStats], Health]):
         self._read = read
+        self._health = health
 
     def collect(self) -> Iterator[Metric]:
         stats = self._read()
+        health = self._health(stats)
+        yield GaugeMetricFamily("bpfprof_last_drain_age_seconds",
+                                "Seconds since the last drain of the BPF maps (since the start before the first).",
+                                value=health.since_drain_s)
+        yield GaugeMetricFamily("bpfprof_healthy", "1 while drains go on, 0 once they have stalled (see /healthz).",
+                                value=int(health.healthy))
         for name, text, label, values in (
             ("bpfprof_samples", "Samples taken (blocking events for block), by profile type.", "type", stats.samples),
             ("bpfprof_lost", "Samples or events lost, by reason.", "reason", stats.lost),
@@ -88,15 +102,51 @@ def parse_address(text: str) -> Tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve_metrics(address: str, read: Callable[[], AgentStats]):
-    """Serve /metrics (the agent's stats, its own CPU time and memory) in a thread; returns
-    the server, to shut down."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_args) -> None:
+        pass  # a line on stderr per scrape would drown the agent's own log
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _QuietHandler)
+
+
+def _with_healthz(metrics_app, health: Callable[[], Health]):
+    """/healthz answers 200 while drains go on and 503 once they stall, with the reason in one
+    line; every other path is the metrics."""
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        verdict = health()
+        body = (verdict.reason + "\n").encode()
+        start_response("200 OK" if verdict.healthy else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve_metrics(address: str, read: Callable[[], AgentStats], clock: Callable[[], float] = time.monotonic):
+    """Serve /metrics (the agent's stats, its own CPU time and memory) and /healthz in a thread;
+    returns the server, to shut down. `clock` is the monotonic clock AgentStats.last_drain reads."""
     host, port = parse_address(address)
+    started = clock()
+
+    def health(stats: AgentStats) -> Health:
+        return judge_health(stats.last_drain, started, clock())
+
     registry = CollectorRegistry()
-    registry.register(_StatsCollector(read))
+    registry.register(_StatsCollector(read, health))
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes
     try:
-        server, _thread = start_http_server(port, host, registry)
+        server = _MetricsServer(host, port)
     except OSError as e:
         raise CollectorError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+    server.set_app(_with_healthz(make_wsgi_app(registry), lambda: health(read())))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -3,11 +3,13 @@
 import json
 import logging
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bpfprof.collector.agent.health import STALLED_AFTER_S, STARTUP_GRACE_S
 from bpfprof.collector.agent.logs import log, setup_logging
 from bpfprof.collector.agent.metrics import AgentStats, parse_address, serve_metrics
 from bpfprof.collector.errors import UsageError
@@ -74,19 +76,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_metrics_endpoint_serves_the_stats_and_process_figures():
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def served():
+    """serve_metrics on a free loopback port; yields a function that starts it and returns
+    the base URL."""
+    servers = []
+
+    def serve(read, clock) -> str:
+        port = free_port()
+        servers.append(serve_metrics(f"127.0.0.1:{port}", read, clock))
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def get(url: str):
+    """(status, body) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read().decode()
+
+
+def metric_values(url: str) -> dict:
+    status, text = get(url + "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_endpoint_serves_the_stats_and_process_figures(served):
     stats = AgentStats(samples={"cpu": 570, "block": 31}, lost={"LOSS_COUNTS_FULL": 2}, processes=140,
                        processes_seen=2200, cached_binaries=48, cached_frames=9000, profiles_written=8,
                        profile_write_failures=1, profiles_removed=3, queue_depth=4, pushes=7, push_failures=5,
-                       pushes_dropped=1, last_cut=1_800_000_000.5)
-    port = free_port()
-    server = serve_metrics(f"127.0.0.1:{port}", lambda: stats)
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server.shutdown()
-    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
-              for family in text_string_to_metric_families(text) for s in family.samples}
+                       pushes_dropped=1, last_cut=1_800_000_000.5, last_drain=500.0)
+    values = metric_values(served(lambda: stats, Clock(500.25)))
     assert values[("bpfprof_samples_total", (("type", "cpu"),))] == 570
     assert values[("bpfprof_samples_total", (("type", "block"),))] == 31
     assert values[("bpfprof_lost_total", (("reason", "LOSS_COUNTS_FULL"),))] == 2
@@ -94,7 +131,8 @@ def test_metrics_endpoint_serves_the_stats_and_process_figures():
                 "bpfprof_symbol_cache_frames": 9000, "bpfprof_profiles_written_total": 8,
                 "bpfprof_profile_write_failures_total": 1, "bpfprof_profiles_removed_total": 3,
                 "bpfprof_push_queue_depth": 4, "bpfprof_pushes_total": 7, "bpfprof_push_failures_total": 5,
-                "bpfprof_pushes_dropped_total": 1, "bpfprof_last_interval_cut_timestamp_seconds": 1_800_000_000.5}
+                "bpfprof_pushes_dropped_total": 1, "bpfprof_last_interval_cut_timestamp_seconds": 1_800_000_000.5,
+                "bpfprof_last_drain_age_seconds": 0.25, "bpfprof_healthy": 1}
     for name, value in expected.items():
         assert values[(name, ())] == value, name
     assert values[("process_resident_memory_bytes", ())] > 1 << 20
@@ -108,3 +146,33 @@ def test_a_taken_metrics_port_is_one_clear_error():
         port = taken.getsockname()[1]
         with pytest.raises(Exception, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             serve_metrics(f"127.0.0.1:{port}", AgentStats)
+
+
+def test_healthz_turns_503_once_drains_stall(served):
+    clock = Clock(1000.0)
+    stats = AgentStats(last_drain=1000.0)
+    url = served(lambda: stats, clock)
+    assert get(url + "/healthz") == (200, "ok: last drain 0.0 s ago\n")
+    clock.now += STALLED_AFTER_S  # at the bound: still healthy
+    assert get(url + "/healthz")[0] == 200
+    clock.now += 1  # no drain since: the loop is stuck, though this thread answers
+    status, body = get(url + "/healthz")
+    assert status == 503 and body.count("\n") == 1
+    assert body.startswith(f"no drain for {STALLED_AFTER_S + 1:.0f} s")
+    values = metric_values(url)
+    assert values[("bpfprof_healthy", ())] == 0
+    assert values[("bpfprof_last_drain_age_seconds", ())] == STALLED_AFTER_S + 1
+    stats = AgentStats(last_drain=clock.now)  # drains resume
+    assert get(url + "/healthz")[0] == 200 and metric_values(url)[("bpfprof_healthy", ())] == 1
+
+
+def test_healthz_allows_the_start_up_then_fails_without_a_first_drain(served):
+    clock = Clock(50.0)
+    url = served(AgentStats, clock)  # started at 50, no drain yet
+    clock.now += STARTUP_GRACE_S
+    status, body = get(url + "/healthz")
+    assert status == 200 and body.startswith("starting")
+    clock.now += 1
+    status, body = get(url + "/healthz")
+    assert status == 503 and "never started sampling" in body
+    assert metric_values(url)[("bpfprof_last_drain_age_seconds", ())] == STARTUP_GRACE_S + 1

@@ -188,8 +188,18 @@ def test_container_args_parse_as_agent_options(pod, container, configmap_config)
     assert params["output_dir"] or params["push_url"], "the agent needs somewhere to put profiles"
     assert params["output_dir"] is None or params["output_dir"].startswith(PROFILES_DIR + "/")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert ports[container["livenessProbe"]["httpGet"]["port"]] == metrics_port(params)
+
+
+def test_metrics_on_loopback_but_in_the_pods_own_network(pod, container, configmap_config):
+    # deploy/agent.yaml, which the systemd unit and a docker run on the host's network read,
+    # keeps metrics off the host's interfaces; the pod, in its own network namespace, serves
+    # them on its address for Prometheus and the kubelet's probe.
+    assert agent_params(["--config", CONFIG_PATH], {CONFIG_PATH: CONFIG})["metrics_addr"].startswith("127.0.0.1:")
+    assert not pod.get("hostNetwork")
+    assert agent_params(container["args"], {CONFIG_PATH: configmap_config})["metrics_addr"].startswith("0.0.0.0:")
+    assert "--metrics-addr" not in unit_settings()["ExecStart"]
 
 
 # systemd
