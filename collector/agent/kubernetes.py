@@ -6,11 +6,13 @@ HTTPS with the service account's token, as Grafana Alloy's discovery.kubelet pol
 `<kubelet>/pods`, or lists `/api/v1/pods` restricted to this node by a field selector, as
 Parca Agent and Alloy's discovery.kubernetes do; no watch, so no client library.
 
-RBAC the service account needs (the DaemonSet's ClusterRole):
-  API server   apiGroups [""], resources ["pods"], verbs ["list"]
-  kubelet      apiGroups [""], resources ["nodes/proxy"], verbs ["get"]: the kubelet
-               authorizes /pods as the nodes/proxy subresource; where the
-               KubeletFineGrainedAuthz feature is on, "nodes/pods" suffices.
+RBAC the service account needs (the DaemonSet's ClusterRole asks the kubelet):
+  kubelet      apiGroups [""], resources ["nodes/pods"], verbs ["get"]: the kubelet
+               authorizes /pods as nodes/pods from Kubernetes 1.33 on (KubeletFineGrainedAuthz,
+               GA in 1.36), and before that as nodes/proxy, which also opens exec into
+               every pod of the node.
+  API server   apiGroups [""], resources ["pods"], verbs ["list"]: every pod of the
+               cluster, as RBAC cannot restrict a list to a field selector.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # Named in the log when the server answers 403, so the fix is one line away.
 _API_SERVER_PERMISSION = 'list on "pods"'
-_KUBELET_PERMISSION = 'get on "nodes/proxy" (or "nodes/pods" with the KubeletFineGrainedAuthz feature)'
+_KUBELET_PERMISSION = ('get on "nodes/pods", which kubelets before Kubernetes 1.33 do not know: '
+                       'there, list pods from the API server instead')
+# Named when the kubelet's certificate fails the check, as most kubelets sign their own.
+_KUBELET_CERTIFICATE_FIX = ("the kubelet's certificate is not signed by the cluster CA: have the kubelets' "
+                            "serving certificates signed (serverTLSBootstrap), or list pods from the API server")
 
 _STATUS_LISTS = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
 
@@ -145,7 +151,7 @@ class PodMetadata:
                             "(--kubelet-insecure-tls)", extra={"fields": {"url": url}})
             endpoint = PodListEndpoint(url, token_path if send_token else "", ca_path,
                                        verify=not kubelet_insecure_tls, timeout_s=timeout_s,
-                                       permission=_KUBELET_PERMISSION)
+                                       permission=_KUBELET_PERMISSION, certificate_fix=_KUBELET_CERTIFICATE_FIX)
         else:
             host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
             if not (host and port and has_token):
@@ -170,13 +176,14 @@ class PodListEndpoint:
     bound service-account tokens rotate, and so may the CA bundle beside them."""
 
     def __init__(self, url: str, token_path: str, ca_path: str, verify: bool = True,
-                 timeout_s: float = 5.0, permission: str = ""):
+                 timeout_s: float = 5.0, permission: str = "", certificate_fix: str = ""):
         self.url = url
         self._token_path = token_path  # "" sends no token
         self._ca_path = ca_path
         self._verify = verify
         self._timeout_s = timeout_s
         self._permission = permission
+        self._certificate_fix = certificate_fix  # named when the server's certificate fails the check
 
     def __call__(self) -> dict:
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
@@ -192,7 +199,11 @@ class PodListEndpoint:
             error.close()
             needs = f"; the service account needs {self._permission}" if error.code == 403 else ""
             raise KubernetesError(f"GET {self.url}: HTTP {error.code} {error.reason}{needs}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
+        except urllib.error.URLError as error:
+            fix = (f"; {self._certificate_fix}"
+                   if self._certificate_fix and isinstance(error.reason, ssl.SSLCertVerificationError) else "")
+            raise KubernetesError(f"GET {self.url}: {error}{fix}") from None
+        except (OSError, http.client.HTTPException, ValueError) as error:
             raise KubernetesError(f"GET {self.url}: {error}") from None
 
     def _tls_context(self) -> ssl.SSLContext:

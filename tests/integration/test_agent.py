@@ -21,6 +21,7 @@ from typing import Callable, Dict, List
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bpfprof.collector.agent.health import STALLED_AFTER_S
 from bpfprof.collector.output.pprof import from_pprof, read_pprof
 from bpfprof.collector.output.pprof_schema import PprofProfile
 from conftest import bpfprof_command
@@ -217,6 +218,8 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
         metrics = scrape_after_cuts(agent, port, lambda m: m[("bpfprof_profiles_written_total", ())] >= 5
                                     and m[("bpfprof_profiles_removed_total", ())] >= 1)
         scraped = time.time()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            health = response.status, response.read().decode()
     finally:
         burner.kill()
         burner.wait()
@@ -226,6 +229,9 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
     assert metrics[("bpfprof_symbol_cache_binaries", ())] >= 1
     assert started <= metrics[("bpfprof_last_interval_cut_timestamp_seconds", ())] <= scraped
     assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
+    assert health[0] == 200 and health[1].startswith("ok: last drain")
+    assert metrics[("bpfprof_healthy", ())] == 1
+    assert 0 <= metrics[("bpfprof_last_drain_age_seconds", ())] < STALLED_AFTER_S
     assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
 
 

@@ -144,16 +144,26 @@ def test_node_name_from_the_downward_api(container):
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
+def test_pods_from_this_nodes_kubelet_with_its_certificate_checked(container, configmap_config):
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    params = agent_params(container["args"], {CONFIG_PATH: configmap_config})
+    # Kubernetes puts the node's address in for $(HOST_IP) in args.
+    assert params["kubelet_url"] == "https://$(HOST_IP):10250"
+    assert params["kubelet_insecure_tls"] is False
+
+
 def test_runs_on_every_node_and_stops_in_time(pod):
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["terminationGracePeriodSeconds"] > STOP_WITHIN_S
 
 
-def test_rbac_lists_pods_and_nothing_more(documents, pod):
+def test_rbac_reads_kubelet_pod_lists_and_nothing_more(documents, pod):
     account = the(documents, "ServiceAccount")["metadata"]
     assert pod["serviceAccountName"] == account["name"]
+    # Not "nodes/proxy" (exec into every pod), not "pods" (every pod through the API server).
     assert the(documents, "ClusterRole")["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+        {"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
     binding = the(documents, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == the(documents, "ClusterRole")["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],

@@ -238,6 +238,18 @@ def test_forbidden_names_the_permission_needed(metadata, server, caplog):
     assert 'list on "pods"' in caplog.records[0].fields["error"]
 
 
+def test_a_kubelet_that_refuses_names_nodes_pods_and_the_way_for_older_clusters(server, secrets, clock, caplog):
+    # A kubelet before Kubernetes 1.33 asks for nodes/proxy, which the DaemonSet does not grant.
+    server.status = 403
+    metadata = PodMetadata.from_environment("", kubelet_url=server.url, environ={}, secrets_dir=str(secrets),
+                                            clock=clock)
+    with caplog.at_level(logging.WARNING, logger="bpfprof.agent"):
+        assert metadata.lookup(CHECKOUT_ID) is None
+    error = caplog.records[-1].fields["error"]
+    assert 'HTTP 403' in error and 'get on "nodes/pods"' in error and "from the API server" in error
+    assert "nodes/proxy" not in error
+
+
 @pytest.mark.parametrize("environ, token", [
     ({}, True),  # not in a pod
     ({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}, False),  # no token mounted
@@ -266,6 +278,9 @@ def test_kubelet_self_signed_certificate_needs_insecure_tls(server, tmp_path, cl
     checked = PodMetadata.from_environment("", kubelet_url=server.url, environ={}, secrets_dir=str(tmp_path),
                                            clock=clock)
     assert checked.lookup(COREDNS_ID) is None
+    (failure,) = [r for r in caplog.records if "cannot list" in r.getMessage()]
+    assert "CERTIFICATE_VERIFY_FAILED" in failure.fields["error"]
+    assert "not signed by the cluster CA" in failure.fields["error"] and "serverTLSBootstrap" in failure.fields["error"]
     unchecked = PodMetadata.from_environment("", kubelet_url=server.url, environ={}, secrets_dir=str(tmp_path),
                                              kubelet_insecure_tls=True, clock=clock)
     assert unchecked.lookup(COREDNS_ID).container == "coredns"
