@@ -14,6 +14,7 @@ from bpfprof.collector.agent.logs import LogFile, log
 from bpfprof.collector.agent.metrics import AgentStats
 from bpfprof.collector.agent.push_queue import PushQueue
 from bpfprof.collector.agent.pyroscope import Series, encode_push_request
+from bpfprof.collector.agent.service_manager import ServiceManager
 from bpfprof.collector.errors import CollectorError
 from bpfprof.collector.output.pprof import pprof_bytes
 from bpfprof.collector.profile import Profile
@@ -47,7 +48,7 @@ def tune_malloc() -> None:
 class Agent:
     def __init__(self, recorder: Recorder, interval_s: float, labeller: Labeller, node: str,
                  disk: Optional[DiskSink] = None, queue: Optional[PushQueue] = None,
-                 log_file: Optional[LogFile] = None):
+                 log_file: Optional[LogFile] = None, service_manager: Optional[ServiceManager] = None):
         self._recorder = recorder
         self._interval_s = interval_s
         self._labeller = labeller
@@ -55,6 +56,7 @@ class Agent:
         self._disk = disk
         self._queue = queue
         self._log_file = log_file
+        self._service_manager = service_manager
         self._reopen_logs = False
         self._next_cut: Optional[float] = None  # time.monotonic() of the next cut
         self._samples: Dict[str, int] = {}
@@ -102,6 +104,8 @@ class Agent:
             while self._next_cut <= now:  # a stall skips intervals rather than cutting in a burst
                 self._next_cut += self._interval_s
         self._update_stats(self._recorder.losses())
+        if self._service_manager:
+            self._service_manager.drained()
 
     def _ship(self, profiles: Dict[str, Profile]) -> None:
         self._last_cut = time.time()

@@ -79,6 +79,7 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
     from bpfprof.collector.agent.metrics import serve_metrics
     from bpfprof.collector.agent.push_queue import PushQueue
     from bpfprof.collector.agent.pyroscope import Credentials, PushClient
+    from bpfprof.collector.agent.service_manager import ServiceManager
 
     tune_malloc()
     types = tuple(dict.fromkeys(types or ("cpu",)))
@@ -98,7 +99,7 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
     recorder = make_recorder(config, types, warn=log.warning)
     pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
     labeller = Labeller(node, pods, service_name_label or "")
-    runner = Agent(recorder, interval, labeller, node, disk, queue, log_handler)
+    runner = Agent(recorder, interval, labeller, node, disk, queue, log_handler, ServiceManager())
     server = serve_metrics(metrics_addr, lambda: runner.stats) if metrics_addr else None
     try:
         runner.run()

@@ -206,9 +206,14 @@ def test_block_profiles_add_up_across_intervals(agent_in, tmp_path, build_c):
     assert sorted(out.glob("*.cpu.pb.gz"))
 
 
-def test_retention_and_metrics(agent_in, tmp_path, build_c):
+def test_retention_and_metrics(agent_in, tmp_path, build_c, monkeypatch):
     out = tmp_path / "profiles"
     port = free_port()
+    # Where systemd would listen for READY=1 and the watchdog's keep-alives.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     agent = agent_in("--output-dir", str(out), "--interval", "1s", "-F", "99", "--retention-size", "12KiB",
                      "--metrics-addr", f"127.0.0.1:{port}")
     started = unix_time(agent.wait_for("agent started")["time"])
@@ -220,6 +225,8 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
         scraped = time.time()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             health = response.status, response.read().decode()
+        with notify:
+            notified = [notify.recv(64), notify.recv(64)]
     finally:
         burner.kill()
         burner.wait()
@@ -231,6 +238,7 @@ def test_retention_and_metrics(agent_in, tmp_path, build_c):
     assert 0 < metrics[("process_resident_memory_bytes", ())] < 200 << 20
     assert health[0] == 200 and health[1].startswith("ok: last drain")
     assert metrics[("bpfprof_healthy", ())] == 1
+    assert notified == [b"READY=1\nWATCHDOG=1", b"WATCHDOG=1"]
     assert 0 <= metrics[("bpfprof_last_drain_age_seconds", ())] < STALLED_AFTER_S
     assert sum(f.stat().st_size for f in out.glob("*.pb.gz")) <= 12 << 10
 

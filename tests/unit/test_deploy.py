@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bpfprof.collector.agent.agent import STOP_WITHIN_S
+from bpfprof.collector.agent.health import STALLED_AFTER_S, STARTUP_GRACE_S
 from bpfprof.collector.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,6 +249,17 @@ def test_systemd_unit_runs_the_agent_as_deployed():
     assert shlex.split(settings["ExecReload"])[1:] == ["-HUP", "$MAINPID"]
     assert STOP_WITHIN_S < float(settings["TimeoutStopSec"].rstrip("s"))
     assert set(settings["CapabilityBoundingSet"].split()) == {f"CAP_{c}" for c in CAPABILITIES}
+
+
+def test_systemd_restarts_a_stalled_agent_by_the_bounds_of_healthz():
+    # The agent notifies READY=1 at its first drain and WATCHDOG=1 at each
+    # (collector/agent/service_manager.py); systemd judges by the bounds /healthz uses.
+    settings = unit_settings()
+    assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
+    assert float(settings["TimeoutStartSec"].rstrip("s")) == STARTUP_GRACE_S
+    assert float(settings["WatchdogSec"].rstrip("s")) == STALLED_AFTER_S
+    assert settings["Restart"] in ("on-failure", "on-watchdog", "on-abnormal", "always")
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"].split()  # the notification socket
 
 
 # Dockerfile (no engine here to build it)
