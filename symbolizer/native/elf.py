@@ -492,10 +492,26 @@ def open_elf(path: str) -> Tuple[BinaryIO, ELFFile]:
     except OSError as e:
         raise SymbolizerError(f"cannot open: {e.strerror or e}") from None
     try:
-        return stream, ELFFile(stream)
-    except (ELFError, struct.error, ValueError) as e:
+        elf = ELFFile(stream)
+        _check_extents(elf, os.fstat(stream.fileno()).st_size)
+        return stream, elf
+    except (ELFError, struct.error, ValueError, OverflowError, OSError) as e:
+        # (A seek to an offset the headers claim fails with OSError or OverflowError.)
         stream.close()
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
+
+
+def _check_extents(elf: ELFFile, size: int) -> None:
+    """The header tables and every section's contents lie inside the file: pyelftools
+    seeks to and reads whatever offsets and sizes the headers claim."""
+    header = elf.header
+    for name, offset, length in (("program", header["e_phoff"], header["e_phnum"] * header["e_phentsize"]),
+                                 ("section", header["e_shoff"], header["e_shnum"] * header["e_shentsize"])):
+        if offset + length > size:
+            raise ELFError(f"the {name} headers lie past the end of the file")
+    for section in elf.iter_sections():
+        if section["sh_type"] not in ("SHT_NOBITS", "SHT_NULL") and section["sh_offset"] + section["sh_size"] > size:
+            raise ELFError(f"section {section.name!r} lies past the end of the file")
 
 
 def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
