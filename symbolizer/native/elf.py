@@ -30,6 +30,7 @@ from bpfprof.symbolizer.packed_names import PackedNames
 STT_OBJECT = 1
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
+NT_GNU_BUILD_ID = 3
 STB_GLOBAL = 1
 STB_WEAK = 2
 DEBUG_ROOT = "/usr/lib/debug"
@@ -117,15 +118,29 @@ def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, .
 
 def read_build_id(elf: ELFFile) -> str:
     """The GNU build ID in lowercase hex, "" without one. A note of that type with another
-    owner is someone else's (its description is raw bytes), and is not taken for one."""
+    owner is someone else's (its description is raw bytes), and is not taken for one.
+    Notes are read from the section's bytes, each size checked against what is left of it."""
+    order = "<" if elf.little_endian else ">"
     for section in elf.iter_sections():
-        if section["sh_type"] == "SHT_NOTE":
-            for note in section.iter_notes():
-                description = note["n_desc"]
-                if (note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU" and isinstance(description, str)
-                        and _BUILD_ID.fullmatch(description)):
-                    return description
+        if section["sh_type"] != "SHT_NOTE":
+            continue
+        data = section.data()
+        at = 0
+        while at + 12 <= len(data):
+            name_size, description_size, kind = struct.unpack_from(order + "III", data, at)
+            description_at = at + 12 + _align4(name_size)
+            at = description_at + _align4(description_size)
+            if at > len(data):
+                break
+            name = data[description_at - _align4(name_size):description_at].split(b"\0", 1)[0]
+            description = data[description_at:description_at + description_size].hex()
+            if kind == NT_GNU_BUILD_ID and name == b"GNU" and _BUILD_ID.fullmatch(description):
+                return description
     return ""
+
+
+def _align4(size: int) -> int:
+    return (size + 3) & ~3
 
 
 def _has_lines(elf: ELFFile) -> bool:
