@@ -35,8 +35,10 @@ STB_GLOBAL = 1
 STB_WEAK = 2
 DEBUG_ROOT = "/usr/lib/debug"
 # What DWARF that is not as it should be raises, in pyelftools or here (a line past
-# what an unsigned table holds: OverflowError).
-_MALFORMED_DWARF = (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error)
+# what an unsigned table holds: OverflowError; pyelftools asserts on .debug_aranges'
+# sizes and does not implement its segmented form: AssertionError, NotImplementedError).
+_MALFORMED_DWARF = (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error,
+                    AssertionError, NotImplementedError)
 _BUILD_ID = re.compile(r"[0-9a-f]{2,128}")  # as hex: what a cache or debug file name may hold
 
 
