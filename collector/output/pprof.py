@@ -136,7 +136,7 @@ def _read_file(path: str) -> bytes:
             raise UsageError(f"{path} is not a regular file")
         if status.st_size > MAX_PPROF_FILE:
             raise UsageError(f"{path} is {status.st_size} bytes, more than a profile can be ({MAX_PPROF_FILE})")
-        return f.read(MAX_PPROF_FILE)
+        return f.read(status.st_size)  # read(n) allocates n bytes first: the size, not the cap
 
 
 def _gunzip(data: bytes, path: str) -> bytes:
