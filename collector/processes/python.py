@@ -115,7 +115,7 @@ class PythonProcesses:
             runtime = bias + symbols.data["_PyRuntime"]
             layout = layout_of(memory, runtime, bias + version if version else None, mapping.obj.path)
             reason = "no known layout"
-        except (SymbolizerError, ValueError) as e:  # a structure no layout fits, or unreadable
+        except SymbolizerError as e:  # a structure no layout fits, or unreadable
             layout, reason = None, str(e)
         if layout is None and not _still_mapped(process.pid, mapping):
             memory.close()  # it exited or exec'd while being read: nothing to say of its interpreter

@@ -21,6 +21,7 @@ import pytest
 from conftest import pyenv_python, skip_or_fail
 from elftools.elf.elffile import ELFFile
 
+from bpfprof.symbolizer.errors import MalformedInput
 from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
@@ -296,27 +297,27 @@ def fake_debug_offsets(version_hex: int, cookie: bytes = DEBUG_OFFSETS_COOKIE) -
 
 
 def test_debug_offsets_rejects_a_wrong_cookie():
-    with pytest.raises(ValueError, match="cookie"):
+    with pytest.raises(MalformedInput, match="cookie"):
         parse_debug_offsets(fake_debug_offsets(0x030D00F0, cookie=b"notdebug"))
 
 
 def test_debug_offsets_rejects_versions_before_3_13():
-    with pytest.raises(ValueError, match="3.12"):
+    with pytest.raises(MalformedInput, match="3.12"):
         parse_debug_offsets(fake_debug_offsets(0x030C01F0))
 
 
 def test_debug_offsets_rejects_short_data():
-    with pytest.raises(ValueError):
+    with pytest.raises(MalformedInput):
         parse_debug_offsets(fake_debug_offsets(0x030D00F0)[:100])
 
 
 def test_debug_offsets_rejects_unknown_minor_versions():
-    with pytest.raises(ValueError, match="3.99"):
+    with pytest.raises(MalformedInput, match="3.99"):
         parse_debug_offsets(fake_debug_offsets(0x036300F0))
 
 
 def test_debug_offsets_rejects_offsets_outside_their_structures():
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(MalformedInput, match="size"):
         parse_debug_offsets(fake_debug_offsets(0x030D00F0))     # every member zero
 
 
@@ -408,7 +409,7 @@ def test_debug_offsets_3_14_member_order():
 
 def test_debug_offsets_3_14_exactly_its_size():
     assert parse_debug_offsets(synthetic_runtime_3_14(size=SIZEOF_DEBUG_OFFSETS_3_14)) == LAYOUT_3_14_10
-    with pytest.raises(ValueError, match="3.14's struct takes 760 bytes, got 759"):
+    with pytest.raises(MalformedInput, match="3.14's struct takes 760 bytes, got 759"):
         parse_debug_offsets(synthetic_runtime_3_14(size=SIZEOF_DEBUG_OFFSETS_3_14 - 1))
 
 
@@ -416,13 +417,13 @@ def test_debug_offsets_3_14_exactly_its_size():
                                                (0x030D00B4, "3.13.0b4")])
 def test_debug_offsets_rejects_alphas_and_betas(version_hex, text):
     data = synthetic_runtime_3_14(version_hex) if version_hex >> 16 == 0x030E else fake_debug_offsets(version_hex)
-    with pytest.raises(ValueError, match=f"CPython {text} is an alpha or beta") as raised:
+    with pytest.raises(MalformedInput, match=f"CPython {text} is an alpha or beta") as raised:
         parse_debug_offsets(data)
     assert "\n" not in str(raised.value)
 
 
 def test_debug_offsets_unknown_future_version_message():
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(MalformedInput) as raised:
         parse_debug_offsets(fake_debug_offsets(0x036300F0))     # 3.99.0
     message = str(raised.value)
     assert "\n" not in message
@@ -434,7 +435,7 @@ def test_debug_offsets_unknown_future_version_message():
 def test_debug_offsets_refuses_free_threaded_builds(data):
     data = bytearray(data)
     struct.pack_into("<Q", data, 16, 1)  # free_threaded
-    with pytest.raises(ValueError, match="free-threaded"):
+    with pytest.raises(MalformedInput, match="free-threaded"):
         parse_debug_offsets(bytes(data))
 
 
@@ -445,5 +446,5 @@ def test_debug_offsets_claiming_huge_structures_are_refused():
     data = bytearray(synthetic_runtime_3_14())
     for member, value in (("unicode_object.size", 1 << 62), ("unicode_object.asciiobject_size", 1 << 40)):
         struct.pack_into("<Q", data, 24 + 8 * names.index(member), value)
-    with pytest.raises(ValueError, match="asciiobject_size"):
+    with pytest.raises(MalformedInput, match="asciiobject_size"):
         parse_debug_offsets(bytes(data))

@@ -44,6 +44,8 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
+from bpfprof.symbolizer.errors import MalformedInput
+
 ABSENT = -1
 
 # How an instance keeps its attributes (ObjectLayout.instance_dict).
@@ -459,37 +461,37 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     Its `objects` takes the members the struct carries and the rest from OBJECT_LAYOUTS,
     or is None for a version without an entry there.
 
-    Raises ValueError when the bytes are not debug offsets (wrong cookie), come from a
+    Raises MalformedInput when the bytes are not debug offsets (wrong cookie), come from a
     version before 3.13, from a minor version whose struct layout is not known here, or
     hold offsets that cannot be right."""
     data = bytes(data)
     if len(data) < 16:
-        raise ValueError(f"_Py_DebugOffsets: got {len(data)} bytes, need at least 16 for cookie and version")
+        raise MalformedInput(f"_Py_DebugOffsets: got {len(data)} bytes, need at least 16 for cookie and version")
     cookie = data[:8]
     if cookie != DEBUG_OFFSETS_COOKIE:
-        raise ValueError(f"_Py_DebugOffsets: cookie is {cookie!r}, expected {DEBUG_OFFSETS_COOKIE!r} "
+        raise MalformedInput(f"_Py_DebugOffsets: cookie is {cookie!r}, expected {DEBUG_OFFSETS_COOKIE!r} "
                          "(not the start of _PyRuntime of a CPython 3.13+)")
     (version_hex,) = struct.unpack_from("<Q", data, 8)
     version = (version_hex >> 24, (version_hex >> 16) & 0xFF)
     version_text = f"{version[0]}.{version[1]}"
     if version < (3, 13):
-        raise ValueError(f"_Py_DebugOffsets: version field says CPython {version_text} "
+        raise MalformedInput(f"_Py_DebugOffsets: version field says CPython {version_text} "
                          f"(PY_VERSION_HEX {version_hex:#x}); debug offsets exist from 3.13 on")
     layout = _DEBUG_OFFSETS_LAYOUTS.get(version)
     if layout is None:
         known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
-        raise ValueError(f"_Py_DebugOffsets: no known layout of the struct for CPython {version_text} "
+        raise MalformedInput(f"_Py_DebugOffsets: no known layout of the struct for CPython {version_text} "
                          f"(PY_VERSION_HEX {version_hex:#x}; it changes between minor versions; known: {known})")
     if (version_hex >> 4) & 0xF < _RELEASE_CANDIDATE:
-        raise ValueError(f"_Py_DebugOffsets: CPython {_version_text(version_hex)} is an alpha or beta, "
+        raise MalformedInput(f"_Py_DebugOffsets: CPython {_version_text(version_hex)} is an alpha or beta, "
                          f"whose struct may differ from {version_text}'s releases (known from {version_text}.0rc1 on)")
     (free_threaded,) = struct.unpack_from("<Q", data, 16)
     if free_threaded:
         # Threads run bytecode from copies of their own (tlbc), not co_code_adaptive.
-        raise ValueError(f"_Py_DebugOffsets: CPython {version_text} is a free-threaded build, not read yet")
+        raise MalformedInput(f"_Py_DebugOffsets: CPython {version_text} is a free-threaded build, not read yet")
     positions, size = _positions(layout)
     if len(data) < size:
-        raise ValueError(f"_Py_DebugOffsets: CPython {version_text}'s struct takes {size} bytes, got {len(data)}")
+        raise MalformedInput(f"_Py_DebugOffsets: CPython {version_text}'s struct takes {size} bytes, got {len(data)}")
 
     def member(name: str) -> int:
         return struct.unpack_from("<Q", data, positions[name])[0]
@@ -503,7 +505,7 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
             # is larger.
             limit = min(member(name.split(".")[0] + ".size"), _MAX_STRUCT)
             if not values[field] < limit:
-                raise ValueError(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
+                raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
                                  f"is not below the structure's size {limit}")
         return values
 
