@@ -20,6 +20,7 @@ from typing import BinaryIO, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from elftools.common.exceptions import ELFError
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfConfig
+from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.native.demangle import demangle
@@ -529,6 +530,10 @@ def _check_extents(elf: ELFFile, size: int) -> None:
     for section in elf.iter_sections():
         if section["sh_type"] not in ("SHT_NOBITS", "SHT_NULL") and section["sh_offset"] + section["sh_size"] > size:
             raise ELFError(f"section {section.name!r} lies past the end of the file")
+        # pyelftools inflates any compressed section it is asked for, whatever size it
+        # claims; only DWARF is compressed by toolchains, and it is inflated with a cap.
+        if section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED and not section.name.startswith(".debug_"):
+            raise ELFError(f"section {section.name!r} is compressed")
 
 
 def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool, problems: List[str]

@@ -281,3 +281,23 @@ def test_dwarf_that_cannot_be_read_leaves_the_names(build_c, edit):
     for name in CHAIN:
         info = symbols.get_function(file_offset(binary, addresses[name]) + 1)
         assert (info.name, info.line) == (name, 0)
+
+
+def test_a_compressed_section_other_than_dwarf_is_refused(build_c, tmp_path):
+    """pyelftools would inflate a compressed symbol table to whatever size its header
+    claims: only DWARF is read compressed (with a cap), a file compressing more is refused."""
+    binary = tmp_path / "bomb"
+    shutil.copy(build_c("chain"), binary)
+    with open(binary, "r+b") as f:
+        elf = ELFFile(f)
+        index = next(i for i, s in enumerate(elf.iter_sections()) if s.name == ".symtab")
+        symtab = elf.get_section(index)
+        header_at = elf.header["e_shoff"] + index * elf.header["e_shentsize"]
+        f.seek(header_at + 8)  # sh_flags
+        f.write(struct.pack("<Q", symtab["sh_flags"] | 0x800))
+        f.seek(symtab["sh_offset"])
+        f.write(struct.pack("<IIQQ", 1, 0, 1 << 40, 1))  # Elf64_Chdr: zlib, a terabyte inflated
+    with pytest.raises(SymbolizerError, match="compressed"):
+        open_elf_symbols(str(binary))
+    with pytest.raises(SymbolizerError, match="compressed"):
+        open_unwind_table(str(binary), str(tmp_path / "cache"))
