@@ -14,3 +14,8 @@ class MalformedInput(SymbolizerError):
 
 class TooLarge(SymbolizerError):
     """A size read from the input is over what is accepted; nothing of it was allocated."""
+
+
+class NotRegularFile(SymbolizerError):
+    """A file of another process that is no regular file (a FIFO, a device, a symlink
+    where none is followed): never opened for reading."""
