@@ -27,6 +27,7 @@ from bpfprof.symbolizer.native.demangle import demangle
 from bpfprof.symbolizer.native.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.packed_names import PackedNames
+from bpfprof.symbolizer.safe_open import open_in_root
 
 STT_OBJECT = 1
 STT_FUNC = 2
@@ -181,25 +182,33 @@ def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
     return data[:end].decode(errors="replace"), struct.unpack_from(order + "I", data, crc_at)[0]
 
 
-def _crc32(path: str) -> int:
+def _crc32(fd: int, size: int) -> int:
+    """The CRC-32 of the file's first `size` bytes (its size when opened: it may grow)."""
     crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            crc = zlib.crc32(chunk, crc)
+    for offset in range(0, size, 1 << 20):
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def _inside(root: str, path: str) -> str:
-    return os.path.join(root, path.lstrip("/")) if root not in ("", "/") else path
+def _open_debug_file(root: str, path: str) -> Optional[int]:
+    """A descriptor of a candidate debug file in the root; None if there is no usable one."""
+    try:
+        return open_in_root(root, path, MAX_DEBUG_FILE)
+    except (OSError, SymbolizerError):
+        return None
 
 
-def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optional[str]:
-    """The separate debug file of a binary, as GDB looks for it: by build ID, then by
-    .gnu_debuglink next to the binary, in its .debug/ and under /usr/lib/debug."""
+def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optional[int]:
+    """A descriptor of the binary's separate debug file, looked for as GDB does, inside
+    the process's root: by build ID, then by .gnu_debuglink next to the binary, in its
+    .debug/ and under /usr/lib/debug (where the link's CRC must match)."""
     if build_id:
-        candidate = _inside(root, f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
-        if os.path.isfile(candidate):
-            return candidate
+        fd = _open_debug_file(root, f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+        if fd is not None:
+            return fd
     link = _debug_link(elf)
     if link is None or not path.startswith("/"):
         return None
@@ -208,12 +217,15 @@ def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optio
     for candidate in (f"{directory}/{name}", f"{directory}/.debug/{name}", f"{DEBUG_ROOT}{directory}/{name}"):
         if candidate == path:
             continue
-        candidate = _inside(root, candidate)
-        try:
-            if os.path.isfile(candidate) and _crc32(candidate) == crc:
-                return candidate
-        except OSError:
+        fd = _open_debug_file(root, candidate)
+        if fd is None:
             continue
+        try:
+            if _crc32(fd, os.fstat(fd).st_size) == crc:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
     return None
 
 
@@ -276,6 +288,7 @@ class _Inflated(_Window):
 
 ELFCOMPRESS_ZLIB = 1
 MAX_INFLATED = 512 << 20  # bytes a compressed debug section may inflate to
+MAX_DEBUG_FILE = 2 << 30  # bytes of a separate debug file (a debug link's CRC reads all of it)
 
 
 def _section_stream(elf: ELFFile, fd: int, section) -> _Window:
@@ -509,10 +522,15 @@ def open_elf(path: str) -> Tuple[BinaryIO, ELFFile]:
         stream = open(path, "rb")
     except OSError as e:
         raise SymbolizerError(f"cannot open: {e.strerror or e}") from None
+    return stream, _read_elf(stream)
+
+
+def _read_elf(stream: BinaryIO) -> ELFFile:
+    """The ELF file of an open stream, which is closed if it holds none."""
     try:
         elf = ELFFile(stream)
         _check_extents(elf, os.fstat(stream.fileno()).st_size)
-        return stream, elf
+        return elf
     except (ELFError, struct.error, ValueError, OverflowError, OSError) as e:
         # (A seek to an offset the headers claim fails with OSError or OverflowError.)
         stream.close()
@@ -536,12 +554,14 @@ def _check_extents(elf: ELFFile, size: int) -> None:
             raise ELFError(f"section {section.name!r} is compressed")
 
 
-def _debug_symbols(debug_path: str, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
+def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
                    ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines]]:
-    """Function symbols, data addresses and lines if wanted, of a separate debug file;
-    nothing from one that cannot be used, so the binary's own symbols still stand."""
+    """Function symbols, data addresses and lines if wanted, of a separate debug file
+    (its descriptor, which this takes over); nothing from one that cannot be used, so the
+    binary's own symbols still stand."""
+    stream = os.fdopen(fd, "rb")
     try:
-        stream, elf = open_elf(debug_path)
+        elf = _read_elf(stream)
     except SymbolizerError:
         return [], {}, None
     entries, data, lines = [], {}, None
@@ -589,9 +609,9 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
         problems: List[str] = []
         own_lines = lines = _lines(elf, stream, problems)
         if elf.get_section_by_name(".symtab") is None or lines is None:
-            debug_path = _find_debug_file(elf, path or open_path, root, build_id)
-            if debug_path:
-                debug_entries, debug_data, debug_lines = _debug_symbols(debug_path, data_names, lines is None,
+            debug_fd = _find_debug_file(elf, path or open_path, root, build_id)
+            if debug_fd is not None:
+                debug_entries, debug_data, debug_lines = _debug_symbols(debug_fd, data_names, lines is None,
                                                                          problems)
                 entries += debug_entries
                 data = {**debug_data, **data}

@@ -4,10 +4,12 @@ stripped ones with debug files found by build ID and by .gnu_debuglink, C++ name
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import time
 import zlib
+from contextlib import contextmanager
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -170,6 +172,66 @@ def test_debug_file_found_by_debuglink_with_matching_crc(stripped, tmp_path):
     with open(root / "opt/app/.debug/chain.debug", "ab") as f:
         f.write(b"\0")
     assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset) is None
+
+
+@contextmanager
+def must_return_within(seconds):
+    """Fails the test (rather than hanging it) if the block blocks."""
+    def fail(*_):
+        raise AssertionError(f"blocked for {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_debug_files_that_are_fifos_or_huge_are_passed_over(stripped, tmp_path):
+    """Found by build ID or debug link, a FIFO would block the profiler and a huge sparse
+    file would have its CRC read for minutes: neither is read, and the debug file the
+    link names further on is found."""
+    root, target, debug = stripped
+    linked = tmp_path / "linked"
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(target), str(linked)], check=True)
+    shutil.copy(linked, target)
+    build_id = open_elf_symbols(str(target)).build_id
+    by_build_id = root / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    by_build_id.parent.mkdir(parents=True)
+    os.mkfifo(by_build_id)
+    os.mkfifo(root / "opt/app/chain.debug")
+    (root / "opt/app/.debug").mkdir()
+    with open(root / "opt/app/.debug/chain.debug", "wb") as f:
+        f.truncate(1 << 40)
+    (root / "usr/lib/debug/opt/app").mkdir(parents=True)
+    shutil.copy(debug, root / "usr/lib/debug/opt/app/chain.debug")
+    offset = file_offset(target, symbol_addresses(debug)["chain_b"]) + 1
+    with must_return_within(10):
+        assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset).name == "chain_b"
+    os.unlink(by_build_id)
+    by_build_id.symlink_to("/usr/lib/debug/opt/app/chain.debug")  # inside the root: a final link is not followed
+    os.unlink(root / "usr/lib/debug/opt/app/chain.debug")
+    with must_return_within(10):
+        assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset) is None
+
+
+def test_debug_links_resolve_inside_the_root(stripped, tmp_path):
+    """A directory of the binary that links to an absolute path leads to that path in
+    the process's root, not in ours."""
+    root, target, debug = stripped
+    linked = tmp_path / "linked"
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(target), str(linked)], check=True)
+    assert debug == tmp_path / "chain.debug"
+    (root / "opt/app/.debug").symlink_to(tmp_path)  # outside the root
+    shutil.copy(linked, target)
+    offset = file_offset(target, symbol_addresses(debug)["chain_b"]) + 1
+    assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset) is None
+    assert open_elf_symbols(str(target), "/opt/app/chain", "/").get_function(offset) is None  # no /opt/app here
+    relocated = root / str(tmp_path).lstrip("/")
+    relocated.mkdir(parents=True)
+    shutil.copy(debug, relocated / "chain.debug")
+    assert open_elf_symbols(str(target), "/opt/app/chain", str(root)).get_function(offset).name == "chain_b"
 
 
 def test_cxx_names_are_demangled():
