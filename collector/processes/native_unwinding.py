@@ -26,7 +26,7 @@ from bpfprof.collector.processes.run_allocator import RunAllocator
 from bpfprof.collector.probe.sampler import UNWIND_MAPPINGS_SEARCHED, UNWIND_ROWS_SEARCHED, Sampler
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import MalformedInput
-from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer
+from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer, ObjectFile
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import UnwindTable
 
@@ -62,23 +62,25 @@ class UnwindStats:
 
 class _TableBuilder:
     """A thread that builds the unwind tables submit() asks for, and hands each to
-    on_built(file, its table or None if it has none)."""
+    on_built(file, its table or None if it has none, whether the binary could be opened).
+    The binary is opened when its turn comes, with a descriptor of its own: the one that
+    keeps it reachable may be closed meanwhile."""
 
-    def __init__(self, cache_dir: Optional[str], on_built: Callable[[FileId, Optional[UnwindTable]], None],
-                 failures: Failures) -> None:
+    def __init__(self, cache_dir: Optional[str], open_binary: Callable[[ObjectFile], Optional[int]],
+                 on_built: Callable[[FileId, Optional[UnwindTable], bool], None], failures: Failures) -> None:
         self._cache_dir = cache_dir
+        self._open_binary = open_binary
         self._on_built = on_built
         self._failures = failures
-        self._todo: "queue.Queue[Optional[Tuple[FileId, str, str]]]" = queue.Queue()
+        self._todo: "queue.Queue[Optional[ObjectFile]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
-    def submit(self, file_id: FileId, path: str, open_path: str) -> None:
-        """`path` names the binary in what is told of it; `open_path` opens it."""
+    def submit(self, obj: ObjectFile) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._failures.keep_running, args=("unwind tables", self._run),
                                             name="bpfprof-unwind-tables", daemon=True)
             self._thread.start()
-        self._todo.put((file_id, path, open_path))
+        self._todo.put(obj)
 
     def stop(self) -> None:
         """The thread ends after the table it may be building (it is a daemon: nobody waits)."""
@@ -86,17 +88,23 @@ class _TableBuilder:
 
     def _run(self) -> None:
         while True:
-            work = self._todo.get()
-            if work is None:
+            obj = self._todo.get()
+            if obj is None:
                 return
-            file_id, path, open_path = work
-            table: Optional[UnwindTable] = None  # not an x86-64 ELF file, or gone: frame pointers there
-            with self._failures.contain("binary", path):
-                table = open_unwind_table(open_path, self._cache_dir)
+            fd = self._open_binary(obj)
+            if fd is None:
+                self._on_built(obj.file_id, None, False)
+                continue
+            table: Optional[UnwindTable] = None  # not an x86-64 ELF file: frame pointers there
+            try:
+                with self._failures.contain("binary", obj.path):
+                    table = open_unwind_table(f"/proc/self/fd/{fd}", self._cache_dir)
+            finally:
+                os.close(fd)
             if table is not None and table.unreadable_fdes:  # the rest of its rows stand
-                self._failures.add("binary", path, MalformedInput(
+                self._failures.add("binary", obj.path, MalformedInput(
                     f"{table.unreadable_fdes} unreadable entries in its unwind tables"))
-            self._on_built(file_id, table)
+            self._on_built(obj.file_id, table, True)
 
 
 class NativeUnwinding:
@@ -106,10 +114,9 @@ class NativeUnwinding:
     def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures,
                  cache_dir: Optional[str] = None) -> None:
         self._sampler = sampler
-        self._native = native
         self._lock = threading.Lock()
         self._closed = False
-        self._builder = _TableBuilder(cache_dir, self._on_built, failures)
+        self._builder = _TableBuilder(cache_dir, native.open_binary, self._on_built, failures)
         self._building: Dict[FileId, Set[int]] = {}  # binaries being built -> pids waiting for them
         self._rows = RunAllocator(sampler.config.unwind_rows)
         self._mappings = RunAllocator(sampler.config.unwind_mappings)
@@ -175,12 +182,16 @@ class NativeUnwinding:
         self._release(process.pid)
         self._processes[process.pid] = _InstalledProcess(process, first, len(mappings), tables)
 
-    def _on_built(self, file_id: FileId, table: Optional[UnwindTable]) -> None:
-        """On the builder's thread: load the table, install again the processes waiting for it."""
+    def _on_built(self, file_id: FileId, table: Optional[UnwindTable], opened: bool) -> None:
+        """On the builder's thread: load the table, install again the processes waiting for
+        it. A binary gone before it could be opened is asked for again by the next process
+        that maps it."""
         with self._lock:
             if self._closed:
                 return
             waiting = self._building.pop(file_id, set())
+            if not opened:
+                return
             self._by_file[file_id] = self._load(table) if table is not None else None
             for pid in waiting:
                 if pid in self._processes:
@@ -209,12 +220,8 @@ class NativeUnwinding:
         if obj.file_id in self._by_file:
             return self._by_file[obj.file_id]
         if obj.file_id not in self._building:
-            path = self._native.get_open_path(obj)
-            if path is None:  # gone before it could be opened
-                self._by_file[obj.file_id] = None
-                return None
             self._building[obj.file_id] = set()
-            self._builder.submit(obj.file_id, obj.path, path)
+            self._builder.submit(obj)
         self._building[obj.file_id].add(pid)
         return None
 

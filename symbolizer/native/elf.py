@@ -507,6 +507,10 @@ class ElfSymbols(LoadedData):
             return FunctionInfo(demangle(name))
         return FunctionInfo(demangle(name), location[0], location[1])
 
+    def has_open_file(self) -> bool:
+        """Whether a descriptor of the file is held, to read its lines when asked for."""
+        return self._lines is not None
+
     def drop_inflated(self) -> None:
         """Free the compressed debug sections inflated since the last call."""
         if self._lines:

@@ -1,16 +1,24 @@
-"""Native addresses to frames: binaries kept reachable when first mapped, symbols cached per file."""
+"""Native addresses to frames: binaries kept reachable when first mapped, symbols cached per file.
+
+A binary is kept open from when a process is seen mapping it until its symbols are read,
+so that it can be read after the process exits; at most MAX_OPEN_FILES descriptors are
+kept, counting the symbols that read their file's lines lazily, the least recently used
+closed first. A binary no longer kept is opened again through a process that maps it."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from bpfprof.symbolizer.containment import Failures
-from bpfprof.symbolizer.errors import MalformedInput
+from bpfprof.symbolizer.errors import MalformedInput, SymbolizerError
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
+from bpfprof.symbolizer.safe_open import open_in_root, open_regular
 
 FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PID/maps gives them
 
@@ -18,6 +26,8 @@ FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PI
 # comes): a whole-system agent sees most binaries briefly (a compiler's libraries, 4 MB of
 # names for LLVM's, while it compiles), and their frames once named stay named.
 IDLE_SYMBOLS_S = 180.0
+MAX_OPEN_FILES = 256  # descriptors kept: binaries kept reachable and symbols that read lines lazily
+MAX_BINARY = 4 << 30  # bytes of a binary that is read
 
 
 @dataclass(frozen=True)
@@ -32,15 +42,16 @@ class ObjectFile:
 
 def _open_same_file(obj: ObjectFile) -> Optional[int]:
     """An fd of the mapped file: through the process's map_files while it lives, else by
-    path (in its root, then in ours) if that path still names the same device and inode."""
+    path (resolved in its root, then in ours) if that path still names the same device
+    and inode. None if neither opens a regular file of an accepted size."""
     try:
-        return os.open(obj.open_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        return open_regular(obj.open_path, MAX_BINARY)
+    except (OSError, SymbolizerError):
         pass
-    for path in (os.path.join(obj.root, obj.path.lstrip("/")), obj.path):
+    for root in (obj.root, "/"):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = open_in_root(root, obj.path, MAX_BINARY)
+        except (OSError, SymbolizerError):
             continue
         st = os.fstat(fd)
         if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == obj.file_id:
@@ -56,8 +67,8 @@ class NativeSymbolizer:
     def __init__(self, data_names: Tuple[str, ...] = (), failures: Optional[Failures] = None) -> None:
         self._data_names = data_names  # data objects whose addresses callers need
         self._failures = failures or Failures()
-        self._fds: Dict[FileId, int] = {}
-        self._roots: Dict[FileId, str] = {}
+        self._lock = threading.Lock()  # over _fds: open_binary() is called from other threads
+        self._fds: "OrderedDict[FileId, Tuple[int, float]]" = OrderedDict()  # kept -> (fd, last use); LRU first
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
         self._used: Dict[FileId, float] = {}  # binaries with symbols -> when last asked for them
         self._exported: Dict[FileId, Optional[LoadedData]] = {}
@@ -66,18 +77,62 @@ class NativeSymbolizer:
         self._frames: Dict[Tuple[FileId, int], Frame] = {}
 
     def keep_reachable(self, obj: ObjectFile) -> None:
-        # Once its symbols are read (or known unreadable) a binary need not be reopened.
-        if obj.file_id not in self._fds and obj.file_id not in self._symbols:
-            fd = _open_same_file(obj)
-            if fd is not None:
-                self._fds[obj.file_id] = fd
-                self._roots[obj.file_id] = obj.root
+        # Once its symbols are read (or known unreadable) a binary need not be kept.
+        if obj.file_id in self._symbols:
+            return
+        with self._lock:
+            if self._touch(obj.file_id) is not None:
+                return
+        fd = _open_same_file(obj)
+        if fd is not None:
+            with self._lock:
+                self._fds[obj.file_id] = (fd, time.monotonic())
+            self._make_room()
 
-    def get_open_path(self, obj: ObjectFile) -> Optional[str]:
-        """A path that opens the binary (kept reachable), or None if it could not be kept."""
-        self.keep_reachable(obj)
-        fd = self._fds.get(obj.file_id)
-        return f"/proc/self/fd/{fd}" if fd is not None else None
+    def open_binary(self, obj: ObjectFile) -> Optional[int]:
+        """A descriptor of the binary for the caller to close (a copy of the one kept, else
+        opened again through the process); None if it cannot be opened. Safe from any thread."""
+        with self._lock:
+            fd = self._touch(obj.file_id)
+            if fd is not None:
+                return os.dup(fd)
+        return _open_same_file(obj)
+
+    def num_open_files(self) -> int:
+        """Descriptors held: binaries kept reachable, and symbols that read their lines lazily."""
+        with self._lock:
+            kept = len(self._fds)
+        return kept + len({id(s) for s in self._symbols.values() if s is not None and s.has_open_file()})
+
+    def _touch(self, file_id: FileId) -> Optional[int]:
+        """The fd kept of the binary, now its most recently used; with the lock held."""
+        kept = self._fds.get(file_id)
+        if kept is None:
+            return None
+        self._fds[file_id] = (kept[0], time.monotonic())
+        self._fds.move_to_end(file_id)
+        return kept[0]
+
+    def _release(self, file_id: FileId) -> None:
+        with self._lock:
+            kept = self._fds.pop(file_id, None)
+            if kept is not None:
+                os.close(kept[0])
+
+    def _make_room(self) -> None:
+        """Close the least recently used of the binaries kept and the symbols holding their
+        file until at most MAX_OPEN_FILES descriptors are held."""
+        while self.num_open_files() > MAX_OPEN_FILES:
+            with self._lock:
+                oldest_kept = next(iter(self._fds.items()), None)
+            holding = [(used, file_id) for file_id, used in self._used.items() if self._symbols[file_id].has_open_file()]
+            oldest_symbols = min(holding, default=None)
+            if oldest_kept is not None and (oldest_symbols is None or oldest_kept[1][1] <= oldest_symbols[0]):
+                self._release(oldest_kept[0])
+            elif oldest_symbols is not None:
+                self._close_symbols([oldest_symbols[1]])
+            else:
+                return
 
     def get_exported_data(self, obj: ObjectFile) -> Optional[LoadedData]:
         """The data objects asked for at construction that the binary exports, read
@@ -85,11 +140,13 @@ class NativeSymbolizer:
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
         if obj.file_id not in self._exported:
-            path = self.get_open_path(obj)
+            self.keep_reachable(obj)
+            fd = self.open_binary(obj)
             exported = None
-            if path is not None:
+            if fd is not None:
                 with self._failures.contain("binary", obj.path):
-                    exported = read_exported_data(path, self._data_names)
+                    exported = read_exported_data(f"/proc/self/fd/{fd}", self._data_names)
+                os.close(fd)
             self._exported[obj.file_id] = exported
         return self._exported[obj.file_id]
 
@@ -99,12 +156,13 @@ class NativeSymbolizer:
         if obj.file_id in self._symbols:
             return self._symbols[obj.file_id]
         symbols = None
-        path = self.get_open_path(obj)
-        if path is None:
+        fd = self.open_binary(obj)
+        if fd is None:
             self._failures.add("binary", obj.path, FileNotFoundError("gone before it could be opened"))
         else:
             with self._failures.contain("binary", obj.path):
-                symbols = open_elf_symbols(path, obj.path, self._roots[obj.file_id], self._data_names)
+                symbols = open_elf_symbols(f"/proc/self/fd/{fd}", obj.path, obj.root, self._data_names)
+            os.close(fd)
             if symbols is not None:
                 self._tell_problems(obj, symbols)
                 # The same binary seen through two mount namespaces is parsed once.
@@ -117,6 +175,8 @@ class NativeSymbolizer:
                 self._used[obj.file_id] = time.monotonic()
         self._symbols[obj.file_id] = symbols
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
+        self._release(obj.file_id)  # read, or known unreadable: nothing needs it kept
+        self._make_room()
         return symbols
 
     def _tell_problems(self, obj: ObjectFile, symbols: ElfSymbols) -> None:
@@ -156,10 +216,18 @@ class NativeSymbolizer:
             symbols.drop_inflated()
 
     def close_idle(self, now: Optional[float] = None) -> None:
-        """Close the symbols that no new frame asked for in IDLE_SYMBOLS_S (the binaries stay
-        reachable: a new address in one reads them again). Binaries known unreadable stay so."""
+        """Close the symbols that no new frame asked for in IDLE_SYMBOLS_S, and the binaries
+        kept but not asked for in that time (a new address in one reads it again, through a
+        process that maps it). Binaries known unreadable stay so."""
         now = time.monotonic() if now is None else now
-        idle = [file_id for file_id, used in self._used.items() if now - used > IDLE_SYMBOLS_S]
+        with self._lock:
+            idle_kept = [file_id for file_id, (_, used) in self._fds.items() if now - used > IDLE_SYMBOLS_S]
+        for file_id in idle_kept:
+            self._release(file_id)
+        self._close_symbols([file_id for file_id, used in self._used.items() if now - used > IDLE_SYMBOLS_S])
+
+    def _close_symbols(self, idle: List[FileId]) -> None:
+        """Close these binaries' symbols, but for those shared with a binary still in use."""
         closing = {id(s): s for s in (self._symbols.pop(file_id) for file_id in idle)}
         for file_id in idle:
             del self._used[file_id]
@@ -171,9 +239,10 @@ class NativeSymbolizer:
             symbols.close()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
         for symbols in self._symbols.values():
             if symbols is not None:
                 symbols.close()

@@ -268,11 +268,17 @@ def test_native_symbolizer_names_unknown_frames_by_module(build_c):
 
 
 def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp_path):
+    """Closed symbols are read again through a process that still maps the binary (here
+    this one, holding it open, as /proc/PID/map_files would), even once it is deleted;
+    when none does, the binary's new frames are unnamed and that is counted."""
     binary = tmp_path / "chain"
     shutil.copy(build_c("chain"), binary)
-    native = NativeSymbolizer()
+    failures = Failures()
+    native = NativeSymbolizer(failures=failures)
     st = os.stat(binary)
-    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary), str(binary), "/")
+    held = os.open(binary, os.O_RDONLY)
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary),
+                     f"/proc/{os.getpid()}/fd/{held}", "/")
     native.keep_reachable(obj)
     offsets = {name: file_offset(binary, symbol_addresses(binary)[name]) for name in CHAIN}
     try:
@@ -280,11 +286,15 @@ def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp
         native.close_idle(time.monotonic() + IDLE_SYMBOLS_S / 2)
         assert native.num_binaries() == 1
         native.close_idle(time.monotonic() + IDLE_SYMBOLS_S * 2)
-        assert native.num_binaries() == 0
-        binary.unlink()  # still reachable
+        assert native.num_binaries() == 0 and native.num_open_files() == 0
+        binary.unlink()  # still mapped
         assert native.get_frame(obj, offsets["chain_a"]) is first  # named frames stay named
         assert native.get_frame(obj, offsets["chain_b"]).name == "chain_b"
         assert native.num_binaries() == 1
+        native.close_idle(time.monotonic() + IDLE_SYMBOLS_S * 2)
+        os.close(held)  # no process maps it any more
+        assert native.get_frame(obj, offsets["chain_c"]).name == f"[chain+{offsets['chain_c']:#x}]"
+        assert failures.counts() == {("binary", "unreadable"): 1}
     finally:
         native.close()
 
