@@ -18,7 +18,7 @@ from bpfprof.symbolizer.native.elf import open_elf_symbols, read_build_id
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.containment import Failures
-from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, NativeSymbolizer, ObjectFile
+from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, MAX_OPEN_FILES, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")
@@ -297,6 +297,39 @@ def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp
         assert failures.counts() == {("binary", "unreadable"): 1}
     finally:
         native.close()
+
+
+def test_native_symbolizer_keeps_a_bounded_number_of_files_open(build_c, tmp_path):
+    """Binaries kept reachable and symbols that read their lines lazily each hold a
+    descriptor: past MAX_OPEN_FILES the least recently used is closed, and read again
+    when asked for."""
+    source = build_c("chain")
+    data = bytearray(source.read_bytes())
+    with open(source, "rb") as f:
+        build_id_at = ELFFile(f).get_section_by_name(".note.gnu.build-id")["sh_offset"] + 16  # after "GNU\0"
+    objects = []
+    for i in range(MAX_OPEN_FILES + 44):
+        data[build_id_at:build_id_at + 4] = struct.pack("<I", i)  # binaries that share nothing
+        path = tmp_path / f"chain{i}"
+        path.write_bytes(data)
+        st = os.stat(path)
+        objects.append(ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(path), str(path), "/"))
+    offset = file_offset(source, symbol_addresses(source)["chain_b"]) + 1
+    before = len(os.listdir("/proc/self/fd"))
+    native = NativeSymbolizer()
+    try:
+        for obj in objects:
+            native.keep_reachable(obj)
+        assert native.num_open_files() == MAX_OPEN_FILES == len(os.listdir("/proc/self/fd")) - before
+        for obj in objects:
+            frame = native.get_frame(obj, offset)
+            assert frame.name == "chain_b" and frame.line > 0
+        assert native.num_open_files() == MAX_OPEN_FILES == len(os.listdir("/proc/self/fd")) - before
+        assert native.num_binaries() == MAX_OPEN_FILES
+        assert native.get_frame(objects[0], offset + 4).name == "chain_b"  # closed, and read again
+    finally:
+        native.close()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_native_symbolizer_refuses_a_replaced_file(build_c):
