@@ -125,12 +125,17 @@ class NativeSymbolizer:
         while self.num_open_files() > MAX_OPEN_FILES:
             with self._lock:
                 oldest_kept = next(iter(self._fds.items()), None)
-            holding = [(used, file_id) for file_id, used in self._used.items() if self._symbols[file_id].has_open_file()]
-            oldest_symbols = min(holding, default=None)
+            holding: Dict[int, Tuple[float, List[FileId]]] = {}  # symbols -> (last use, binaries sharing them)
+            for file_id, used in self._used.items():
+                symbols = self._symbols[file_id]
+                if symbols.has_open_file():
+                    last, sharing = holding.get(id(symbols), (used, []))
+                    holding[id(symbols)] = (max(last, used), sharing + [file_id])
+            oldest_symbols = min(holding.values(), default=None)
             if oldest_kept is not None and (oldest_symbols is None or oldest_kept[1][1] <= oldest_symbols[0]):
                 self._release(oldest_kept[0])
             elif oldest_symbols is not None:
-                self._close_symbols([oldest_symbols[1]])
+                self._close_symbols(oldest_symbols[1])
             else:
                 return
 

@@ -332,6 +332,32 @@ def test_native_symbolizer_keeps_a_bounded_number_of_files_open(build_c, tmp_pat
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_native_symbolizer_looks_for_a_binary_by_path_inside_its_root(build_c, tmp_path):
+    """With map_files gone, a binary is looked for by its path in its process's root: a
+    link there to an absolute path leads inside that root, never into ours."""
+    outside = tmp_path / "outside/app"
+    outside.mkdir(parents=True)
+    shutil.copy(build_c("chain"), outside / "chain")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "opt").symlink_to(outside.parent)
+    st = os.stat(outside / "chain")
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), "/opt/app/chain", "/nonexistent", str(root))
+    offset = file_offset(outside / "chain", symbol_addresses(outside / "chain")["chain_b"])
+    failures = Failures()
+    native = NativeSymbolizer(failures=failures)
+    assert native.get_frame(obj, offset).name == f"[chain+{offset:#x}]"
+    assert failures.counts() == {("binary", "unreadable"): 1}
+    inside = root / str(outside).lstrip("/")
+    inside.mkdir(parents=True)
+    os.link(outside / "chain", inside / "chain")  # the same inode, where the link leads in the root
+    native = NativeSymbolizer()
+    try:
+        assert native.get_frame(obj, offset).name == "chain_b"
+    finally:
+        native.close()
+
+
 def test_native_symbolizer_refuses_a_replaced_file(build_c):
     binary = build_c("chain")
     obj = ObjectFile((0, 0, 1), str(binary), "/nonexistent", "/")  # not this inode
