@@ -26,6 +26,7 @@ from bpfprof.collector.processes.run_allocator import RunAllocator
 from bpfprof.collector.probe.sampler import UNWIND_MAPPINGS_SEARCHED, UNWIND_ROWS_SEARCHED, Sampler
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import MalformedInput
+from bpfprof.symbolizer.native.content_identity import ContentIdentity
 from bpfprof.symbolizer.native.symbolizer import FileId, NativeSymbolizer, ObjectFile
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import UnwindTable
@@ -39,7 +40,7 @@ class _LoadedTable:
     first_row: int
     num_rows: int
     segments: Tuple[Tuple[int, int, int], ...]
-    build_id: str
+    identity: ContentIdentity
     users: int = 0  # processes whose mappings point at these rows
 
 
@@ -121,7 +122,7 @@ class NativeUnwinding:
         self._rows = RunAllocator(sampler.config.unwind_rows)
         self._mappings = RunAllocator(sampler.config.unwind_mappings)
         self._by_file: Dict[FileId, Optional[_LoadedTable]] = {}  # None: no table for this file
-        self._by_build_id: Dict[str, _LoadedTable] = {}
+        self._by_identity: Dict[ContentIdentity, _LoadedTable] = {}  # shared between files of equal content
         self._idle: "OrderedDict[int, _LoadedTable]" = OrderedDict()  # loaded, no users; oldest first
         self._processes: Dict[int, _InstalledProcess] = {}
         self._num_processes = 0
@@ -228,8 +229,8 @@ class NativeUnwinding:
     def _load(self, table: UnwindTable) -> Optional[_LoadedTable]:
         """The table's rows placed in unwind_rows; None for a binary without rows (no
         .eh_frame or .debug_frame), with more than BPF searches, or with no room left."""
-        shared = self._by_build_id.get(table.build_id) if table.build_id else None
-        if shared is not None:  # the same binary through another mount namespace
+        shared = self._by_identity.get(table.identity)
+        if shared is not None:  # a copy of the binary (another mount namespace, say)
             return shared
         if not table.num_rows() or table.num_rows() > UNWIND_ROWS_SEARCHED:
             return None
@@ -240,14 +241,13 @@ class NativeUnwinding:
         if first is None:
             return None
         self._sampler.write_unwind_rows(first, table.records())
-        loaded = _LoadedTable(first, table.num_rows(), table.segments, table.build_id)
-        if table.build_id:
-            self._by_build_id[table.build_id] = loaded
+        loaded = _LoadedTable(first, table.num_rows(), table.segments, table.identity)
+        self._by_identity[table.identity] = loaded
         return loaded
 
     def _evict(self, table: _LoadedTable) -> None:
         self._rows.free(table.first_row, table.num_rows)
-        self._by_build_id.pop(table.build_id, None)
+        del self._by_identity[table.identity]
         for file_id in [f for f, t in self._by_file.items() if t is table]:
             del self._by_file[file_id]
 

@@ -23,6 +23,7 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfCon
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
+from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
 from bpfprof.symbolizer.native.demangle import demangle
 from bpfprof.symbolizer.native.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
 from bpfprof.symbolizer.errors import SymbolizerError
@@ -312,6 +313,10 @@ _LINE_SECTIONS = {
     "debug_str_offsets_sec": ".debug_str_offsets", "debug_addr_sec": ".debug_addr",
     "debug_ranges_sec": ".debug_ranges", "debug_rnglists_sec": ".debug_rnglists",
 }
+# What symbols and lines are read from, for content_identity (the string tables come with their symbol tables).
+SYMBOL_SECTIONS = ((".symtab", ".dynsym") + tuple(_LINE_SECTIONS.values())
+                   + tuple(".zdebug_" + name[len(".debug_"):] for name in _LINE_SECTIONS.values())
+                   + (".gnu_debugaltlink", ".debug_sup"))
 _UNUSED_SECTIONS = ("debug_frame_sec", "eh_frame_sec", "debug_loc_sec", "debug_pubtypes_sec", "debug_pubnames_sec",
                     "debug_loclists_sec", "debug_sup_sec", "gnu_debugaltlink_sec", "debug_types_sec")
 
@@ -481,10 +486,11 @@ class LoadedData:
 class ElfSymbols(LoadedData):
     """Names for file offsets of one binary (plus its debug file, if any)."""
 
-    def __init__(self, build_id: str, segments: List[Tuple[int, int, int]], symbols: _Symbols,
+    def __init__(self, identity: ContentIdentity, segments: List[Tuple[int, int, int]], symbols: _Symbols,
                  lines: Optional[_Lines], data: Dict[str, int], problems: List[str]) -> None:
         super().__init__(segments, data)
-        self.build_id = build_id
+        self.identity = identity  # of the binary and its debug file, as far as names and lines go
+        self.build_id = identity.build_id
         self._symbols = symbols
         self._lines = lines
         self._problems = problems  # parts of the file left out as malformed, as they are found
@@ -559,25 +565,27 @@ def _check_extents(elf: ELFFile, size: int) -> None:
 
 
 def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
-                   ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines]]:
+                   ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines],
+                              Optional[ContentIdentity]]:
     """Function symbols, data addresses and lines if wanted, of a separate debug file
-    (its descriptor, which this takes over); nothing from one that cannot be used, so the
-    binary's own symbols still stand."""
+    (its descriptor, which this takes over), and its identity; nothing from one that
+    cannot be used, so the binary's own symbols still stand."""
     stream = os.fdopen(fd, "rb")
     try:
         elf = _read_elf(stream)
     except SymbolizerError:
-        return [], {}, None
-    entries, data, lines = [], {}, None
+        return [], {}, None, None
+    entries, data, lines, identity = [], {}, None, None
     try:
+        identity = content_identity(elf, stream.fileno(), "", SYMBOL_SECTIONS)
         entries, data = _read_symbols(elf, data_names)
         if want_lines:
             lines = _lines(elf, stream, problems)
-    except (ELFError, struct.error, ValueError):
+    except (ELFError, struct.error, ValueError, SymbolizerError):
         pass
     if lines is None:
         stream.close()
-    return entries, data, lines
+    return entries, data, lines, identity
 
 
 def load_segments(elf: ELFFile) -> List[Tuple[int, int, int]]:
@@ -608,6 +616,7 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
     lines = None
     try:
         build_id = read_build_id(elf)
+        identity = content_identity(elf, stream.fileno(), build_id, SYMBOL_SECTIONS)
         segments = load_segments(elf)
         entries, data = _read_symbols(elf, data_names)
         problems: List[str] = []
@@ -615,16 +624,21 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_fd = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_fd is not None:
-                debug_entries, debug_data, debug_lines = _debug_symbols(debug_fd, data_names, lines is None,
-                                                                         problems)
+                debug_entries, debug_data, debug_lines, debug_identity = _debug_symbols(
+                    debug_fd, data_names, lines is None, problems)
+                if debug_identity is not None:
+                    identity = identity.joined(debug_identity)
                 entries += debug_entries
                 data = {**debug_data, **data}
                 lines = lines or debug_lines
         if own_lines is None:
             stream.close()  # nothing reads the binary lazily
-        return ElfSymbols(build_id, segments, _Symbols(entries), lines, data, problems)
+        return ElfSymbols(identity, segments, _Symbols(entries), lines, data, problems)
     except (ELFError, struct.error, ValueError) as e:
-        stream.close()
-        if lines is not None:
-            lines.close()
-        raise SymbolizerError(f"not a readable ELF file: {e}") from None
+        error = SymbolizerError(f"not a readable ELF file: {e}")
+    except SymbolizerError as e:  # sections too large to hash, or beyond the end of the file
+        error = e
+    stream.close()
+    if lines is not None:
+        lines.close()
+    raise error from None

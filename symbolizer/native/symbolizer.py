@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import MalformedInput, SymbolizerError
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
+from bpfprof.symbolizer.native.content_identity import ContentIdentity
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.safe_open import open_in_root, open_regular
 
@@ -72,7 +73,7 @@ class NativeSymbolizer:
         self._symbols: Dict[FileId, Optional[ElfSymbols]] = {}
         self._used: Dict[FileId, float] = {}  # binaries with symbols -> when last asked for them
         self._exported: Dict[FileId, Optional[LoadedData]] = {}
-        self._by_build_id: Dict[str, ElfSymbols] = {}
+        self._by_identity: Dict[ContentIdentity, ElfSymbols] = {}  # shared between files of equal content
         self._modules: Dict[FileId, Module] = {}
         self._frames: Dict[Tuple[FileId, int], Frame] = {}
 
@@ -170,13 +171,14 @@ class NativeSymbolizer:
             os.close(fd)
             if symbols is not None:
                 self._tell_problems(obj, symbols)
-                # The same binary seen through two mount namespaces is parsed once.
-                shared = self._by_build_id.get(symbols.build_id) if symbols.build_id else None
+                # Copies of one binary (and debug file) in two mount namespaces share one
+                # ElfSymbols; a file that only claims another's build ID gets its own.
+                shared = self._by_identity.get(symbols.identity)
                 if shared is not None:
                     symbols.close()
                     symbols = shared
-                elif symbols.build_id:
-                    self._by_build_id[symbols.build_id] = symbols
+                else:
+                    self._by_identity[symbols.identity] = symbols
                 self._used[obj.file_id] = time.monotonic()
         self._symbols[obj.file_id] = symbols
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
@@ -236,11 +238,11 @@ class NativeSymbolizer:
         closing = {id(s): s for s in (self._symbols.pop(file_id) for file_id in idle)}
         for file_id in idle:
             del self._used[file_id]
-        for symbols in self._symbols.values():  # shared by build ID with a binary still in use
+        for symbols in self._symbols.values():  # shared with a copy still in use
             closing.pop(id(symbols), None)
         for symbols in closing.values():
-            if self._by_build_id.get(symbols.build_id) is symbols:
-                del self._by_build_id[symbols.build_id]
+            if self._by_identity.get(symbols.identity) is symbols:
+                del self._by_identity[symbols.identity]
             symbols.close()
 
     def close(self) -> None:

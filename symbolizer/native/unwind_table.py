@@ -41,6 +41,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from elftools.common.exceptions import ELFError
 
+from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
 from bpfprof.symbolizer.native.dwarf_lines import leb128
 from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.errors import SymbolizerError
@@ -110,9 +111,10 @@ class UnwindTable:
     """The unwind rows of one binary, sorted by PC. `unreadable_fdes` counts FDEs (or
     CIEs' FDEs) that could not be parsed: their PCs have no unwind information."""
 
-    def __init__(self, build_id: str, rows: array, unreadable_fdes: int = 0,
+    def __init__(self, identity: ContentIdentity, rows: array, unreadable_fdes: int = 0,
                  segments: Sequence[Tuple[int, int, int]] = ()) -> None:
-        self.build_id = build_id
+        self.identity = identity  # of the binary, as far as its rows go
+        self.build_id = identity.build_id
         self.rows = rows  # array("Q") of records, layout in the module docstring
         self.unreadable_fdes = unreadable_fdes
         self.segments = tuple(segments)  # the binary's PT_LOAD segments, as elf.load_segments gives them
@@ -515,30 +517,38 @@ def _merge(eh_fdes: List[_Fde], debug_fdes: List[_Fde]) -> array:
     return table
 
 
-def _frame_sections(elf) -> List[Tuple[bytes, int, bool]]:
+# What build_unwind_table reads besides the PT_LOAD segment headers, which content_identity hashes.
+UNWIND_SECTIONS = (".eh_frame", ".debug_frame")
+
+
+def _frame_sections(elf) -> List[Tuple[str, bytes, int, bool]]:
     sections = []
-    for name, is_eh in ((".eh_frame", True), (".debug_frame", False)):
+    for name, is_eh in zip(UNWIND_SECTIONS, (True, False)):
         section = elf.get_section_by_name(name)
         if section is not None and section["sh_type"] != "SHT_NOBITS":
-            sections.append((section.data(), section["sh_addr"], is_eh))
+            sections.append((name, section.data(), section["sh_addr"], is_eh))
     return sections
 
 
 def build_unwind_table(path: str) -> UnwindTable:
-    """The unwind table of the x86-64 binary at path, read from the file (no cache)."""
+    """The unwind table of the x86-64 binary at path, read from the file (no cache). Its
+    identity hashes the sections' bytes that were parsed."""
     stream, elf = open_elf(path)
     try:
         if elf["e_machine"] != "EM_X86_64":
             raise SymbolizerError(f"unwind tables are built for x86-64 only, not {elf['e_machine']}")
-        build_id = read_build_id(elf)
         eh_fdes: List[_Fde] = []
         debug_fdes: List[_Fde] = []
         unreadable = 0
-        for data, address, is_eh in _frame_sections(elf):
+        sections = _frame_sections(elf)
+        for _, data, address, is_eh in sections:
             fdes, bad = _section_fdes(data, address, is_eh)
             (eh_fdes if is_eh else debug_fdes).extend(fdes)
             unreadable += bad
-        return UnwindTable(build_id, _merge(eh_fdes, debug_fdes), unreadable, load_segments(elf))
+        raw = {elf.get_section_index(name): data for name, data, _, _ in sections
+               if not elf.get_section_by_name(name).compressed}
+        identity = content_identity(elf, stream.fileno(), read_build_id(elf), UNWIND_SECTIONS, raw)
+        return UnwindTable(identity, _merge(eh_fdes, debug_fdes), unreadable, load_segments(elf))
     except (ELFError, struct.error, ValueError) as e:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
     finally:

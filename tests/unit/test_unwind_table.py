@@ -1,7 +1,7 @@
 """Unwind tables against binutils' own reading of the same frames (readelf
 --debug-dump=frames-interp), row for row: a C fixture built without and with frame
 pointers, PLT stubs (lazy and IBT), gaps between FDEs, CPython's shared library, damaged
-FDEs, and the on-disk cache per build ID."""
+FDEs, and the on-disk cache per content identity."""
 
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def test_libpython_table(tmp_path, monkeypatch):
 def test_cache_is_read_back_and_rebuilt_when_corrupt(build_frames, tmp_path, monkeypatch):
     binary = str(build_frames(*NO_FRAME_POINTERS))
     first = open_unwind_table(binary, str(tmp_path))
-    path = Path(cache_path(str(tmp_path), first.build_id))
+    path = Path(cache_path(str(tmp_path), first.identity))
     assert not first.from_cache and first.cache_error == "" and path.is_file()
 
     with monkeypatch.context() as patch:
@@ -341,17 +341,22 @@ def test_cache_is_read_back_and_rebuilt_when_corrupt(build_frames, tmp_path, mon
         assert path.read_bytes() == good  # written again
 
 
-def test_cache_files_are_per_build_id(build_frames, tmp_path):
+def test_cache_files_are_per_identity(build_frames, tmp_path):
     one = open_unwind_table(str(build_frames(*NO_FRAME_POINTERS)), str(tmp_path))
     other = open_unwind_table(str(build_frames(*NO_FRAME_POINTERS, "-DVARIANT=2")), str(tmp_path))
-    assert one.build_id != other.build_id
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{t.build_id}.bin" for t in (one, other))
+    assert one.build_id != other.build_id and one.identity.sha256 != other.identity.sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"v{unwind_cache.FORMAT_VERSION}-{t.identity.sha256}.bin" for t in (one, other))
 
 
-def test_binary_without_build_id_is_not_cached(build_frames, tmp_path):
-    table = open_unwind_table(str(build_frames(*NO_FRAME_POINTERS, "-Wl,--build-id=none")), str(tmp_path))
+def test_binary_without_build_id_is_cached_by_its_content(build_frames, tmp_path, monkeypatch):
+    binary = str(build_frames(*NO_FRAME_POINTERS, "-Wl,--build-id=none"))
+    table = open_unwind_table(binary, str(tmp_path))
     assert table.build_id == "" and table.num_rows() > 10
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [f"v{unwind_cache.FORMAT_VERSION}-{table.identity.sha256}.bin"]
+    with monkeypatch.context() as patch:
+        patch.setattr(unwind_cache, "build_unwind_table", must_not_build)
+        assert open_unwind_table(binary, str(tmp_path)).rows == table.rows
 
 
 def test_unwritable_cache_leaves_the_table_usable(build_frames, tmp_path):
