@@ -106,7 +106,7 @@ def main() -> None:
             table = open_unwind_table(path, directory)
             warm = median_seconds(lambda: open_unwind_table(path, directory), args.runs)
             if not open_unwind_table(path, directory).from_cache:
-                raise RuntimeError(f"{path}: the warm build did not read the cache ({table.cache_error or 'no build ID'})")
+                raise RuntimeError(f"{path}: the warm build did not read the cache ({table.cache_error or 'not written'})")
         line = (f"{os.path.basename(path):<28} {eh_frame_size(path) / 1024:>8.0f}Ki {table.num_rows():>7}"
                 f" {len(table.records()) / 1024:>7.0f}Ki {cold:>6.3f}s {warm * 1000:>6.2f}ms")
         if args.pyelftools:
