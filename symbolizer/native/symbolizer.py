@@ -172,12 +172,14 @@ class NativeSymbolizer:
             if symbols is not None:
                 self._tell_problems(obj, symbols)
                 # Copies of one binary (and debug file) in two mount namespaces share one
-                # ElfSymbols; a file that only claims another's build ID gets its own.
-                shared = self._by_identity.get(symbols.identity)
+                # ElfSymbols; a file that only claims another's build ID gets its own. So
+                # does one whose lines are read later from its file: whoever owns that file
+                # could rewrite it after its identity was taken.
+                shared = None if symbols.has_open_file() else self._by_identity.get(symbols.identity)
                 if shared is not None:
                     symbols.close()
                     symbols = shared
-                else:
+                elif not symbols.has_open_file():
                     self._by_identity[symbols.identity] = symbols
                 self._used[obj.file_id] = time.monotonic()
         self._symbols[obj.file_id] = symbols
