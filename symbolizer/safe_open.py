@@ -40,16 +40,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def open_in_root(root: str, path: str, max_size: int) -> int:
+def open_in_root(root: str, path: str, max_size: int, follow_last: bool = False) -> int:
     """A read-only descriptor of the regular file that `path` names for a process whose
     filesystem root is `root` (/proc/PID/root; "/" for ours). Raises OSError when it
     cannot be resolved (ELOOP past MAX_SYMLINKS), NotRegularFile for anything but a
-    regular file (a final symlink included) and TooLarge past max_size bytes."""
+    regular file (a final symlink included, unless follow_last: then it is resolved
+    inside the root like the others) and TooLarge past max_size bytes."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        path_fd = _openat2_in_root(root_fd, path) if use_openat2 else None
+        path_fd = _openat2_in_root(root_fd, path, follow_last) if use_openat2 else None
         if path_fd is None:
-            path_fd = _walk_in_root(root_fd, path)
+            path_fd = _walk_in_root(root_fd, path, follow_last)
     finally:
         os.close(root_fd)
     return _open_regular(path_fd, path, max_size)
@@ -79,10 +80,11 @@ def _open_regular(path_fd: int, name: str, max_size: int) -> int:
     return fd
 
 
-def _openat2_in_root(root_fd: int, path: str) -> Optional[int]:
+def _openat2_in_root(root_fd: int, path: str, follow_last: bool) -> Optional[int]:
     """An O_PATH descriptor of path resolved in the root; None without openat2."""
     global use_openat2
-    how = _OpenHow(_PATH_FLAGS, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    flags = _PATH_FLAGS & ~os.O_NOFOLLOW if follow_last else _PATH_FLAGS
+    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(os.fsencode(path)),
                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     if fd >= 0:
@@ -94,7 +96,7 @@ def _openat2_in_root(root_fd: int, path: str) -> Optional[int]:
     raise OSError(error, os.strerror(error), path)
 
 
-def _walk_in_root(root_fd: int, path: str) -> int:
+def _walk_in_root(root_fd: int, path: str, follow_last: bool) -> int:
     """What openat2 with RESOLVE_IN_ROOT does, one component at a time: each opened
     without following it, a symlink read from its own descriptor and resolved from the
     root (absolute) or its directory, `..` never above the root."""
@@ -110,8 +112,8 @@ def _walk_in_root(root_fd: int, path: str) -> int:
                 continue
             fd = os.open(name, _PATH_FLAGS, dir_fd=directories[-1])
             mode = os.fstat(fd).st_mode
-            if not parts:
-                return fd  # the last component, a symlink or not: its fstat decides
+            if not parts and not (follow_last and stat.S_ISLNK(mode)):
+                return fd  # the last component: its fstat decides
             if stat.S_ISDIR(mode):
                 directories.append(fd)
                 continue

@@ -194,10 +194,10 @@ def _crc32(fd: int, size: int) -> int:
     return crc
 
 
-def _open_debug_file(root: str, path: str) -> Optional[int]:
+def _open_debug_file(root: str, path: str, follow_last: bool = False) -> Optional[int]:
     """A descriptor of a candidate debug file in the root; None if there is no usable one."""
     try:
-        return open_in_root(root, path, MAX_DEBUG_FILE)
+        return open_in_root(root, path, MAX_DEBUG_FILE, follow_last)
     except (OSError, SymbolizerError):
         return None
 
@@ -207,7 +207,8 @@ def _find_debug_file(elf: ELFFile, path: str, root: str, build_id: str) -> Optio
     the process's root: by build ID, then by .gnu_debuglink next to the binary, in its
     .debug/ and under /usr/lib/debug (where the link's CRC must match)."""
     if build_id:
-        fd = _open_debug_file(root, f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+        # Fedora's and others' .build-id entries link to the debug file.
+        fd = _open_debug_file(root, f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug", True)
         if fd is not None:
             return fd
     link = _debug_link(elf)

@@ -137,12 +137,20 @@ def test_stripped_binary_alone_has_no_names(stripped):
     assert symbols.get_function(file_offset(target, symbol_addresses(stripped[2])["chain_c"])) is None
 
 
-def test_debug_file_found_by_build_id_inside_the_process_root(stripped):
+@pytest.mark.parametrize("linked", [False, True], ids=["file", "link"])
+def test_debug_file_found_by_build_id_inside_the_process_root(stripped, linked):
+    """The build-ID entry is the debug file, or (as Fedora ships them) an absolute link to
+    it, which resolves inside the process's root."""
     root, target, debug = stripped
     build_id = open_elf_symbols(str(target)).build_id
     place = root / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
     place.parent.mkdir(parents=True)
-    shutil.copy(debug, place)
+    if linked:
+        (root / "usr/lib/debug/opt").mkdir()
+        shutil.copy(debug, root / "usr/lib/debug/opt/chain.debug")
+        place.symlink_to("/usr/lib/debug/opt/chain.debug")
+    else:
+        shutil.copy(debug, place)
     symbols = open_elf_symbols(str(target), "/opt/app/chain", str(root))
     info = symbols.get_function(file_offset(target, symbol_addresses(debug)["chain_c"]) + 1)
     assert info.name == "chain_c" and info.file.endswith("chain.c") and info.line > 0

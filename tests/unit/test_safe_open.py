@@ -70,6 +70,22 @@ def test_a_final_symlink_is_not_followed(root, resolve):
         open_in_root(str(root), "/lib/secret", 100)
 
 
+def test_a_final_symlink_followed_on_request_stays_inside_the_root(root, tmp_path, resolve):
+    """As debug files by build ID are looked for: distributions link them to the file."""
+    (root / "lib/secret").symlink_to("/etc/secret")
+    assert read(open_in_root(str(root), "/lib/secret", 100, follow_last=True)) == b"inside"
+    (root / "lib/relative").symlink_to("../etc/secret")
+    assert read(open_in_root(str(root), "/lib/relative", 100, follow_last=True)) == b"inside"
+    (root / "lib/out").symlink_to(tmp_path / "outside")  # of ours: not in the root
+    with pytest.raises(FileNotFoundError):
+        open_in_root(str(root), "/lib/out", 100, follow_last=True)
+    (root / "lib/a").symlink_to("b")
+    (root / "lib/b").symlink_to("a")
+    with pytest.raises(OSError) as e:
+        open_in_root(str(root), "/lib/a", 100, follow_last=True)
+    assert e.value.errno == 40  # ELOOP
+
+
 def test_symlink_loops_are_refused(root, resolve):
     (root / "lib/a").symlink_to("b")
     (root / "lib/b").symlink_to("a")
