@@ -3,10 +3,14 @@ line of the current instruction, read from the process's memory."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from bpfprof.symbolizer.frames import Frame, FrameKind
+from bpfprof.symbolizer.lru import LruCache
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
 from bpfprof.symbolizer.interpreters.python.lines import line_for_offset
@@ -17,6 +21,11 @@ EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 TRUNCATED = Frame(FrameKind.PYTHON, "[more Python frames]")
 _MAX_STRING = 4096          # characters kept of a qualname or file name (a longer one is cut)
 _MAX_LINE_TABLE = 1 << 20
+# Bytes the caches of all processes' code objects and frames hold at most, about.
+MAX_CODE_BYTES = 32 << 20
+MAX_FRAME_BYTES = 16 << 20
+_ENTRY_BYTES = 400  # of a cache entry past its strings and line table: key, object, links
+_UNREAD = object()
 
 
 @dataclass(frozen=True)
@@ -63,29 +72,92 @@ def instruction_offset(layout: PythonLayout, instr: int) -> int:
     return instr  # f_lasti is a byte offset
 
 
+class _LineTables:
+    """Line tables by content: each is held once however many code objects share it (a
+    process may make hundreds share one of a megabyte), and let go with its last holder."""
+
+    def __init__(self) -> None:
+        self._held: Dict[bytes, List] = {}  # table -> [the table held, its holders]
+        self.num_bytes = 0
+
+    def intern(self, table: bytes) -> bytes:
+        held = self._held.get(table)
+        if held is None:
+            held = self._held[table] = [table, 0]
+            self.num_bytes += sys.getsizeof(table)
+        held[1] += 1
+        return held[0]
+
+    def release(self, table: bytes) -> None:
+        held = self._held[table]
+        held[1] -= 1
+        if not held[1]:
+            del self._held[table]
+            self.num_bytes -= sys.getsizeof(table)
+
+
+def _code_cost(info: Optional[CodeInfo]) -> int:
+    """Bytes of a code cache entry but its line table (counted once per table)."""
+    if info is None:
+        return _ENTRY_BYTES
+    return _ENTRY_BYTES + sys.getsizeof(info.qualname) + sys.getsizeof(info.filename)
+
+
+def _frame_cost(frame: Frame) -> int:
+    """Bytes of a frame cache entry, its strings counted as its own: a frame keeps them
+    alive after its code object has left the code cache."""
+    return _ENTRY_BYTES + sys.getsizeof(frame.name) + sys.getsizeof(frame.file)
+
+
 class PythonSymbolizer:
     """Frames for (process, code object, instruction), cached per process and code object.
 
     Code objects are best read as soon as the walker has seen them (`learn`, from the
     thread that hears of new stacks), while their process still runs; `get_frame` reads
-    any it was not told of. Each cache entry is set whole, so the two may run at once."""
+    any it was not told of. Both caches are bounded by bytes and drop the least recently
+    used first: a code object dropped is read again if it is seen again."""
 
-    def __init__(self) -> None:
-        self._code: Dict[int, Dict[Tuple[int, int], Optional[CodeInfo]]] = {}
-        self._frames: Dict[int, Dict[Tuple[int, int, int], Frame]] = {}
+    def __init__(self, max_code_bytes: int = MAX_CODE_BYTES, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._max_code_bytes = max_code_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._lock = threading.Lock()  # learn and get_frame run on two threads
+        self._tables = _LineTables()
+        # pid -> (code, check) -> the code object, None when it could not be read
+        self._code: LruCache[Tuple[int, int], Optional[CodeInfo]] = LruCache(_code_cost, self._release)
+        self._frames: LruCache[Tuple[int, int, int], Frame] = LruCache(_frame_cost)  # pid -> (code, check, instr)
+
+    def _release(self, info: Optional[CodeInfo]) -> None:
+        if info is not None:
+            self._tables.release(info.linetable)
+
+    def num_bytes(self) -> int:
+        """Bytes held by both caches, about."""
+        with self._lock:
+            return self._code_bytes() + self._frames.total_cost
+
+    def _code_bytes(self) -> int:
+        return self._code.total_cost + self._tables.num_bytes
 
     def learn(self, memory: ProcessMemory, layout: PythonLayout, code: int, check: int) -> Optional[CodeInfo]:
-        codes = self._code.setdefault(memory.pid, {})
-        if (code, check) not in codes:
-            try:
-                codes[(code, check)] = read_code(memory, layout, code, check)
-            except UnreadableMemory:
-                codes[(code, check)] = None
-        return codes[(code, check)]
+        with self._lock:
+            known = self._code.get(memory.pid, (code, check), _UNREAD)
+        if known is not _UNREAD:
+            return known
+        try:
+            info = read_code(memory, layout, code, check)
+        except UnreadableMemory:
+            info = None
+        with self._lock:
+            if info is not None:
+                info = dataclasses.replace(info, linetable=self._tables.intern(info.linetable))
+            self._code.put(memory.pid, (code, check), info)
+            while self._code_bytes() > self._max_code_bytes and len(self._code) > 1:
+                self._code.drop_oldest()
+        return info
 
     def get_frame(self, memory: ProcessMemory, layout: PythonLayout, code: int, instr: int, check: int) -> Frame:
-        frames = self._frames.setdefault(memory.pid, {})
-        frame = frames.get((code, check, instr))
+        with self._lock:
+            frame = self._frames.get(memory.pid, (code, check, instr))
         if frame is not None:
             return frame
         info = self.learn(memory, layout, code, check)
@@ -96,10 +168,14 @@ class PythonSymbolizer:
             offset = instruction_offset(layout, instr)
             line = line_for_offset(layout.version, info.linetable, info.firstlineno, offset)
             frame = Frame(FrameKind.PYTHON, info.qualname, None, 0, info.filename, line, info.firstlineno)
-        frames[(code, check, instr)] = frame
+        with self._lock:
+            self._frames.put(memory.pid, (code, check, instr), frame)
+            while self._frames.total_cost > self._max_frame_bytes and len(self._frames) > 1:
+                self._frames.drop_oldest()
         return frame
 
     def forget(self, pid: int) -> None:
         """A process is gone: its code addresses may be reused by another."""
-        self._code.pop(pid, None)
-        self._frames.pop(pid, None)
+        with self._lock:
+            self._code.forget(pid)
+            self._frames.forget(pid)
