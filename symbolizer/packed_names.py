@@ -24,6 +24,9 @@ class PackedNames:
     def __len__(self) -> int:
         return len(self._starts)
 
+    def num_bytes(self) -> int:
+        return len(self._block) + self._starts.itemsize * len(self._starts)
+
     def __getitem__(self, i: int) -> str:
         start = self._starts[i]
         return self._block[start:self._block.index(b"\0", start)].decode(errors="replace")

@@ -12,6 +12,7 @@ import operator
 import os
 import re
 import struct
+import sys
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from elftools.elf.elffile import ELFFile
 from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
 from bpfprof.symbolizer.native.demangle import demangle
 from bpfprof.symbolizer.native.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
-from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.errors import MalformedInput, SymbolizerError, TooLarge
 from bpfprof.symbolizer.packed_names import PackedNames
 from bpfprof.symbolizer.safe_open import open_in_root
 
@@ -43,6 +44,14 @@ DEBUG_ROOT = "/usr/lib/debug"
 _MALFORMED_DWARF = (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error,
                     AssertionError, NotImplementedError)
 _BUILD_ID = re.compile(r"[0-9a-f]{2,128}")  # as hex: what a cache or debug file name may hold
+# Bounds on one binary's symbols (see _SymbolBudget for the real binaries they hold).
+MAX_NAME_LENGTH = 4096  # bytes of a symbol's name kept: a longer one is cut, and ends in CUT_MARK
+CUT_MARK = b"[...]"
+MAX_FUNCTION_SYMBOLS = 1 << 19
+MAX_NAME_BYTES = 32 << 20
+MAX_SYMBOL_TABLE_BYTES = 32 << 20  # of each of .symtab and .dynsym
+MAX_STRING_TABLE_BYTES = 64 << 20
+Symbol = Tuple[int, int, bytes, int]  # (start, size, name, binding) of a function
 
 
 @dataclass(frozen=True)
@@ -55,26 +64,32 @@ class FunctionInfo:
 class _Symbols:
     """Function symbols sorted by start address; one name per address."""
 
-    def __init__(self, entries: List[Tuple[int, int, str, int]]) -> None:
+    def __init__(self, entries: List[Symbol]) -> None:
         # entries: (start, size, name, binding). At one address keep the most public name:
         # global before weak before local, then the one with fewest leading underscores.
-        best: Dict[int, Tuple[int, int, str, int]] = {}
+        best: Dict[int, Symbol] = {}
         for entry in entries:
             start, size, name, binding = entry
             current = best.get(start)
-            if current is None or _preference(entry) < _preference(current):
-                best[start] = (start, max(size, current[1]) if current else size, name, binding)
+            if current is None:
+                best[start] = entry
+            elif _preference(entry) < _preference(current):
+                best[start] = (start, max(size, current[1]), name, binding)
             elif size > current[1]:
                 best[start] = (start, size, current[2], current[3])
         ordered = sorted(best.values())
+        del best
         # Addresses as machine words (a whole-system agent holds symbols of every binary).
-        self.starts = array("Q", [e[0] for e in ordered])
-        self.names = PackedNames([e[2].encode() for e in ordered])
+        self.starts = array("Q", (e[0] for e in ordered))
+        self.names = PackedNames([e[2] for e in ordered])
         # A symbol without a size reaches to the next one.
-        self.ends = array("Q", [
+        self.ends = array("Q", (
             e[0] + e[1] if e[1] else (ordered[i + 1][0] if i + 1 < len(ordered) else e[0] + 1)
             for i, e in enumerate(ordered)
-        ])
+        ))
+
+    def num_bytes(self) -> int:
+        return self.names.num_bytes() + 8 * (len(self.starts) + len(self.ends))
 
     def find(self, vaddr: int) -> Optional[str]:
         i = bisect.bisect_right(self.starts, vaddr) - 1
@@ -83,24 +98,71 @@ class _Symbols:
         return None
 
 
-def _preference(entry: Tuple[int, int, str, int]) -> Tuple[int, int, int]:
+def _preference(entry: Symbol) -> Tuple[int, int, int]:
     _, _, name, binding = entry
     rank = {STB_GLOBAL: 0, STB_WEAK: 1}.get(binding, 2)
-    return rank, len(name) - len(name.lstrip("_")), len(name)
+    return rank, len(name) - len(name.lstrip(b"_")), len(name)
 
 
-def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, ...] = (".symtab", ".dynsym"),
-                  ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int]]:
-    """(address, size, name, binding) of every defined function in these symbol tables,
-    and the addresses of the data objects named in data_names."""
-    entries = []
+class _SymbolBudget:
+    """What one binary's symbol tables (its own and its debug file's) may add up to: past
+    it, symbols are left out, once said in problems. Far above what real binaries hold:
+    the largest here (Rust's libLLVM and librustc_driver) have 186k function symbols,
+    21 MB of names, a 6 MB symbol table, a 20 MB string table and names of 1222 bytes."""
+
+    def __init__(self) -> None:
+        self.symbols = MAX_FUNCTION_SYMBOLS
+        self.name_bytes = MAX_NAME_BYTES
+        self.exceeded = ""  # what was over, once it was
+
+    def take(self, name: bytes) -> bool:
+        """Whether a function symbol with this name fits."""
+        if self.symbols <= 0 or len(name) > self.name_bytes:
+            over = (f"{MAX_FUNCTION_SYMBOLS} function symbols" if self.symbols <= 0
+                    else f"{MAX_NAME_BYTES} bytes of names")
+            self.exceeded = self.exceeded or f"symbols past the first {over} left out"
+            return False
+        self.symbols -= 1
+        self.name_bytes -= len(name)
+        return True
+
+
+def _section_data(section, limit: int) -> bytes:
+    if section["sh_size"] > limit:
+        raise TooLarge(f"section {section.name} of {section['sh_size']} bytes (at most {limit} are read)")
+    return section.data()
+
+
+def _name_at(strings: bytes, offset: int) -> bytes:
+    """The name at offset in a string table, cut at MAX_NAME_LENGTH bytes (and marked so);
+    its version (after @) left out."""
+    limit = offset + MAX_NAME_LENGTH
+    end = strings.find(b"\0", offset, limit)
+    if end >= 0 or limit >= len(strings):
+        name = strings[offset:end if end >= 0 else limit]
+    else:
+        name = strings[offset:limit] + CUT_MARK
+    return name.split(b"@", 1)[0]
+
+
+def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], budget: _SymbolBudget, problems: List[SymbolizerError],
+                  tables: Tuple[str, ...] = (".symtab", ".dynsym")) -> Tuple[List[Symbol], Dict[str, int]]:
+    """(address, size, name, binding) of every defined function in these symbol tables
+    that fits in the budget, and the addresses of the data objects named in data_names.
+    A table over its size cap is left out, said in problems."""
+    entries: List[Symbol] = []
     data: Dict[str, int] = {}
+    wanted = {name.encode(): name for name in data_names}
     for section_name in tables:
         section = elf.get_section_by_name(section_name)
         if section is None or section["sh_type"] == "SHT_NOBITS" or section["sh_entsize"] == 0:
             continue
-        strings = elf.get_section(section["sh_link"]).data()
-        table = section.data()
+        try:
+            table = _section_data(section, MAX_SYMBOL_TABLE_BYTES)
+            strings = _section_data(elf.get_section(section["sh_link"]), MAX_STRING_TABLE_BYTES)
+        except TooLarge as e:
+            problems.append(TooLarge(f"{section_name} left out: {e}"))
+            continue
         order = "<" if elf.little_endian else ">"
         if elf.elfclass == 64:
             layout = struct.Struct(order + "IBBHQQ")  # name, info, other, shndx, value, size
@@ -112,12 +174,13 @@ def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], tables: Tuple[str, .
             kind = info & 0xF
             if shndx == 0 or value == 0 or kind not in (STT_FUNC, STT_GNU_IFUNC, STT_OBJECT):
                 continue
-            end = strings.find(b"\0", name_offset)
-            name = strings[name_offset:end].decode(errors="replace").split("@", 1)[0]
+            name = _name_at(strings, name_offset)
             if kind != STT_OBJECT:
+                if not budget.take(name):
+                    break
                 entries.append((value, size, name, info >> 4))
-            elif name in data_names:
-                data[name] = value
+            elif name in wanted:
+                data[wanted[name]] = value
     return entries, data
 
 
@@ -154,7 +217,7 @@ def _has_lines(elf: ELFFile) -> bool:
     return all(section is not None and section["sh_type"] != "SHT_NOBITS" for section in sections)
 
 
-def _lines(elf: ELFFile, stream: BinaryIO, problems: List[str]) -> Optional["_Lines"]:
+def _lines(elf: ELFFile, stream: BinaryIO, problems: List[SymbolizerError]) -> Optional["_Lines"]:
     """The file's line tables, or None when it has none or they cannot be read (said in
     problems): its symbols name its functions all the same."""
     if not _has_lines(elf):
@@ -166,8 +229,8 @@ def _lines(elf: ELFFile, stream: BinaryIO, problems: List[str]) -> Optional["_Li
         return None
 
 
-def _dwarf_problem(error: Exception) -> str:
-    return f"DWARF line tables left out: {type(error).__name__}: {error}"
+def _dwarf_problem(error: Exception) -> MalformedInput:
+    return MalformedInput(f"DWARF line tables left out: {type(error).__name__}: {error}")
 
 
 def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
@@ -345,7 +408,7 @@ def _dwarf_info(elf: ELFFile, stream: BinaryIO) -> Tuple[DWARFInfo, List[_Inflat
 class _Lines:
     """DWARF line tables, parsed per compilation unit on first use."""
 
-    def __init__(self, elf: ELFFile, stream: BinaryIO, problems: List[str]) -> None:
+    def __init__(self, elf: ELFFile, stream: BinaryIO, problems: List[SymbolizerError]) -> None:
         self._stream = stream  # kept open: compilation units are read lazily
         self._problems = problems  # where units that cannot be read are said, once
         self._said = False
@@ -391,6 +454,11 @@ class _Lines:
         if i < 0 or not lines[i]:
             return None
         return names[files[i]], lines[i]
+
+    def num_bytes(self) -> int:
+        """Bytes of the tables built so far, about."""
+        return sum(sum(a.itemsize * len(a) for a in (addresses, lines, files)) + sum(map(sys.getsizeof, names.values()))
+                   for _, addresses, lines, files, names in self._tables.values())
 
     def _forget_parsed(self, keep_inflated: bool = False) -> None:
         """pyelftools keeps every CU (with its DIEs), abbreviation table and line program
@@ -488,19 +556,23 @@ class ElfSymbols(LoadedData):
     """Names for file offsets of one binary (plus its debug file, if any)."""
 
     def __init__(self, identity: ContentIdentity, segments: List[Tuple[int, int, int]], symbols: _Symbols,
-                 lines: Optional[_Lines], data: Dict[str, int], problems: List[str]) -> None:
+                 lines: Optional[_Lines], data: Dict[str, int], problems: List[SymbolizerError]) -> None:
         super().__init__(segments, data)
         self.identity = identity  # of the binary and its debug file, as far as names and lines go
         self.build_id = identity.build_id
         self._symbols = symbols
         self._lines = lines
-        self._problems = problems  # parts of the file left out as malformed, as they are found
+        self._problems = problems  # parts of the file left out (malformed, too large), as they are found
 
-    def take_problems(self) -> List[str]:
-        """The parts of the file left out as malformed since the last call."""
+    def take_problems(self) -> List[SymbolizerError]:
+        """Why parts of the file were left out, since the last call."""
         problems = self._problems[:]
         del self._problems[:]
         return problems
+
+    def num_bytes(self) -> int:
+        """Bytes of its names, addresses and line tables, about."""
+        return self._symbols.num_bytes() + (self._lines.num_bytes() if self._lines else 0)
 
     def get_function(self, file_offset: int) -> Optional[FunctionInfo]:
         vaddr = self.vaddr(file_offset)
@@ -565,9 +637,9 @@ def _check_extents(elf: ELFFile, size: int) -> None:
             raise ELFError(f"section {section.name!r} is compressed")
 
 
-def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, problems: List[str]
-                   ) -> Tuple[List[Tuple[int, int, str, int]], Dict[str, int], Optional[_Lines],
-                              Optional[ContentIdentity]]:
+def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, budget: _SymbolBudget,
+                   problems: List[SymbolizerError]
+                   ) -> Tuple[List[Symbol], Dict[str, int], Optional[_Lines], Optional[ContentIdentity]]:
     """Function symbols, data addresses and lines if wanted, of a separate debug file
     (its descriptor, which this takes over), and its identity; nothing from one that
     cannot be used, so the binary's own symbols still stand."""
@@ -579,7 +651,7 @@ def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, proble
     entries, data, lines, identity = [], {}, None, None
     try:
         identity = content_identity(elf, stream.fileno(), "", SYMBOL_SECTIONS)
-        entries, data = _read_symbols(elf, data_names)
+        entries, data = _read_symbols(elf, data_names, budget, problems)
         if want_lines:
             lines = _lines(elf, stream, problems)
     except (ELFError, struct.error, ValueError, SymbolizerError):
@@ -600,7 +672,7 @@ def read_exported_data(open_path: str, data_names: Iterable[str]) -> LoadedData:
     a few milliseconds, before the program it starts gets far."""
     stream, elf = open_elf(open_path)
     try:
-        _, data = _read_symbols(elf, frozenset(data_names), (".dynsym",))
+        _, data = _read_symbols(elf, frozenset(data_names), _SymbolBudget(), [], (".dynsym",))
         return LoadedData(load_segments(elf), data)
     except (ELFError, struct.error, ValueError) as e:
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
@@ -619,14 +691,14 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
         build_id = read_build_id(elf)
         identity = content_identity(elf, stream.fileno(), build_id, SYMBOL_SECTIONS)
         segments = load_segments(elf)
-        entries, data = _read_symbols(elf, data_names)
-        problems: List[str] = []
+        budget, problems = _SymbolBudget(), []
+        entries, data = _read_symbols(elf, data_names, budget, problems)
         own_lines = lines = _lines(elf, stream, problems)
         if elf.get_section_by_name(".symtab") is None or lines is None:
             debug_fd = _find_debug_file(elf, path or open_path, root, build_id)
             if debug_fd is not None:
                 debug_entries, debug_data, debug_lines, debug_identity = _debug_symbols(
-                    debug_fd, data_names, lines is None, problems)
+                    debug_fd, data_names, lines is None, budget, problems)
                 if debug_identity is not None:
                     identity = identity.joined(debug_identity)
                 entries += debug_entries
@@ -634,6 +706,8 @@ def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names
                 lines = lines or debug_lines
         if own_lines is None:
             stream.close()  # nothing reads the binary lazily
+        if budget.exceeded:
+            problems.append(TooLarge(budget.exceeded))
         return ElfSymbols(identity, segments, _Symbols(entries), lines, data, problems)
     except (ELFError, struct.error, ValueError) as e:
         error = SymbolizerError(f"not a readable ELF file: {e}")

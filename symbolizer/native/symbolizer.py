@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from bpfprof.symbolizer.containment import Failures
-from bpfprof.symbolizer.errors import MalformedInput, SymbolizerError
+from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
 from bpfprof.symbolizer.native.content_identity import ContentIdentity
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
@@ -189,9 +189,9 @@ class NativeSymbolizer:
         return symbols
 
     def _tell_problems(self, obj: ObjectFile, symbols: ElfSymbols) -> None:
-        """Parts of the binary left out as malformed (its lines, say) count as failures."""
+        """Parts of the binary left out (lines malformed, symbols past their caps) count as failures."""
         for problem in symbols.take_problems():
-            self._failures.add("binary", obj.path, MalformedInput(problem))
+            self._failures.add("binary", obj.path, problem)
 
     def num_binaries(self) -> int:
         """Binaries whose symbols are cached (or known unreadable)."""
@@ -199,6 +199,10 @@ class NativeSymbolizer:
 
     def num_frames(self) -> int:
         return len(self._frames)
+
+    def num_bytes(self) -> int:
+        """Bytes held by the symbols of the binaries cached (each shared one once), about."""
+        return sum(s.num_bytes() for s in {id(s): s for s in self._symbols.values() if s is not None}.values())
 
     def get_frame(self, obj: ObjectFile, file_offset: int) -> Frame:
         key = (obj.file_id, file_offset)

@@ -8,15 +8,17 @@ import signal
 import struct
 import subprocess
 import time
+import tracemalloc
 import zlib
 from contextlib import contextmanager
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.native.elf import open_elf_symbols, read_build_id
+from bpfprof.symbolizer.native import elf as elf_module
+from bpfprof.symbolizer.native.elf import CUT_MARK, MAX_NAME_BYTES, MAX_NAME_LENGTH, open_elf_symbols, read_build_id
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
-from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.errors import SymbolizerError, TooLarge
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, MAX_OPEN_FILES, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
@@ -440,3 +442,56 @@ def test_a_compressed_section_other_than_dwarf_is_refused(build_c, tmp_path):
         open_elf_symbols(str(binary))
     with pytest.raises(SymbolizerError, match="compressed"):
         open_unwind_table(str(binary), str(tmp_path / "cache"))
+
+
+def with_symbol_table(binary, out, count, strings, name_offset):
+    """A copy of binary whose .symtab holds `count` functions, 16 bytes apart from the
+    start of .text, each named by the string at name_offset(i) in `strings` (the new
+    .strtab): both tables are written past the end of the file, their headers moved there."""
+    data = bytearray(binary.read_bytes())
+    with open(binary, "rb") as f:
+        elf = ELFFile(f)
+        header_at, header_size = elf["e_shoff"], elf["e_shentsize"]
+        index = {s.name: i for i, s in enumerate(elf.iter_sections())}
+        text = elf.get_section_by_name(".text")["sh_addr"]
+    rows = (struct.pack("<IBBHQQ", name_offset(i), 0x12, 0, index[".text"], text + 16 * i, 16) for i in range(count))
+    for name, content in ((".symtab", b"".join(rows)), (".strtab", strings)):
+        struct.pack_into("<QQ", data, header_at + index[name] * header_size + 24, len(data), len(content))
+        data += content
+    out.write_bytes(data)
+    return out
+
+
+def test_symbols_that_all_name_one_long_string_are_read_within_bounds(build_c, tmp_path):
+    """200k function symbols all pointing at one name of a megabyte would make 200 GB of
+    names: each name is cut, and past the bytes of names one binary may have, the rest
+    are left out and counted."""
+    chain = build_c("chain")
+    text = symbol_addresses(chain)["chain_a"] & ~0xF  # a function of the new table starts every 16 bytes
+    binary = with_symbol_table(chain, tmp_path / "hostile", 200_000, b"\0" + b"x" * (1 << 20) + b"\0", lambda i: 1)
+    failures = Failures()
+    native = NativeSymbolizer(failures=failures)
+    st = os.stat(binary)
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary), str(binary), "/")
+    tracemalloc.start()
+    try:
+        name = native.get_frame(obj, file_offset(binary, text)).name
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        native.close()
+    assert name == "x" * MAX_NAME_LENGTH + CUT_MARK.decode()
+    assert peak < MAX_NAME_BYTES * 3 + (16 << 20)
+    assert native.num_bytes() < MAX_NAME_BYTES + (4 << 20)
+    assert failures.counts() == {("binary", "too large"): 1}
+    assert "bytes of names left out" in failures.examples()[("binary", "too large")]
+
+
+def test_symbols_past_the_cap_are_left_out_and_counted(build_c, tmp_path, monkeypatch):
+    monkeypatch.setattr(elf_module, "MAX_FUNCTION_SYMBOLS", 1000)
+    strings = b"\0" + b"".join(b"f%05d\0" % i for i in range(2000))
+    binary = with_symbol_table(build_c("chain"), tmp_path / "many", 2000, strings, lambda i: 1 + 7 * i)
+    symbols = open_elf_symbols(str(binary))
+    problems = symbols.take_problems()
+    assert [str(p) for p in problems] == ["symbols past the first 1000 function symbols left out"]
+    assert isinstance(problems[0], TooLarge)
