@@ -30,6 +30,7 @@ class AgentStats:
     processes_seen: int = 0
     cached_binaries: int = 0
     cached_frames: int = 0
+    cache_bytes: Dict[str, int] = field(default_factory=dict)  # symbol cache ("native", "python") -> bytes held
     profiles_written: int = 0
     profile_write_failures: int = 0
     profiles_removed: int = 0
@@ -87,6 +88,12 @@ class _StatsCollector:
                                      labels=["boundary", "reason"])
         for (boundary, reason), value in sorted(stats.failures.items()):
             family.add_metric([boundary, reason], value)
+        yield family
+        family = GaugeMetricFamily("bpfprof_symbol_cache_bytes", "Bytes held by the symbol caches, about: native "
+                                   "symbols and lines, and each interpreter's code objects and frames.",
+                                   labels=["cache"])
+        for cache, value in sorted(stats.cache_bytes.items()):
+            family.add_metric([cache], value)
         yield family
         for name, text, attribute in _COUNTERS:
             yield CounterMetricFamily(name, text, value=getattr(stats, attribute))

@@ -132,6 +132,10 @@ class Recorder:
         return {"processes": self._processes.num_live(), "processes_seen": self._processes.num_seen,
                 "binaries": self._native.num_binaries(), "frames": self._native.num_frames()}
 
+    def cache_bytes(self) -> Dict[str, int]:
+        """Bytes held by the symbol caches, about: "native" and each interpreter's."""
+        return {"native": self._native.num_bytes(), **{i.name: i.num_bytes() for i in self._interpreters}}
+
     def losses(self) -> Dict[str, int]:
         """Reason -> samples or events lost so far, only those that happened."""
         return {reason: n for reason, n in self._sampler.losses().items() if n}

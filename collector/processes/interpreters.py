@@ -16,6 +16,8 @@ class InterpreterProcesses(Protocol):
     """What the event thread calls: on_first_read, on_exec, on_thread_found, on_stack,
     has_work and work, each as its event arrives; the recorder's thread the rest."""
 
+    name: str  # of the interpreter, as metrics label its caches ("python")
+
     def on_first_read(self, pid: int, files: ProcFiles) -> None:
         """A process's first sample arrived with its /proc files: recognise it now if that is cheap."""
 
@@ -48,6 +50,9 @@ class InterpreterProcesses(Protocol):
 
     def forget(self, pid: int) -> None:
         """After the last drain that can hold the process's samples."""
+
+    def num_bytes(self) -> int:
+        """Bytes held by the caches of what was read of the processes (code objects, frames), about."""
 
     def close(self) -> None:
         """At the end of the recording."""

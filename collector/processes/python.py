@@ -52,6 +52,8 @@ class PythonProcesses:
     while a thread or process still runs is read on the event thread (on_thread_found,
     work, on_stack); the rest on the recorder's."""
 
+    name = "python"
+
     def __init__(self, sampler: Sampler, native: NativeSymbolizer, failures: Failures) -> None:
         self._sampler = sampler
         self._native = native
@@ -186,6 +188,9 @@ class PythonProcesses:
                 interpreter = self.interpreters.get(pid)
                 if interpreter is not None:
                     interpreter.drop_names(tids)
+
+    def num_bytes(self) -> int:
+        return self.symbols.num_bytes()
 
     def get(self, pid: int) -> Optional[PythonProcess]:
         """The process's interpreter, once it is being walked."""

@@ -122,11 +122,14 @@ def test_metrics_endpoint_serves_the_stats_and_process_figures(served):
     stats = AgentStats(samples={"cpu": 570, "block": 31}, lost={"LOSS_COUNTS_FULL": 2}, processes=140,
                        processes_seen=2200, cached_binaries=48, cached_frames=9000, profiles_written=8,
                        profile_write_failures=1, profiles_removed=3, queue_depth=4, pushes=7, push_failures=5,
-                       pushes_dropped=1, last_cut=1_800_000_000.5, last_drain=500.0)
+                       pushes_dropped=1, last_cut=1_800_000_000.5, last_drain=500.0,
+                       cache_bytes={"native": 50 << 20, "python": 3 << 20})
     values = metric_values(served(lambda: stats, Clock(500.25)))
     assert values[("bpfprof_samples_total", (("type", "cpu"),))] == 570
     assert values[("bpfprof_samples_total", (("type", "block"),))] == 31
     assert values[("bpfprof_lost_total", (("reason", "LOSS_COUNTS_FULL"),))] == 2
+    assert values[("bpfprof_symbol_cache_bytes", (("cache", "native"),))] == 50 << 20
+    assert values[("bpfprof_symbol_cache_bytes", (("cache", "python"),))] == 3 << 20
     expected = {"bpfprof_processes": 140, "bpfprof_processes_seen_total": 2200, "bpfprof_symbol_cache_binaries": 48,
                 "bpfprof_symbol_cache_frames": 9000, "bpfprof_profiles_written_total": 8,
                 "bpfprof_profile_write_failures_total": 1, "bpfprof_profiles_removed_total": 3,
