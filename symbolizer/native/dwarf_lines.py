@@ -20,6 +20,8 @@ import os
 import struct
 from typing import BinaryIO, Dict, List, NamedTuple, Optional, Tuple
 
+from bpfprof.symbolizer.errors import TooLarge
+
 # Standard opcodes
 _COPY, _ADVANCE_PC, _ADVANCE_LINE, _SET_FILE, _SET_COLUMN, _NEGATE_STMT = 1, 2, 3, 4, 5, 6
 _CONST_ADD_PC, _FIXED_ADVANCE_PC = 8, 9
@@ -203,6 +205,24 @@ _DW_LNCT_PATH, _DW_LNCT_DIRECTORY_INDEX = 1, 2
 _STRING_FORMS = {0x0e: "debug_str_sec", 0x1f: "debug_line_str_sec"}  # DW_FORM_strp, DW_FORM_line_strp
 _FIXED_FORMS = {0x0b: 1, 0x05: 2, 0x06: 4, 0x07: 8, 0x1e: 16}  # data1, data2, data4, data8, data16
 _STRING_BYTES = 256  # read at a time for a string in .debug_str or .debug_line_str
+# Bounds on one line program. The largest here (docker's, libasan's, libpython's) are under
+# 600 KB with a few hundred files; every row takes at least a byte of the program.
+MAX_PROGRAM_BYTES = 2 << 20
+MAX_PATH = 4096  # characters of a directory or file name kept (a longer one is cut)
+MAX_NAMES_BYTES = 4 << 20  # of the directory and file names of one program, in all
+
+
+class _NamesBudget:
+    """What a program's header may name in all; past it, the program is too large."""
+
+    def __init__(self) -> None:
+        self.left = MAX_NAMES_BYTES
+
+    def take(self, name: str) -> str:
+        self.left -= len(name)
+        if self.left < 0:
+            raise TooLarge(f"a line program names more than {MAX_NAMES_BYTES} bytes of files and directories")
+        return name
 
 
 def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
@@ -213,6 +233,8 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
     stream = dwarf.debug_line_sec.stream
     offset_size, end = _unit_extent(_read(stream, place.offset, 12), place.offset)
     start = place.offset + (12 if offset_size == 8 else 4)
+    if end - start > MAX_PROGRAM_BYTES:
+        raise TooLarge(f"a line program of {end - start} bytes (at most {MAX_PROGRAM_BYTES} are read)")
     data = _read(stream, start, end - start)
     (version,) = struct.unpack_from("<H", data)
     i = 4 if version >= 5 else 2  # a version 5 header names address and segment selector sizes
@@ -225,21 +247,23 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
     i += 3
     operand_counts = data[i:i + opcode_base - 1]
     i += opcode_base - 1
+    budget = _NamesBudget()
     if version >= 5:
-        entries, i = _entries(dwarf, data, i, offset_size)
+        entries, i = _entries(dwarf, data, i, offset_size, budget)
         directories = [str(d.get(_DW_LNCT_PATH, "")) for d in entries]
-        files, _ = _entries(dwarf, data, i, offset_size)
-        names = [_join(directories, f.get(_DW_LNCT_PATH, ""), f.get(_DW_LNCT_DIRECTORY_INDEX, 0)) for f in files]
+        files, _ = _entries(dwarf, data, i, offset_size, budget)
+        names = [budget.take(_join(directories, f.get(_DW_LNCT_PATH, ""), f.get(_DW_LNCT_DIRECTORY_INDEX, 0)))
+                 for f in files]
     else:
-        directories, i = _strings_until_empty(data, i)
+        directories, i = _strings_until_empty(data, i, budget)
         names = [""]  # file 0 is not one of a version 2 to 4 program's
         while data[i]:
             name_end = data.index(b"\0", i)
-            name = data[i:name_end].decode(errors="replace")
+            name = budget.take(data[i:min(name_end, i + MAX_PATH)].decode(errors="replace"))
             directory, i = leb128(data, name_end + 1)
             _, i = leb128(data, i)  # modification time
             _, i = leb128(data, i)  # length
-            names.append(_join(directories, name, directory - 1))  # directory 0 is the unit's own
+            names.append(budget.take(_join(directories, name, directory - 1)))  # directory 0 is the unit's own
     if len(operand_counts) != opcode_base - 1 or line_range == 0 or code_start > len(data):
         raise ValueError("malformed line program header")
     return LineProgram(unit, line_base, line_range, opcode_base, operand_counts, names, data[code_start:])
@@ -247,20 +271,21 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
 
 def _join(directories: List[str], name: str, directory: int) -> str:
     if name.startswith("/") or not 0 <= directory < len(directories):
-        return name
-    return os.path.join(directories[directory], name)
+        return name[:MAX_PATH]
+    return os.path.join(directories[directory], name)[:MAX_PATH]
 
 
-def _strings_until_empty(data: bytes, i: int) -> Tuple[List[str], int]:
+def _strings_until_empty(data: bytes, i: int, budget: _NamesBudget) -> Tuple[List[str], int]:
     strings = []
     while data[i]:
         end = data.index(b"\0", i)
-        strings.append(data[i:end].decode(errors="replace"))
+        strings.append(budget.take(data[i:min(end, i + MAX_PATH)].decode(errors="replace")))
         i = end + 1
     return strings, i + 1
 
 
-def _entries(dwarf, data: bytes, i: int, offset_size: int) -> Tuple[List[Dict[int, object]], int]:
+def _entries(dwarf, data: bytes, i: int, offset_size: int, budget: _NamesBudget
+             ) -> Tuple[List[Dict[int, object]], int]:
     """A version 5 header's directory or file name entries, each as content type -> value
     (strings decoded, numbers as numbers), and the index after them."""
     formats = []
@@ -271,17 +296,19 @@ def _entries(dwarf, data: bytes, i: int, offset_size: int) -> Tuple[List[Dict[in
         form, i = leb128(data, i)
         formats.append((content, form))
     count, i = leb128(data, i)
+    if count > len(data) - i:  # each entry takes a byte at least, but for one of no contents
+        raise ValueError(f"a line program header claims {count} entries")
     entries = []
     for _ in range(count):
         entry: Dict[int, object] = {}
         for content, form in formats:
             if form == 0x08:  # DW_FORM_string
                 end = data.index(b"\0", i)
-                entry[content] = data[i:end].decode(errors="replace")
+                entry[content] = budget.take(data[i:min(end, i + MAX_PATH)].decode(errors="replace"))
                 i = end + 1
             elif form in _STRING_FORMS:
-                entry[content] = _string_at(getattr(dwarf, _STRING_FORMS[form]),
-                                            int.from_bytes(data[i:i + offset_size], "little"))
+                entry[content] = budget.take(_string_at(getattr(dwarf, _STRING_FORMS[form]),
+                                                        int.from_bytes(data[i:i + offset_size], "little")))
                 i += offset_size
             elif form == 0x0f:  # DW_FORM_udata
                 entry[content], i = leb128(data, i)
@@ -298,14 +325,15 @@ def _entries(dwarf, data: bytes, i: int, offset_size: int) -> Tuple[List[Dict[in
 
 
 def _string_at(section, offset: int) -> str:
+    """The string at offset in a string section, cut at MAX_PATH bytes."""
     if section is None:
         raise ValueError("a line program names a string section the file does not have")
     size = _STRING_BYTES
     while True:
         data = _read(section.stream, offset, size)
         end = data.find(b"\0")
-        if end >= 0:
-            return data[:end].decode(errors="replace")
+        if end >= 0 or len(data) >= MAX_PATH:
+            return data[:end if end >= 0 else MAX_PATH].decode(errors="replace")
         if len(data) < size:
             raise ValueError("unterminated string")
         size *= 4

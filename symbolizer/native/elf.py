@@ -43,6 +43,7 @@ DEBUG_ROOT = "/usr/lib/debug"
 # sizes and does not implement its segmented form: AssertionError, NotImplementedError).
 _MALFORMED_DWARF = (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error,
                     AssertionError, NotImplementedError)
+_UNUSABLE_DWARF = (*_MALFORMED_DWARF, TooLarge)  # and what claims more than is read
 _BUILD_ID = re.compile(r"[0-9a-f]{2,128}")  # as hex: what a cache or debug file name may hold
 # Bounds on one binary's symbols (see _SymbolBudget for the real binaries they hold).
 MAX_NAME_LENGTH = 4096  # bytes of a symbol's name kept: a longer one is cut, and ends in CUT_MARK
@@ -224,13 +225,14 @@ def _lines(elf: ELFFile, stream: BinaryIO, problems: List[SymbolizerError]) -> O
         return None
     try:
         return _Lines(elf, stream, problems)
-    except _MALFORMED_DWARF as e:
+    except _UNUSABLE_DWARF as e:
         problems.append(_dwarf_problem(e))
         return None
 
 
-def _dwarf_problem(error: Exception) -> MalformedInput:
-    return MalformedInput(f"DWARF line tables left out: {type(error).__name__}: {error}")
+def _dwarf_problem(error: Exception) -> SymbolizerError:
+    kind = TooLarge if isinstance(error, TooLarge) else MalformedInput
+    return kind(f"DWARF line tables left out: {type(error).__name__}: {error}")
 
 
 def _debug_link(elf: ELFFile) -> Optional[Tuple[str, int]]:
@@ -444,7 +446,7 @@ class _Lines:
                     else program_place(self._dwarf, cu_offset)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed(keep_inflated=True)
-        except _MALFORMED_DWARF as e:  # names still come from the symbol tables
+        except _UNUSABLE_DWARF as e:  # names still come from the symbol tables
             if not self._said:
                 self._said = True
                 self._problems.append(_dwarf_problem(e))

@@ -2,15 +2,19 @@
 end-of-sequence row by its address alone), on DWARF that
 gcc writes here (versions 4 and 5) and on a CPython shared library; and the line
 program we find for each compilation unit, its code and file names, against the one
-pyelftools finds."""
+pyelftools finds; and made-up programs that name or hold too much."""
 
+import io
 import os
+import struct
+from types import SimpleNamespace
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.native.dwarf_lines import (every_program_place, leb128, line_program, line_sequences,
-                                                  program_place)
+from bpfprof.symbolizer.errors import TooLarge
+from bpfprof.symbolizer.native.dwarf_lines import (MAX_PATH, MAX_PROGRAM_BYTES, ProgramPlace, every_program_place,
+                                                  leb128, line_program, line_sequences, program_place)
 from conftest import PYENV_VERSIONS, skip_or_fail
 
 
@@ -104,3 +108,31 @@ def test_a_leb128_of_a_megabyte_is_read_in_one_pass():
     assert value < 1 << 70 and after == (1 << 20) + 1
     assert leb128(data, after) == (5, len(data))
     assert leb128(b"\x7f", 0, signed=True) == (-1, 1)
+
+
+def hostile_program(directory: bytes, files: int) -> SimpleNamespace:
+    """A version 4 line program whose header names one directory and `files` files in it,
+    as the DWARFInfo that line_program reads it from."""
+    names = b"".join(b"f%d\0\x01\0\0" % i for i in range(files))  # in directory 1, no time, no length
+    header = bytes([1, 1, 1, -5 & 0xFF, 14, 13]) + bytes(12) + directory + b"\0\0" + names + b"\0"
+    body = struct.pack("<H", 4) + struct.pack("<I", len(header)) + header + b"\x01"  # one copy opcode
+    section = SimpleNamespace(stream=io.BytesIO(struct.pack("<I", len(body)) + body))
+    return SimpleNamespace(debug_line_sec=section)
+
+
+def test_file_names_of_a_line_program_are_bounded():
+    """Ten thousand files in a directory of a megabyte would make ten gigabytes of paths:
+    each is cut, and a header naming too much in all is too large."""
+    small = line_program(hostile_program(b"/src", 3), ProgramPlace(0, 4, 8, 4))
+    assert small.file_names == ["", "/src/f0", "/src/f1", "/src/f2"]
+    cut = line_program(hostile_program(b"/" + b"d" * 10_000, 1), ProgramPlace(0, 4, 8, 4))
+    assert [len(name) for name in cut.file_names] == [0, MAX_PATH]
+    with pytest.raises(TooLarge):
+        line_program(hostile_program(b"/" + b"d" * (1 << 20), 10_000), ProgramPlace(0, 4, 8, 4))
+
+
+def test_a_line_program_over_its_cap_is_too_large():
+    dwarf = hostile_program(b"/src", 1)
+    dwarf.debug_line_sec.stream = io.BytesIO(struct.pack("<I", MAX_PROGRAM_BYTES + 1) + bytes(64))
+    with pytest.raises(TooLarge):
+        line_program(dwarf, ProgramPlace(0, 4, 8, 4))
