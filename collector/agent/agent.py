@@ -136,6 +136,7 @@ class Agent:
             processes_seen=status["processes_seen"],
             cached_binaries=status["binaries"],
             cached_frames=status["frames"],
+            open_files=status["open_files"],
             cache_bytes=self._recorder.cache_bytes(),
             profiles_written=disk.written if disk else 0,
             profile_write_failures=disk.failed if disk else 0,

@@ -130,7 +130,8 @@ class Recorder:
     def status(self) -> Dict[str, int]:
         """Gauges of the recording so far, for an agent's metrics."""
         return {"processes": self._processes.num_live(), "processes_seen": self._processes.num_seen,
-                "binaries": self._native.num_binaries(), "frames": self._native.num_frames()}
+                "binaries": self._native.num_binaries(), "frames": self._native.num_frames(),
+                "open_files": self._native.num_open_files()}
 
     def cache_bytes(self) -> Dict[str, int]:
         """Bytes held by the symbol caches, about: "native" and each interpreter's."""

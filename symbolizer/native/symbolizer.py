@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
+from bpfprof.symbolizer.lru import LruCache
 from bpfprof.symbolizer.native.content_identity import ContentIdentity
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.safe_open import open_in_root, open_regular
@@ -29,6 +30,9 @@ FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PI
 IDLE_SYMBOLS_S = 180.0
 MAX_OPEN_FILES = 256  # descriptors kept: binaries kept reachable and symbols that read lines lazily
 MAX_BINARY = 4 << 30  # bytes of a binary that is read
+# Named frames kept (about 35 MiB of them), least recently used out first: a frame dropped
+# is named again from its binary's symbols if it comes again.
+MAX_FRAMES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class NativeSymbolizer:
         self._exported: Dict[FileId, Optional[LoadedData]] = {}
         self._by_identity: Dict[ContentIdentity, ElfSymbols] = {}  # shared between files of equal content
         self._modules: Dict[FileId, Module] = {}
-        self._frames: Dict[Tuple[FileId, int], Frame] = {}
+        self._frames: LruCache[int, Frame] = LruCache(lambda frame: 1)  # by binary, then file offset
 
     def keep_reachable(self, obj: ObjectFile) -> None:
         # Once its symbols are read (or known unreadable) a binary need not be kept.
@@ -205,8 +209,7 @@ class NativeSymbolizer:
         return sum(s.num_bytes() for s in {id(s): s for s in self._symbols.values() if s is not None}.values())
 
     def get_frame(self, obj: ObjectFile, file_offset: int) -> Frame:
-        key = (obj.file_id, file_offset)
-        frame = self._frames.get(key)
+        frame = self._frames.get(obj.file_id, file_offset)
         if frame is None:
             symbols = self.get_symbols(obj)
             module = self._modules[obj.file_id]
@@ -219,7 +222,9 @@ class NativeSymbolizer:
                 frame = Frame(FrameKind.NATIVE, f"[{os.path.basename(obj.path)}+{file_offset:#x}]", module, file_offset)
             else:
                 frame = Frame(FrameKind.NATIVE, info.name, module, file_offset, info.file, info.line)
-            self._frames[key] = frame
+            self._frames.put(obj.file_id, file_offset, frame)
+            if len(self._frames) > MAX_FRAMES:
+                self._frames.drop_oldest()
         return frame
 
     def drop_inflated(self) -> None:

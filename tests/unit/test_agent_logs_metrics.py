@@ -120,7 +120,7 @@ def metric_values(url: str) -> dict:
 
 def test_metrics_endpoint_serves_the_stats_and_process_figures(served):
     stats = AgentStats(samples={"cpu": 570, "block": 31}, lost={"LOSS_COUNTS_FULL": 2}, processes=140,
-                       processes_seen=2200, cached_binaries=48, cached_frames=9000, profiles_written=8,
+                       processes_seen=2200, cached_binaries=48, cached_frames=9000, open_files=31, profiles_written=8,
                        profile_write_failures=1, profiles_removed=3, queue_depth=4, pushes=7, push_failures=5,
                        pushes_dropped=1, last_cut=1_800_000_000.5, last_drain=500.0,
                        cache_bytes={"native": 50 << 20, "python": 3 << 20})
@@ -131,7 +131,7 @@ def test_metrics_endpoint_serves_the_stats_and_process_figures(served):
     assert values[("bpfprof_symbol_cache_bytes", (("cache", "native"),))] == 50 << 20
     assert values[("bpfprof_symbol_cache_bytes", (("cache", "python"),))] == 3 << 20
     expected = {"bpfprof_processes": 140, "bpfprof_processes_seen_total": 2200, "bpfprof_symbol_cache_binaries": 48,
-                "bpfprof_symbol_cache_frames": 9000, "bpfprof_profiles_written_total": 8,
+                "bpfprof_symbol_cache_frames": 9000, "bpfprof_open_files": 31, "bpfprof_profiles_written_total": 8,
                 "bpfprof_profile_write_failures_total": 1, "bpfprof_profiles_removed_total": 3,
                 "bpfprof_push_queue_depth": 4, "bpfprof_pushes_total": 7, "bpfprof_push_failures_total": 5,
                 "bpfprof_pushes_dropped_total": 1, "bpfprof_last_interval_cut_timestamp_seconds": 1_800_000_000.5,

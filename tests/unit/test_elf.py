@@ -16,6 +16,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.native import elf as elf_module
+from bpfprof.symbolizer.native import symbolizer as symbolizer_module
 from bpfprof.symbolizer.native.elf import CUT_MARK, MAX_NAME_BYTES, MAX_NAME_LENGTH, open_elf_symbols, read_build_id
 from bpfprof.symbolizer.native.unwind_cache import open_unwind_table
 from bpfprof.symbolizer.errors import SymbolizerError, TooLarge
@@ -495,3 +496,22 @@ def test_symbols_past_the_cap_are_left_out_and_counted(build_c, tmp_path, monkey
     problems = symbols.take_problems()
     assert [str(p) for p in problems] == ["symbols past the first 1000 function symbols left out"]
     assert isinstance(problems[0], TooLarge)
+
+
+def test_native_frames_are_kept_within_a_bound(build_c, monkeypatch):
+    """Named frames past MAX_FRAMES drop the least recently used, which is named again."""
+    monkeypatch.setattr(symbolizer_module, "MAX_FRAMES", 8)
+    binary = build_c("chain")
+    st = os.stat(binary)
+    obj = ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(binary), str(binary), "/")
+    start = file_offset(binary, symbol_addresses(binary)["chain_a"])
+    native = NativeSymbolizer()
+    try:
+        first = native.get_frame(obj, start)
+        for offset in range(start + 1, start + 20):
+            native.get_frame(obj, offset)
+            assert native.num_frames() <= 8
+        again = native.get_frame(obj, start)
+        assert again is not first and again == first
+    finally:
+        native.close()
