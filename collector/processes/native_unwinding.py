@@ -92,20 +92,27 @@ class _TableBuilder:
             obj = self._todo.get()
             if obj is None:
                 return
-            fd = self._open_binary(obj)
-            if fd is None:
-                self._on_built(obj.file_id, None, False)
-                continue
-            table: Optional[UnwindTable] = None  # not an x86-64 ELF file: frame pointers there
-            try:
-                with self._failures.contain("binary", obj.path):
-                    table = open_unwind_table(f"/proc/self/fd/{fd}", self._cache_dir)
-            finally:
-                os.close(fd)
-            if table is not None and table.unreadable_fdes:  # the rest of its rows stand
-                self._failures.add("binary", obj.path, MalformedInput(
-                    f"{table.unreadable_fdes} unreadable entries in its unwind tables"))
-            self._on_built(obj.file_id, table, True)
+            # A binary whose table fails to build has none (frame pointers there): it is
+            # told as built either way, so that it is never left waiting.
+            table: Optional[UnwindTable] = None
+            opened = True
+            with self._failures.contain("binary", obj.path):
+                table, opened = self._build(obj)
+            self._on_built(obj.file_id, table, opened)
+
+    def _build(self, obj: ObjectFile) -> Tuple[Optional[UnwindTable], bool]:
+        """The binary's table (None if it has none) and whether it could be opened."""
+        fd = self._open_binary(obj)
+        if fd is None:
+            return None, False
+        try:
+            table = open_unwind_table(f"/proc/self/fd/{fd}", self._cache_dir)
+        finally:
+            os.close(fd)
+        if table.unreadable_fdes:  # the rest of its rows stand
+            self._failures.add("binary", obj.path, MalformedInput(
+                f"{table.unreadable_fdes} unreadable entries in its unwind tables"))
+        return table, True
 
 
 class NativeUnwinding:
