@@ -99,7 +99,8 @@ class Recorder:
         self._events = EventReader(self._sampler, self.failures, self._interpreters)
         self._unwinding = NativeUnwinding(self._sampler, self._native, self.failures) if config.native_unwind else None
         told = [told.on_snapshot for told in (*self._interpreters, self._unwinding) if told is not None]
-        self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again)
+        self._processes = ProcessTable(self._native, on_snapshot=told, see_again=self._sampler.see_again,
+                                      failures=self.failures)
         self._events_due = 0.0
         self._kernel = KernelSymbols()
         self._resolver = StackResolver(self._processes, self._native, self._kernel, self._interpreters,

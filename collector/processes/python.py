@@ -9,7 +9,7 @@ import time
 from typing import Dict, List, Optional, Set, Tuple
 
 from bpfprof.collector.probe.sampler import RawPythonFrame, Sampler
-from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps
+from bpfprof.collector.processes.table import Mapping, ProcFiles, Process, parse_maps, read_maps
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
@@ -39,12 +39,13 @@ def _name(pid: int) -> str:
 
 
 def _still_mapped(pid: int, mapping: Mapping) -> bool:
-    """Whether the process still maps the interpreter where it was seen."""
+    """Whether the process still maps the interpreter where it was seen (within the
+    bounded part of its maps, as its snapshot was)."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            return any(line.startswith(f"{mapping.start:08x}-") for line in f)
+        maps, _ = read_maps(f"/proc/{pid}/maps")
     except OSError:
         return False
+    return any(line.startswith(f"{mapping.start:08x}-") for line in maps.splitlines())
 
 
 class PythonProcesses:
@@ -73,7 +74,7 @@ class PythonProcesses:
         a drain can keep that thread from it for a few hundred milliseconds: a short
         process's whole life. Anything else is left to on_snapshot."""
         if "python" in files.maps:  # as every interpreter binary is named
-            self._start_walking(Process(pid, files.comm, parse_maps(pid, files.maps)), exported_only=True)
+            self._start_walking(Process(pid, files.comm, parse_maps(pid, files.maps)[0]), exported_only=True)
 
     def on_snapshot(self, process: Process) -> None:
         """A process was (re)read: start walking it if it runs a CPython we know."""

@@ -6,12 +6,21 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from bpfprof.collector.processes.containers import Container, container_of
+from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import TooLarge
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer, ObjectFile
 
 _LOOK_FOR_GONE_DRAINS = 10
+# Bounds on what a process's /proc/PID/maps may cost, as any process can map one file
+# tens of thousands of times under a long path. The largest processes have hundreds of
+# executable mappings (one per library, a few for JIT code) and maps of a few hundred KB.
+MAPS_BYTES_AT_MOST = 8 << 20
+MAPPINGS_AT_MOST = 4096  # executable ones
+PATH_CHARS_AT_MOST = 4096  # PATH_MAX; a longer name is cut (the file is still opened through map_files)
+_READ_CHUNK = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -43,17 +52,21 @@ class Process:
         return None
 
 
-def parse_maps(pid: int, text: str) -> List[Mapping]:
-    """Executable mappings of /proc/PID/maps, sorted by start address."""
-    mappings = []
-    for line in text.splitlines():
+def parse_maps(pid: int, text: str) -> Tuple[List[Mapping], bool]:
+    """Executable mappings of /proc/PID/maps, sorted by start address: the first
+    MAPPINGS_AT_MOST of them, and whether there were more."""
+    mappings: List[Mapping] = []
+    for line in text.split("\n"):  # the only line break: names may hold \r, \x1c, \u2028...
         parts = line.split(None, 5)
         if len(parts) < 5 or "x" not in parts[1]:
             continue
+        if len(mappings) == MAPPINGS_AT_MOST:
+            return mappings, True
         start, end = (int(a, 16) for a in parts[0].split("-"))
         major, minor = (int(n, 16) for n in parts[3].split(":"))
         inode = int(parts[4])
-        name = parts[5].strip() if len(parts) > 5 else ""
+        # The name is the rest of the line, spaces included (the kernel escapes newlines).
+        name = parts[5][:PATH_CHARS_AT_MOST] if len(parts) > 5 else ""
         obj = None
         if inode and name.startswith("/"):
             path = name[: -len(" (deleted)")] if name.endswith(" (deleted)") else name
@@ -66,14 +79,40 @@ def parse_maps(pid: int, text: str) -> List[Mapping]:
             name = path
         mappings.append(Mapping(start, end, int(parts[2], 16), obj, name or "[anon]"))
     mappings.sort(key=lambda m: m.start)
-    return mappings
+    return mappings, False
+
+
+def _decode(data: bytes) -> str:
+    # A name is any bytes (a comm cut inside a UTF-8 character, a file named in Latin-1):
+    # such a process is still profiled, with U+FFFD in its names.
+    return data.decode("utf-8", errors="replace")
 
 
 def _read(path: str) -> str:
-    # A name is any bytes (a comm cut inside a UTF-8 character, a file named in Latin-1):
-    # such a process is still profiled, with U+FFFD in its names.
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    """A file the kernel keeps short (comm, cgroup)."""
+    with open(path, "rb") as f:
+        return _decode(f.read())
+
+
+def read_maps(path: str) -> Tuple[str, bool]:
+    """The whole lines of a maps file within its first MAPS_BYTES_AT_MOST bytes, and
+    whether there was more (then the rest is not read)."""
+    chunks: List[bytes] = []
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while size <= MAPS_BYTES_AT_MOST:
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if size <= MAPS_BYTES_AT_MOST:
+        return _decode(data), False
+    return _decode(data[: data.rfind(b"\n", 0, MAPS_BYTES_AT_MOST) + 1]), True
 
 
 @dataclass(frozen=True)
@@ -81,20 +120,22 @@ class ProcFiles:
     """A process's comm, maps and cgroup as read at one moment."""
 
     comm: str
-    maps: str
+    maps: str  # whole lines, at most MAPS_BYTES_AT_MOST bytes of them
     cgroup: str = ""  # "" where it cannot be read: the process is taken as on the host
+    maps_cut: bool = False  # maps was longer: the rest is left out
 
 
 def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
     try:
-        comm, maps = _read(f"{proc}/{pid}/comm").strip(), _read(f"{proc}/{pid}/maps")
+        comm = _read(f"{proc}/{pid}/comm").strip()
+        maps, maps_cut = read_maps(f"{proc}/{pid}/maps")
     except OSError:
         return None
     try:
         cgroup = _read(f"{proc}/{pid}/cgroup")
     except OSError:
         cgroup = ""
-    return ProcFiles(comm, maps, cgroup)
+    return ProcFiles(comm, maps, cgroup, maps_cut)
 
 
 def _still_loading(process: Process) -> bool:
@@ -109,8 +150,9 @@ class ProcessTable:
 
     def __init__(self, native: NativeSymbolizer, proc: str = "/proc",
                  on_snapshot: Sequence[Callable[[Process], None]] = (),
-                 see_again: Optional[Callable[[int], None]] = None):
+                 see_again: Optional[Callable[[int], None]] = None, failures: Optional[Failures] = None):
         self._native = native
+        self._failures = failures or Failures()
         self._on_snapshot = on_snapshot  # told of every fresh snapshot (to find CPython, to unwind)
         self._see_again = see_again  # asks for a process to be read again soon
         self._proc = proc
@@ -127,8 +169,16 @@ class ProcessTable:
         earlier = self._processes.get(pid)
         files = early or read_proc_files(pid, self._proc)
         if files is not None:
-            process = Process(pid, files.comm or comm, parse_maps(pid, files.maps),
-                              container=container_of(files.cgroup), maps_hash=hash(files.maps))
+            mappings, too_many = parse_maps(pid, files.maps)
+            process = Process(pid, files.comm or comm, mappings, container=container_of(files.cgroup),
+                              maps_hash=hash(files.maps))
+            if files.maps_cut or too_many:
+                # The mappings within the bounds are kept: the executable and the libraries
+                # at addresses below the excess are still named; the rest of its code
+                # shows as unmapped addresses.
+                excess = (f"maps of more than {MAPS_BYTES_AT_MOST} bytes" if files.maps_cut
+                          else f"more than {MAPPINGS_AT_MOST} executable mappings")
+                self._failures.add("process", str(pid), TooLarge(f"{excess}; the first {len(mappings)} are kept"))
         elif earlier is not None:
             return earlier
         else:

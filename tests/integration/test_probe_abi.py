@@ -101,7 +101,7 @@ def test_collector_and_bpf_walk_a_blocked_thread_alike(sampler):
     try:
         assert child.stdout.readline() == "ready\n"
         with open(f"/proc/{child.pid}/maps") as maps:
-            pythons.on_snapshot(Process(child.pid, "python3.12", parse_maps(child.pid, maps.read())))
+            pythons.on_snapshot(Process(child.pid, "python3.12", parse_maps(child.pid, maps.read())[0]))
         interpreter = pythons.get(child.pid)
         assert interpreter is not None
         child.stdin.write("go\n")

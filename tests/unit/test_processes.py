@@ -1,4 +1,10 @@
-from bpfprof.collector.processes.table import ProcessTable, parse_maps
+import itertools
+import os
+import time
+
+from bpfprof.collector.processes.table import (MAPPINGS_AT_MOST, MAPS_BYTES_AT_MOST, PATH_CHARS_AT_MOST, ProcessTable,
+                                               parse_maps)
+from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
 MAPS = """\
@@ -11,7 +17,8 @@ MAPS = """\
 
 
 def test_parse_maps_keeps_executable_mappings_sorted():
-    mappings = parse_maps(42, MAPS)
+    mappings, too_many = parse_maps(42, MAPS)
+    assert not too_many
     assert [m.name for m in mappings] == ["/usr/bin/prog", "/lib/libc.so.6", "[vdso]"]
     prog, libc, vdso = mappings
     assert (prog.start, prog.end, prog.offset) == (0x55D0C0A01000, 0x55D0C0A05000, 0x1000)
@@ -20,6 +27,57 @@ def test_parse_maps_keeps_executable_mappings_sorted():
     assert prog.obj.root == "/proc/42/root"
     assert libc.obj.path == "/lib/libc.so.6" and libc.obj.file_id == (8, 2, 99)
     assert vdso.obj is None
+
+
+def test_names_are_the_rest_of_the_line_and_long_ones_are_cut():
+    names = ["/opt/my app/bin/prog ", "/tmp/a\rb\x1cc\u2028d", "/tmp/" + "d" * 2 * PATH_CHARS_AT_MOST]
+    maps = "".join(f"7f{i:010x}-7f{i + 1:010x} r-xp 00000000 08:02 {i + 1}    {name}\n" for i, name in enumerate(names))
+    mappings, _ = parse_maps(1, maps + "7fff00000000-7fff00001000 r-xp 00000000 08:02 9 /tmp/gone (deleted)\n")
+    assert [m.obj.path for m in mappings] == [*names[:2], names[2][:PATH_CHARS_AT_MOST], "/tmp/gone"]
+
+
+def _exec_line(i: int, path: str = "/tmp/lib.so") -> str:
+    return f"{0x7F0000000000 + i * 0x1000:x}-{0x7F0000001000 + i * 0x1000:x} r-xp 00000000 08:02 {i + 1} {path}\n"
+
+
+def test_maps_past_the_byte_bound_are_cut_counted_and_their_first_mappings_kept(tmp_path):
+    failures = Failures()
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), failures=failures)
+    long_path = "/tmp/" + "p" * (PATH_CHARS_AT_MOST - 5)  # a long name mapped many times: few mappings, many bytes
+    lines = [_exec_line(i, long_path) for i in range(MAPS_BYTES_AT_MOST // len(_exec_line(0, long_path)) + 100)]
+    assert len(lines) < MAPPINGS_AT_MOST
+    _fake_proc(tmp_path, 5, "".join(lines))
+    started = time.monotonic()
+    process = table.snapshot(5)
+    assert time.monotonic() - started < 5  # tens of milliseconds; unbounded, seconds at a hundred MB
+    kept = sum(1 for end in itertools.accumulate(map(len, lines)) if end <= MAPS_BYTES_AT_MOST)  # whole lines
+    assert len(process.mappings) == kept and process.mappings[-1].start == 0x7F0000000000 + (kept - 1) * 0x1000
+    assert failures.counts() == {("process", "too large"): 1}
+
+
+def test_maps_with_no_end_are_read_no_further_than_the_bound(tmp_path):
+    failures = Failures()
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), failures=failures)
+    d = tmp_path / "6"
+    d.mkdir()
+    (d / "comm").write_text("endless\n")
+    os.symlink("/dev/zero", d / "maps")  # read whole, it would never end
+    assert table.snapshot(6).mappings == []
+    assert failures.counts() == {("process", "too large"): 1}
+
+
+def test_executable_mappings_past_the_bound_are_left_out_and_counted(tmp_path):
+    failures = Failures()
+    table = ProcessTable(NativeSymbolizer(), proc=str(tmp_path), failures=failures)
+    _fake_proc(tmp_path, 7, "".join(_exec_line(i) for i in range(MAPPINGS_AT_MOST + 1000)))
+    process = table.snapshot(7)
+    assert len(process.mappings) == MAPPINGS_AT_MOST
+    assert process.get_mapping(0x7F0000000000 + (MAPPINGS_AT_MOST - 1) * 0x1000) is not None
+    assert process.get_mapping(0x7F0000000000 + MAPPINGS_AT_MOST * 0x1000) is None
+    assert failures.counts() == {("process", "too large"): 1}
+    _fake_proc(tmp_path, 8, "".join(_exec_line(i) for i in range(MAPPINGS_AT_MOST)))
+    assert len(table.snapshot(8).mappings) == MAPPINGS_AT_MOST
+    assert failures.counts() == {("process", "too large"): 1}  # at the bound is within it
 
 
 def _fake_proc(tmp_path, pid, maps, comm="prog"):
