@@ -73,7 +73,7 @@ def parse_maps(pid: int, text: str) -> Tuple[List[Mapping], bool]:
             obj = ObjectFile(
                 file_id=(major, minor, inode),
                 path=path,
-                open_path=f"/proc/{pid}/map_files/{parts[0]}",
+                open_path=f"/proc/{pid}/map_files/{start:x}-{end:x}",  # unpadded, unlike maps
                 root=f"/proc/{pid}/root",
             )
             name = path

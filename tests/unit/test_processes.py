@@ -27,6 +27,8 @@ def test_parse_maps_keeps_executable_mappings_sorted():
     assert prog.obj.root == "/proc/42/root"
     assert libc.obj.path == "/lib/libc.so.6" and libc.obj.file_id == (8, 2, 99)
     assert vdso.obj is None
+    low, _ = parse_maps(42, "00400000-00452000 r-xp 00000000 fd:01 5 /usr/bin/static\n")
+    assert low[0].obj.open_path == "/proc/42/map_files/400000-452000"  # the kernel takes no leading zeros there
 
 
 def test_names_are_the_rest_of_the_line_and_long_ones_are_cut():
