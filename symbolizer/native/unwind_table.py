@@ -43,7 +43,7 @@ from elftools.common.exceptions import ELFError
 
 from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
 from bpfprof.symbolizer.native.dwarf_lines import leb128
-from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id
+from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id, read_section
 from bpfprof.symbolizer.errors import SymbolizerError
 
 
@@ -519,14 +519,18 @@ def _merge(eh_fdes: List[_Fde], debug_fdes: List[_Fde]) -> array:
 
 # What build_unwind_table reads besides the PT_LOAD segment headers, which content_identity hashes.
 UNWIND_SECTIONS = (".eh_frame", ".debug_frame")
+# Bytes of each, as in the file and inflated: the largest here is libLLVM's .eh_frame, 7.4 MB.
+MAX_FRAME_SECTION = 64 << 20
 
 
-def _frame_sections(elf) -> List[Tuple[str, bytes, int, bool]]:
+def _frame_sections(elf, fd: int) -> List[Tuple[str, bytes, int, bool]]:
+    """(name, contents, address, whether it is .eh_frame) of each unwind section; raises
+    TooLarge for one over MAX_FRAME_SECTION bytes, or claiming more inflated."""
     sections = []
     for name, is_eh in zip(UNWIND_SECTIONS, (True, False)):
         section = elf.get_section_by_name(name)
         if section is not None and section["sh_type"] != "SHT_NOBITS":
-            sections.append((name, section.data(), section["sh_addr"], is_eh))
+            sections.append((name, read_section(elf, fd, section, MAX_FRAME_SECTION), section["sh_addr"], is_eh))
     return sections
 
 
@@ -540,7 +544,7 @@ def build_unwind_table(path: str) -> UnwindTable:
         eh_fdes: List[_Fde] = []
         debug_fdes: List[_Fde] = []
         unreadable = 0
-        sections = _frame_sections(elf)
+        sections = _frame_sections(elf, stream.fileno())
         for _, data, address, is_eh in sections:
             fdes, bad = _section_fdes(data, address, is_eh)
             (eh_fdes if is_eh else debug_fdes).extend(fdes)

@@ -23,6 +23,7 @@ from bpfprof.symbolizer.errors import SymbolizerError, TooLarge
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import IDLE_SYMBOLS_S, MAX_OPEN_FILES, NativeSymbolizer, ObjectFile
 from conftest import FIXTURES, skip_or_fail
+from handmade_elf import SHF_COMPRESSED, SHT_PROGBITS, Section, compressed_zeros, elf_file
 
 CHAIN = ("chain_a", "chain_b", "chain_c", "main")
 
@@ -453,6 +454,61 @@ def test_a_compressed_section_other_than_dwarf_is_refused(build_c, tmp_path):
         open_elf_symbols(str(binary))
     with pytest.raises(SymbolizerError, match="compressed"):
         open_unwind_table(str(binary), str(tmp_path / "cache"))
+
+
+BOMB = 128 << 20  # bytes a hostile compressed section inflates to: twice MAX_INFLATED
+
+
+@pytest.fixture(scope="module")
+def bomb():
+    """An SHF_COMPRESSED section's contents that inflate to BOMB zero bytes (128 KiB of them)."""
+    return compressed_zeros(BOMB)
+
+
+def heap_peak(call):
+    """What call returns, and the most heap it held at once."""
+    tracemalloc.start()
+    try:
+        with must_return_within(10):
+            result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("extra", ["plain", "gnu_debugaltlink", "debug_sup", "zdebug"])
+def test_dwarf_inflating_past_the_cap_is_left_out_within_bounds(tmp_path, bomb, extra):
+    """A .debug_info that inflates to 128 MiB from 128 KiB: its lines are left out, said as
+    too large, and nothing near that is allocated, whatever else the file holds (pyelftools'
+    own reading of DWARF, which supplementary files and .zdebug_* sections once led to,
+    inflates every section to whatever it claims)."""
+    sections = [Section(".debug_info", SHT_PROGBITS, SHF_COMPRESSED, bomb),
+                Section(".debug_line", SHT_PROGBITS, 0, bytes(16)), Section(".debug_abbrev", SHT_PROGBITS, 0, bytes(4))]
+    sections += {
+        "plain": [],
+        "gnu_debugaltlink": [Section(".gnu_debugaltlink", SHT_PROGBITS, 0, b"dwz.debug\0" + bytes(20))],
+        "debug_sup": [Section(".debug_sup", SHT_PROGBITS, 0, b"\5\0\0dwz.debug\0\0")],
+        # GNU's older compressed sections: "ZLIB", the inflated size (big-endian), zlib
+        "zdebug": [Section(".zdebug_info", SHT_PROGBITS, 0, b"ZLIB" + struct.pack(">Q", BOMB) + bomb[24:])],
+    }[extra]
+    binary = tmp_path / "bomb.so"
+    binary.write_bytes(elf_file(sections))
+    symbols, peak = heap_peak(lambda: open_elf_symbols(str(binary)))
+    problems = symbols.take_problems()
+    assert len(problems) == 1 and isinstance(problems[0], TooLarge), problems
+    assert "DWARF line tables left out" in str(problems[0])
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("kind", [3, 7], ids=["string-table", "note"])
+def test_compressed_tables_named_like_dwarf_are_refused(tmp_path, bomb, kind):
+    """A symbol table's strings or a note (the build ID's), read whole, compressed and
+    named like DWARF to pass for it: refused, not inflated."""
+    binary = tmp_path / "bomb.so"
+    binary.write_bytes(elf_file([Section(".debug_str", kind, SHF_COMPRESSED, bomb),
+                                 Section(".symtab", 2, 0, bytes(48), link=1, entsize=24)]))
+    with pytest.raises(SymbolizerError, match="compressed"), must_return_within(10):
+        open_elf_symbols(str(binary))
 
 
 def with_symbol_table(binary, out, count, strings, name_offset):

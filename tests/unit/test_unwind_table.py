@@ -10,16 +10,18 @@ import shutil
 import struct
 import subprocess
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Tuple
 
 import pytest
 
-from bpfprof.symbolizer.native import unwind_cache
-from bpfprof.symbolizer.errors import SymbolizerError
+from bpfprof.symbolizer.native import unwind_cache, unwind_table
+from bpfprof.symbolizer.errors import SymbolizerError, TooLarge
 from bpfprof.symbolizer.native.unwind_cache import cache_path, open_unwind_table
 from bpfprof.symbolizer.native.unwind_table import RBP_OTHER, CfaKind, RbpRule, UnwindTable, build_unwind_table
 from conftest import FIXTURES, PYENV_VERSIONS, skip_or_fail
+from handmade_elf import SHF_COMPRESSED, SHT_PROGBITS, Section, compressed_zeros, elf_file
 
 NO_FRAME_POINTERS = ("-O2", "-fomit-frame-pointer")
 FRAME_POINTERS = ("-O2", "-fno-omit-frame-pointer")
@@ -428,3 +430,24 @@ def test_tables_carry_the_load_segments(build_frames, tmp_path):
     open_unwind_table(str(binary), str(tmp_path))
     cached = open_unwind_table(str(binary), str(tmp_path))
     assert cached.from_cache and cached.segments == tuple(loads)
+
+
+@pytest.mark.parametrize("name", [".debug_frame", ".eh_frame"])
+def test_a_frame_section_past_the_cap_is_refused_within_bounds(tmp_path, monkeypatch, name):
+    """A compressed .debug_frame that inflates to 128 MiB from 128 KiB is refused as too
+    large, without inflating it; so is a section larger than the cap as it is in the file."""
+    if name == ".debug_frame":
+        section = Section(name, SHT_PROGBITS, SHF_COMPRESSED, compressed_zeros(128 << 20))
+    else:
+        section = Section(name, SHT_PROGBITS, 0, bytes(4096))
+        monkeypatch.setattr(unwind_table, "MAX_FRAME_SECTION", 4095)
+    binary = tmp_path / "bomb.so"
+    binary.write_bytes(elf_file([section]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge, match=name):
+            build_unwind_table(str(binary))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
