@@ -10,6 +10,7 @@ import shutil
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import List, Tuple
 
@@ -17,6 +18,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from fuzzing import Case, assert_no_failures, case_rng, mutate, run_family
+from handmade_elf import compressed_zeros
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.native.elf import open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.native.unwind_table import build_unwind_table
@@ -84,12 +86,27 @@ def mutate_inflated(rng, binary: Binary, region: Region) -> Tuple[str, bytearray
     return f"{region.name} inflated: {what}", data + section
 
 
+@lru_cache(maxsize=1)
+def bomb() -> bytes:
+    """A compressed section's contents inflating to 160 MiB, past what a case may allocate."""
+    return compressed_zeros(160 << 20)
+
+
+def with_bomb(binary: Binary, region: Region) -> bytearray:
+    """The compressed section replaced by bomb(), at the end of the file."""
+    data = bytearray(binary.data)
+    struct.pack_into("<QQ", data, region.header + 24, len(data), len(bomb()))  # sh_offset, sh_size
+    return data + bomb()
+
+
 def make_case(binaries: List[Binary], number: int) -> Case:
     rng = case_rng("elf", number)
     binary = rng.choice(binaries)
     region = rng.choice(binary.regions)
     choice = rng.random()
-    if region.compressed and choice < 0.5:
+    if region.compressed and choice < 0.1:
+        what, data = f"{region.name} inflating to 160 MiB", with_bomb(binary, region)
+    elif region.compressed and choice < 0.5:
         what, data = mutate_inflated(rng, binary, region)
     elif region.header >= 0 and choice < 0.2:
         # The section's own size or place claimed huge (or zero).
