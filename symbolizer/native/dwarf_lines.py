@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from typing import BinaryIO, Dict, List, NamedTuple, Optional, Tuple
 
 from bpfprof.symbolizer.errors import TooLarge
@@ -51,36 +52,48 @@ def _read(stream: BinaryIO, offset: int, size: int) -> bytes:
     return stream.read(size)
 
 
-def _unit_extent(head: bytes, offset: int) -> Tuple[int, int]:
-    """(offset size, end) of the unit at `offset` in .debug_info that starts with `head`."""
+def _unit_extent(head: bytes, offset: int) -> Tuple[int, int, int]:
+    """(offset size, start, end) of the unit at `offset` of .debug_info or .debug_line that
+    starts with `head`: its bytes after the unit length are start to end."""
     (length,) = struct.unpack_from("<I", head)
     if length == 0xFFFFFFFF:
-        return 8, offset + 12 + struct.unpack_from("<Q", head, 4)[0]
-    return 4, offset + 4 + length
+        return 8, offset + 12, offset + 12 + struct.unpack_from("<Q", head, 4)[0]
+    return 4, offset + 4, offset + 4 + length
 
 
-def _unit_header(info: BinaryIO, offset: int) -> Tuple[int, int, int, int, bytes]:
+def _checked_unit_extent(info, offset: int) -> Tuple[int, int, int]:
+    """_unit_extent() of the compilation unit at `offset` in .debug_info, which must hold
+    at least a version 2 to 4 header (version, abbreviation offset, address size) and end
+    within the section."""
+    offset_size, start, end = _unit_extent(_read(info.stream, offset, 12), offset)
+    if end - start < 2 + offset_size + 1 or end > info.size:
+        raise ValueError(f"a compilation unit of {end - start} bytes at {offset:#x} of .debug_info "
+                         f"({info.size} bytes)")
+    return offset_size, start, end
+
+
+def _unit_header(info, offset: int) -> Tuple[int, int, int, int, bytes]:
     """(version, offset size, address size, abbreviation table offset, the unit's bytes
     from its top DIE on) of the compilation unit at `offset` in .debug_info."""
-    head = _read(info, offset, 4 + 8 + 2 + 2 + 8 + 16)
-    offset_size, end = _unit_extent(head, offset)
-    i = 12 if offset_size == 8 else 4
+    offset_size, i, end = _checked_unit_extent(info, offset)
+    head = _read(info.stream, i, 2 + 8 + 2 + 8 + 16)
     offset_format = "<Q" if offset_size == 8 else "<I"
-    (version,) = struct.unpack_from("<H", head, i)
-    i += 2
+    (version,) = struct.unpack_from("<H", head)
     if version >= 5:
-        unit_type, address_size = head[i], head[i + 1]
-        (abbrev,) = struct.unpack_from(offset_format, head, i + 2)
-        i += 2 + offset_size
+        unit_type, address_size = head[2], head[3]
+        (abbrev,) = struct.unpack_from(offset_format, head, 4)
+        i += 4 + offset_size
         if unit_type in _UNIT_TYPES_WITH_ID:
             i += 8
         elif unit_type in _UNIT_TYPES_WITH_TYPE:
             i += 8 + offset_size
     else:
-        (abbrev,) = struct.unpack_from(offset_format, head, i)
-        address_size = head[i + offset_size]
-        i += offset_size + 1
-    return version, offset_size, address_size, abbrev, _read(info, offset + i, min(end - offset - i, _TOP_DIE_BYTES))
+        (abbrev,) = struct.unpack_from(offset_format, head, 2)
+        address_size = head[2 + offset_size]
+        i += 2 + offset_size + 1
+    if i > end:
+        raise ValueError(f"a compilation unit at {offset:#x} of .debug_info too short for its header")
+    return version, offset_size, address_size, abbrev, _read(info.stream, i, min(end - i, _TOP_DIE_BYTES))
 
 
 def _attribute_forms(abbrev: BinaryIO, offset: int, code: int) -> Optional[List[Tuple[int, int]]]:
@@ -147,7 +160,8 @@ def _stmt_list(die: bytes, forms: List[Tuple[int, int]], offset_size: int, addre
         else:
             return None
         if attribute == _DW_AT_STMT_LIST:
-            return int.from_bytes(die[i:i + size], "little") if size in (4, 8) else None
+            value = die[i:i + size]
+            return int.from_bytes(value, "little") if size in (4, 8) and len(value) == size else None
         i += size
     return None
 
@@ -164,7 +178,7 @@ def program_place(dwarf, cu_offset: int) -> Optional[ProgramPlace]:
     """Where the line program of the compilation unit at `cu_offset` is, or None if it
     has none or its top DIE cannot be read."""
     try:
-        version, offset_size, address_size, abbrev, die = _unit_header(dwarf.debug_info_sec.stream, cu_offset)
+        version, offset_size, address_size, abbrev, die = _unit_header(dwarf.debug_info_sec, cu_offset)
         code, i = leb128(die, 0)
         forms = _attribute_forms(dwarf.debug_abbrev_sec.stream, abbrev, code)
         offset = _stmt_list(die[i:], forms, offset_size, address_size, version) if forms is not None else None
@@ -175,18 +189,21 @@ def program_place(dwarf, cu_offset: int) -> Optional[ProgramPlace]:
 
 def every_program_place(dwarf) -> Dict[int, ProgramPlace]:
     """program_place() of every compilation unit, by unit offset: what a line lookup needs
-    of .debug_info, read in one pass."""
+    of .debug_info, read in one pass. The walk stops at a unit too short for its header or
+    ending past the section (the units after it cannot be found), so each step advances by
+    a header at least: at most a unit for every 11 bytes of the section."""
     places = {}
     info = dwarf.debug_info_sec
     offset = 0
     while offset < info.size:
+        try:
+            end = _checked_unit_extent(info, offset)[2]
+        except (ValueError, struct.error):
+            break
         place = program_place(dwarf, offset)
         if place is not None:
             places[offset] = place
-        try:
-            offset = _unit_extent(_read(info.stream, offset, 12), offset)[1]
-        except struct.error:
-            break
+        offset = end
     return places
 
 
@@ -204,6 +221,7 @@ class LineProgram(NamedTuple):
 _DW_LNCT_PATH, _DW_LNCT_DIRECTORY_INDEX = 1, 2
 _STRING_FORMS = {0x0e: "debug_str_sec", 0x1f: "debug_line_str_sec"}  # DW_FORM_strp, DW_FORM_line_strp
 _FIXED_FORMS = {0x0b: 1, 0x05: 2, 0x06: 4, 0x07: 8, 0x1e: 16}  # data1, data2, data4, data8, data16
+_ENTRY_BYTES = sys.getsizeof({0: 0})  # of a version 5 header's directory or file entry, held while it is read
 _STRING_BYTES = 256  # read at a time for a string in .debug_str or .debug_line_str
 # Bounds on one line program. The largest here (docker's, libasan's, libpython's) are under
 # 600 KB with a few hundred files; every row takes at least a byte of the program.
@@ -213,16 +231,20 @@ MAX_NAMES_BYTES = 4 << 20  # of the directory and file names of one program, in 
 
 
 class _NamesBudget:
-    """What a program's header may name in all; past it, the program is too large."""
+    """What a program's header may name in all, counted as the memory its names and
+    entries take (so that many empty names count too); past it, the program is too large."""
 
     def __init__(self) -> None:
         self.left = MAX_NAMES_BYTES
 
     def take(self, name: str) -> str:
-        self.left -= len(name)
+        self.spend(sys.getsizeof(name))
+        return name
+
+    def spend(self, size: int) -> None:
+        self.left -= size
         if self.left < 0:
             raise TooLarge(f"a line program names more than {MAX_NAMES_BYTES} bytes of files and directories")
-        return name
 
 
 def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
@@ -231,11 +253,12 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
     if place is None:
         return None
     stream = dwarf.debug_line_sec.stream
-    offset_size, end = _unit_extent(_read(stream, place.offset, 12), place.offset)
-    start = place.offset + (12 if offset_size == 8 else 4)
+    offset_size, start, end = _unit_extent(_read(stream, place.offset, 12), place.offset)
     if end - start > MAX_PROGRAM_BYTES:
         raise TooLarge(f"a line program of {end - start} bytes (at most {MAX_PROGRAM_BYTES} are read)")
     data = _read(stream, start, end - start)
+    if len(data) < end - start:
+        raise ValueError(f"a line program of {end - start} bytes at {place.offset:#x} goes past .debug_line")
     (version,) = struct.unpack_from("<H", data)
     i = 4 if version >= 5 else 2  # a version 5 header names address and segment selector sizes
     header_length = int.from_bytes(data[i:i + offset_size], "little")
@@ -245,6 +268,8 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
     i += 3 if version >= 4 else 2  # maximum operations per instruction (4 on), default_is_stmt
     line_base, line_range, opcode_base = struct.unpack_from("<bBB", data, i)
     i += 3
+    if opcode_base == 0 or line_range == 0 or code_start > len(data):
+        raise ValueError("malformed line program header")
     operand_counts = data[i:i + opcode_base - 1]
     i += opcode_base - 1
     budget = _NamesBudget()
@@ -264,8 +289,8 @@ def line_program(dwarf, place: Optional[ProgramPlace]) -> Optional[LineProgram]:
             _, i = leb128(data, i)  # modification time
             _, i = leb128(data, i)  # length
             names.append(budget.take(_join(directories, name, directory - 1)))  # directory 0 is the unit's own
-    if len(operand_counts) != opcode_base - 1 or line_range == 0 or code_start > len(data):
-        raise ValueError("malformed line program header")
+    if len(operand_counts) != opcode_base - 1:
+        raise ValueError("a line program header cut short")
     return LineProgram(unit, line_base, line_range, opcode_base, operand_counts, names, data[code_start:])
 
 
@@ -296,8 +321,9 @@ def _entries(dwarf, data: bytes, i: int, offset_size: int, budget: _NamesBudget
         form, i = leb128(data, i)
         formats.append((content, form))
     count, i = leb128(data, i)
-    if count > len(data) - i:  # each entry takes a byte at least, but for one of no contents
-        raise ValueError(f"a line program header claims {count} entries")
+    if count > len(data) - i or (count and not formats):  # each entry of some contents takes a byte at least
+        raise ValueError(f"a line program header claims {count} entries of {len(formats)} contents")
+    budget.spend(count * _ENTRY_BYTES)
     entries = []
     for _ in range(count):
         entry: Dict[int, object] = {}

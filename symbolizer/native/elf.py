@@ -309,14 +309,20 @@ class _Window:
         self._fd, self._start, self._size, self._pos = fd, start, size, 0
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = pos if whence == 0 else (self._pos + pos if whence == 1 else self._size + pos)
-        return self._pos
+        pos = pos if whence == 0 else (self._pos + pos if whence == 1 else self._size + pos)
+        if pos < 0:
+            raise ValueError(f"a seek to {pos}, before the start of a section")
+        self._pos = pos
+        return pos
 
     def tell(self) -> int:
         return self._pos
 
     def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        """Up to n bytes, and never past the window; n of -1 (or None) reads to its end."""
+        if n is not None and n < -1:
+            raise ValueError(f"a read of {n} bytes")
+        end = self._size if n is None or n == -1 else min(self._size, self._pos + n)
         data = self._read(self._start + self._pos, end - self._pos) if end > self._pos else b""
         self._pos = max(self._pos, end)
         return data

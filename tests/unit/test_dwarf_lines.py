@@ -2,11 +2,15 @@
 end-of-sequence row by its address alone), on DWARF that
 gcc writes here (versions 4 and 5) and on a CPython shared library; and the line
 program we find for each compilation unit, its code and file names, against the one
-pyelftools finds; and made-up programs that name or hold too much."""
+pyelftools finds; and made-up programs that name or hold too much, and units whose
+lengths do not fit their section."""
 
 import io
 import os
 import struct
+import subprocess
+import time
+import tracemalloc
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +19,9 @@ from elftools.elf.elffile import ELFFile
 from bpfprof.symbolizer.errors import TooLarge
 from bpfprof.symbolizer.native.dwarf_lines import (MAX_PATH, MAX_PROGRAM_BYTES, ProgramPlace, every_program_place,
                                                   leb128, line_program, line_sequences, program_place)
-from conftest import PYENV_VERSIONS, skip_or_fail
+from bpfprof.symbolizer.native.elf import open_elf_symbols
+from conftest import FIXTURES, PYENV_VERSIONS, skip_or_fail
+from test_elf import chain_line_numbers, compressed, file_offset, symbol_addresses
 
 
 def rows_both_ways(path, limit=None):
@@ -136,3 +142,86 @@ def test_a_line_program_over_its_cap_is_too_large():
     dwarf.debug_line_sec.stream = io.BytesIO(struct.pack("<I", MAX_PROGRAM_BYTES + 1) + bytes(64))
     with pytest.raises(TooLarge):
         line_program(dwarf, ProgramPlace(0, 4, 8, 4))
+
+
+def with_units_after(binary, tail: bytes, name: str):
+    """A copy of the binary whose .debug_info ends in `tail`, where a unit's header is looked for."""
+    with open(binary, "rb") as f:
+        info = ELFFile(f).get_section_by_name(".debug_info").data()
+    contents = binary.with_name(binary.name + f"_{name}.debug_info")
+    contents.write_bytes(info + tail)
+    copy = binary.with_name(binary.name + f"_{name}")
+    subprocess.run(["objcopy", f"--update-section=.debug_info={contents}", str(binary), str(copy)], check=True)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def two_units(tmp_path_factory):
+    """chain.c and a second unit, in one binary."""
+    directory = tmp_path_factory.mktemp("two_units")
+    second = directory / "second.c"
+    second.write_text("int second_unit(int x) { return x * 3 + 1; }\n")
+    binary = directory / "two_units"
+    subprocess.run(["gcc", "-O1", "-g", "-o", str(binary), str(FIXTURES / "chain.c"), str(second)], check=True)
+    return binary
+
+
+# After the units gcc wrote: a megabyte of units of length 0, or one unit that claims
+# more than the section holds.
+TAILS = {"zero_length": bytes(1 << 20), "past_the_end": struct.pack("<I", 0xFFFFFFF0) + bytes(1 << 20),
+         "past_the_end_64": struct.pack("<IQ", 0xFFFFFFFF, 1 << 62) + bytes(1 << 20)}
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("edit", [None, compressed], ids=["in-place", "compressed"])
+def test_units_that_do_not_fit_their_section_leave_the_other_units_lines(two_units, tail, edit):
+    """A unit's length too small for its header, or reaching past its section, ends the
+    walk of .debug_info quickly and within a little memory (a length taken as it was read
+    made reads of the whole rest of the section for each unit: quadratic in time when
+    compressed). The lines of the units before it are still found."""
+    binary = with_units_after(two_units, TAILS[tail], tail)
+    if edit:
+        binary = edit(binary)
+    addresses, starts = symbol_addresses(binary), chain_line_numbers()
+    tracemalloc.start()
+    began = time.perf_counter()
+    try:
+        symbols = open_elf_symbols(str(binary))
+        found = {name: symbols.get_function(file_offset(binary, addresses[name]) + 1)
+                 for name in ("chain_a", "second_unit")}
+        elapsed = time.perf_counter() - began
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    symbols.close()
+    assert starts["chain_a"] <= found["chain_a"].line <= starts["chain_a"] + 12
+    assert found["second_unit"].file.endswith("second.c") and found["second_unit"].line == 1
+    assert elapsed < 0.5
+    assert peak < (3 << 20) + (1 << 20) * (edit is not None)  # an inflated copy of .debug_info at most
+
+
+def with_first_unit_length(binary, length: int):
+    """A copy of the binary whose first compilation unit claims `length` bytes."""
+    data = bytearray(binary.read_bytes())
+    with open(binary, "rb") as f:
+        offset = ELFFile(f).get_section_by_name(".debug_info")["sh_offset"]
+    struct.pack_into("<I", data, offset, length)
+    copy = binary.with_name(binary.name + f"_first_unit_{length:x}")
+    copy.write_bytes(data)
+    return copy
+
+
+@pytest.mark.parametrize("length", [0, 3, 0xFFFFFFF0])
+@pytest.mark.parametrize("edit", [None, compressed], ids=["in-place", "compressed"])
+def test_a_first_unit_that_does_not_fit_leaves_the_names(two_units, length, edit):
+    binary = with_first_unit_length(two_units, length)
+    if edit:
+        binary = edit(binary)
+    addresses = symbol_addresses(binary)
+    began = time.perf_counter()
+    symbols = open_elf_symbols(str(binary))
+    found = [symbols.get_function(file_offset(binary, addresses[name]) + 1) for name in ("chain_a", "second_unit")]
+    assert time.perf_counter() - began < 0.5
+    symbols.close()
+    assert [info.name for info in found] == ["chain_a", "second_unit"]
+    assert found[0].line == 0  # in the first unit

@@ -581,3 +581,22 @@ def test_native_frames_are_kept_within_a_bound(build_c, monkeypatch):
         assert again is not first and again == first
     finally:
         native.close()
+
+
+def test_a_section_window_reads_only_within_itself(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"headSECTIONtail")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        window = elf_module._Window(fd, 4, 7)
+        assert window.read() == b"SECTION"
+        window.seek(2)
+        assert window.read(100) == b"CTION" and window.read(1) == b""
+        window.seek(5)
+        assert window.read(-1) == b"ON"
+        with pytest.raises(ValueError):
+            window.read(-2)
+        with pytest.raises(ValueError):
+            window.seek(-1)
+    finally:
+        os.close(fd)
