@@ -74,11 +74,11 @@ def describe(name: str, path: Path) -> Binary:
     return Binary(name, data, tuple(regions), tuple(sorted(offsets))[:24] + (0, 1 << 40))
 
 
-def mutate_inflated(rng, binary: Binary, region: Region) -> Tuple[str, bytearray]:
-    """A compressed section inflated, mutated and compressed again, at the end of the file."""
+def mutate_inflated(rng, binary: Binary, region: Region, how=mutate) -> Tuple[str, bytearray]:
+    """A compressed section inflated, mutated (by `how`) and compressed again, at the end of the file."""
     data = bytearray(binary.data)
     inflated = bytearray(zlib.decompress(data[region.start + 24:region.end]))
-    what, inflated = mutate(rng, inflated, 0, len(inflated))
+    what, inflated = how(rng, inflated, 0, len(inflated))
     chdr = bytearray(data[region.start:region.start + 24])
     struct.pack_into("<Q", chdr, 8, len(inflated))  # ch_size
     section = chdr + zlib.compress(bytes(inflated))
@@ -99,6 +99,21 @@ def with_bomb(binary: Binary, region: Region) -> bytearray:
     return data + bomb()
 
 
+def mutate_unit_length(rng, data: bytearray, start: int, end: int) -> Tuple[str, bytearray]:
+    """One compilation unit's length in .debug_info (at start to end of data) set to 0,
+    too small for its header, or past the section (in 32 bits, or in 64 over the header)."""
+    units, offset = [], start
+    while offset + 4 <= end and len(units) < 64:
+        units.append(offset)
+        offset += 4 + struct.unpack_from("<I", data, offset)[0]
+    at = rng.choice(units)
+    length = rng.choice((0, 1, 6, 0xFFFFFFF0, 0xFFFFFFFF))
+    struct.pack_into("<I", data, at, length)
+    if length == 0xFFFFFFFF:
+        struct.pack_into("<Q", data, at + 4, rng.choice((0, 1 << 40, (1 << 64) - 1)))
+    return f"unit at {at - start:#x} of length {length:#x}", data
+
+
 def make_case(binaries: List[Binary], number: int) -> Case:
     rng = case_rng("elf", number)
     binary = rng.choice(binaries)
@@ -106,6 +121,12 @@ def make_case(binaries: List[Binary], number: int) -> Case:
     choice = rng.random()
     if region.compressed and choice < 0.1:
         what, data = f"{region.name} inflating to 160 MiB", with_bomb(binary, region)
+    elif region.name == ".debug_info" and choice < 0.3:
+        if region.compressed:
+            what, data = mutate_inflated(rng, binary, region, mutate_unit_length)
+        else:
+            what, data = mutate_unit_length(rng, bytearray(binary.data), region.start, region.end)
+            what = f"{region.name}: {what}"
     elif region.compressed and choice < 0.5:
         what, data = mutate_inflated(rng, binary, region)
     elif region.header >= 0 and choice < 0.2:

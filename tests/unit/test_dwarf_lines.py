@@ -196,7 +196,7 @@ def test_units_that_do_not_fit_their_section_leave_the_other_units_lines(two_uni
     symbols.close()
     assert starts["chain_a"] <= found["chain_a"].line <= starts["chain_a"] + 12
     assert found["second_unit"].file.endswith("second.c") and found["second_unit"].line == 1
-    assert elapsed < 0.5
+    assert elapsed < 3  # under 0.1 s here; minutes before units were checked
     assert peak < (3 << 20) + (1 << 20) * (edit is not None)  # an inflated copy of .debug_info at most
 
 
@@ -221,7 +221,7 @@ def test_a_first_unit_that_does_not_fit_leaves_the_names(two_units, length, edit
     began = time.perf_counter()
     symbols = open_elf_symbols(str(binary))
     found = [symbols.get_function(file_offset(binary, addresses[name]) + 1) for name in ("chain_a", "second_unit")]
-    assert time.perf_counter() - began < 0.5
+    assert time.perf_counter() - began < 3
     symbols.close()
     assert [info.name for info in found] == ["chain_a", "second_unit"]
     assert found[0].line == 0  # in the first unit
