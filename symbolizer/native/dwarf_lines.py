@@ -45,6 +45,9 @@ _FORMS = {
 }
 _TOP_DIE_BYTES = 1 << 16  # read of a unit to find its top DIE's attributes
 _ABBREV_BYTES = 1 << 16   # read of an abbreviation table at a time
+# Parsed in all to find the abbreviations of a file's top DIEs: each is most often the
+# first of its unit's table (libpython3.13's .debug_abbrev, a table per unit, has 315 KB).
+MAX_ABBREV_BYTES = 1 << 20
 
 
 def _read(stream: BinaryIO, offset: int, size: int) -> bytes:
@@ -96,25 +99,50 @@ def _unit_header(info, offset: int) -> Tuple[int, int, int, int, bytes]:
     return version, offset_size, address_size, abbrev, _read(info.stream, i, min(end - i, _TOP_DIE_BYTES))
 
 
-def _attribute_forms(abbrev: BinaryIO, offset: int, code: int) -> Optional[List[Tuple[int, int]]]:
-    """(attribute, form) of abbreviation `code` in the table at `offset` of .debug_abbrev."""
-    size = _ABBREV_BYTES
-    while True:
-        data = _read(abbrev, offset, size)
-        try:
-            return _find_abbreviation(data, code)
-        except IndexError:  # the table goes on past what was read
-            if len(data) < size:
-                return None
-            size *= 4
+class AbbreviationTables:
+    """Abbreviations of one .debug_abbrev as units ask for them, each (table, code) found
+    once: a hostile file points thousands of units at one long table. All the searches
+    together parse at most MAX_ABBREV_BYTES; past that TooLarge is raised."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._found: Dict[Tuple[int, int], Optional[List[Tuple[int, int]]]] = {}
+        self._budget = MAX_ABBREV_BYTES
+
+    def get_forms(self, offset: int, code: int) -> Optional[List[Tuple[int, int]]]:
+        """(attribute, form) of abbreviation `code` in the table at `offset`; None if the
+        table has no such code."""
+        if (offset, code) not in self._found:
+            self._found[(offset, code)] = self._search(offset, code)
+        return self._found[(offset, code)]
+
+    def _search(self, offset: int, code: int) -> Optional[List[Tuple[int, int]]]:
+        size = _ABBREV_BYTES
+        while True:
+            want = min(size, self._budget)
+            data = _read(self._stream, offset, want)
+            try:
+                forms, parsed = _find_abbreviation(data, code)
+            except IndexError:  # the table goes on past what was read
+                self._budget -= len(data)
+                if len(data) < want:
+                    return None  # the section ends within the table
+                if want < size or self._budget <= 0:
+                    raise TooLarge(f"abbreviation tables searched past {MAX_ABBREV_BYTES} bytes") from None
+                size *= 4
+                continue
+            self._budget -= parsed
+            return forms
 
 
-def _find_abbreviation(data: bytes, code: int) -> Optional[List[Tuple[int, int]]]:
+def _find_abbreviation(data: bytes, code: int) -> Tuple[Optional[List[Tuple[int, int]]], int]:
+    """(attribute, form) of abbreviation `code` in the table at the start of data (None if
+    the table ends without it), and the bytes parsed to tell."""
     i = 0
     while True:
         entry, i = leb128(data, i)
         if entry == 0:
-            return None
+            return None, i
         _, i = leb128(data, i)  # tag
         i += 1  # children or not
         forms = []
@@ -127,7 +155,7 @@ def _find_abbreviation(data: bytes, code: int) -> Optional[List[Tuple[int, int]]
                 _, i = leb128(data, i, signed=True)
             forms.append((attribute, form))
         if entry == code:
-            return forms
+            return forms, i
 
 
 def _stmt_list(die: bytes, forms: List[Tuple[int, int]], offset_size: int, address_size: int,
@@ -174,13 +202,13 @@ class ProgramPlace(NamedTuple):
     version: int
 
 
-def program_place(dwarf, cu_offset: int) -> Optional[ProgramPlace]:
+def program_place(dwarf, cu_offset: int, abbreviations: AbbreviationTables) -> Optional[ProgramPlace]:
     """Where the line program of the compilation unit at `cu_offset` is, or None if it
-    has none or its top DIE cannot be read."""
+    has none or its top DIE cannot be read. `abbreviations` are dwarf's."""
     try:
         version, offset_size, address_size, abbrev, die = _unit_header(dwarf.debug_info_sec, cu_offset)
         code, i = leb128(die, 0)
-        forms = _attribute_forms(dwarf.debug_abbrev_sec.stream, abbrev, code)
+        forms = abbreviations.get_forms(abbrev, code)
         offset = _stmt_list(die[i:], forms, offset_size, address_size, version) if forms is not None else None
     except (IndexError, ValueError, struct.error):
         return None
@@ -194,13 +222,14 @@ def every_program_place(dwarf) -> Dict[int, ProgramPlace]:
     a header at least: at most a unit for every 11 bytes of the section."""
     places = {}
     info = dwarf.debug_info_sec
+    abbreviations = AbbreviationTables(dwarf.debug_abbrev_sec.stream)
     offset = 0
     while offset < info.size:
         try:
             end = _checked_unit_extent(info, offset)[2]
         except (ValueError, struct.error):
             break
-        place = program_place(dwarf, offset)
+        place = program_place(dwarf, offset, abbreviations)
         if place is not None:
             places[offset] = place
         offset = end

@@ -26,7 +26,8 @@ from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
 from bpfprof.symbolizer.native.demangle import demangle
-from bpfprof.symbolizer.native.dwarf_lines import LineProgram, every_program_place, line_program, line_sequences, program_place
+from bpfprof.symbolizer.native.dwarf_lines import (AbbreviationTables, LineProgram, every_program_place, line_program,
+                                                   line_sequences, program_place)
 from bpfprof.symbolizer.errors import MalformedInput, SymbolizerError, TooLarge
 from bpfprof.symbolizer.packed_names import PackedNames
 from bpfprof.symbolizer.safe_open import open_in_root
@@ -439,6 +440,7 @@ class _Lines:
         # once, here, for where each unit's line program is: all that lookups need of it.
         compressed_info = isinstance(self._dwarf.debug_info_sec.stream, _Inflated)
         self._places = every_program_place(self._dwarf) if compressed_info else None
+        self._abbreviations = AbbreviationTables(self._dwarf.debug_abbrev_sec.stream)
         self._forget_parsed()
         self._spans: Optional[Tuple[List[int], List[Tuple[int, int]]]] = None  # without .debug_aranges
         self._tables: Dict[int, tuple] = {}  # CU offset -> _line_table()
@@ -462,7 +464,7 @@ class _Lines:
             table = self._tables.get(cu_offset)
             if table is None:
                 place = self._places.get(cu_offset) if self._places is not None \
-                    else program_place(self._dwarf, cu_offset)
+                    else program_place(self._dwarf, cu_offset, self._abbreviations)
                 table = self._tables[cu_offset] = _line_table(line_program(self._dwarf, place))
                 self._forget_parsed(keep_inflated=True)
         except _UNUSABLE_DWARF as e:  # names still come from the symbol tables

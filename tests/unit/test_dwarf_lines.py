@@ -17,11 +17,16 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.errors import TooLarge
-from bpfprof.symbolizer.native.dwarf_lines import (MAX_PATH, MAX_PROGRAM_BYTES, ProgramPlace, every_program_place,
-                                                  leb128, line_program, line_sequences, program_place)
+from bpfprof.symbolizer.native.dwarf_lines import (MAX_ABBREV_BYTES, MAX_PATH, MAX_PROGRAM_BYTES, AbbreviationTables,
+                                                  ProgramPlace, every_program_place, leb128, line_program,
+                                                  line_sequences, program_place)
 from bpfprof.symbolizer.native.elf import open_elf_symbols
 from conftest import FIXTURES, PYENV_VERSIONS, skip_or_fail
 from test_elf import chain_line_numbers, compressed, file_offset, symbol_addresses
+
+
+def abbreviations(dwarf):
+    return AbbreviationTables(dwarf.debug_abbrev_sec.stream)
 
 
 def rows_both_ways(path, limit=None):
@@ -34,7 +39,7 @@ def rows_both_ways(path, limit=None):
             expected = [(e.state.address, None, None) if e.state.end_sequence or (e.state.file, e.state.line) == (0, 0)
                         else (e.state.address, e.state.file, e.state.line)
                         for e in dwarf.line_program_for_CU(cu).get_entries() if e.state is not None]
-            program = line_program(dwarf, program_place(dwarf, cu.cu_offset))
+            program = line_program(dwarf, program_place(dwarf, cu.cu_offset, abbreviations(dwarf)))
             ours = [(address, None, None) if place == 0 else (address, place >> 32, place & 0xFFFFFFFF)
                     for addresses, places in line_sequences(program)
                     for address, place in zip(addresses, places)]
@@ -81,7 +86,7 @@ def programs_both_ways(path):
         dwarf = ELFFile(f).get_dwarf_info(relocate_dwarf_sections=False)
         places = every_program_place(dwarf)
         for cu in dwarf.iter_CUs():
-            assert places.get(cu.cu_offset) == program_place(dwarf, cu.cu_offset)
+            assert places.get(cu.cu_offset) == program_place(dwarf, cu.cu_offset, abbreviations(dwarf))
             ours, theirs = line_program(dwarf, places.get(cu.cu_offset)), dwarf.line_program_for_CU(cu)
             if theirs is not None:
                 theirs.stream.seek(theirs.program_start_offset)
@@ -225,3 +230,40 @@ def test_a_first_unit_that_does_not_fit_leaves_the_names(two_units, length, edit
     symbols.close()
     assert [info.name for info in found] == ["chain_a", "second_unit"]
     assert found[0].line == 0  # in the first unit
+
+
+def units_on_one_table(count, table):
+    """DWARF of `count` version 4 units, each a top DIE of abbreviation code 0x7f from the
+    table at offset 0 of .debug_abbrev, with a 4-byte value after it (DW_AT_stmt_list)."""
+    unit = struct.pack("<IHIB", 12, 4, 0, 8) + b"\x7f" + struct.pack("<I", 0)
+    info, abbrev = unit * count, table
+    return SimpleNamespace(debug_info_sec=SimpleNamespace(stream=io.BytesIO(info), size=len(info)),
+                           debug_abbrev_sec=SimpleNamespace(stream=io.BytesIO(abbrev), size=len(abbrev)))
+
+
+def abbreviation(code, *pairs):
+    """One table entry: code, DW_TAG_compile_unit, no children, (attribute, form) pairs."""
+    return bytes([code, 0x11, 0, *(b for pair in pairs for b in pair), 0, 0])
+
+
+def test_units_sharing_an_abbreviation_are_looked_up_once():
+    """A hundred thousand units on one table: its entry is found once, not per unit."""
+    dwarf = units_on_one_table(100_000, abbreviation(1, (0x03, 0x08)) * 20_000 + abbreviation(0x7f, (0x10, 0x06))
+                               + b"\0")
+    started = time.monotonic()
+    places = every_program_place(dwarf)
+    assert len(places) == 100_000 and time.monotonic() - started < 10  # a hang guard: 1 s here
+
+
+def test_searching_abbreviation_tables_is_bounded():
+    """A table longer than MAX_ABBREV_BYTES that never holds the unit's code: TooLarge,
+    having parsed no more than that, however many units ask."""
+    table = abbreviation(1, (0x03, 0x08)) * (MAX_ABBREV_BYTES // 7 + 1) + b"\0"
+    with pytest.raises(TooLarge):
+        every_program_place(units_on_one_table(1000, table))
+    tables = AbbreviationTables(io.BytesIO(table))
+    assert tables.get_forms(0, 1) == [(0x03, 0x08)]  # the first entry: 7 bytes parsed
+    with pytest.raises(TooLarge):
+        tables.get_forms(0, 0x7f)
+    short = AbbreviationTables(io.BytesIO(abbreviation(1, (0x03, 0x08)) * 100))  # ends without a terminator
+    assert short.get_forms(0, 0x7f) is None
