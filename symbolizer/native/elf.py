@@ -505,11 +505,25 @@ class _Lines:
         self._stream.close()
 
 
+# Compilation units and their address ranges read without .debug_aranges: a large C++
+# binary has a few thousand units; libpython3.13's range lists take 0.7 MB, and
+# pyelftools makes an object of each entry of a list, however long.
+MAX_UNITS = 1 << 15
+MAX_SPANS = 1 << 20
+MAX_RANGE_LISTS = 2 << 20
+
+
 def _cu_spans(dwarf) -> List[Tuple[int, int, int]]:
     """(start, end, CU offset) of each compilation unit's code, from its top DIE: what
     .debug_aranges says when a compiler leaves that section out (clang does)."""
+    for name in ("debug_ranges_sec", "debug_rnglists_sec"):
+        section = getattr(dwarf, name, None)
+        if section is not None and section.size > MAX_RANGE_LISTS:
+            raise TooLarge(f"range lists of {section.size} bytes, over {MAX_RANGE_LISTS}")
     spans = []
-    for cu in dwarf.iter_CUs():
+    for n, cu in enumerate(dwarf.iter_CUs()):
+        if n == MAX_UNITS or len(spans) > MAX_SPANS:
+            raise TooLarge(f"more than {MAX_UNITS} compilation units or {MAX_SPANS} address ranges")
         attributes = cu.get_top_DIE().attributes
         low = attributes.get("DW_AT_low_pc")
         high = attributes.get("DW_AT_high_pc")

@@ -10,6 +10,7 @@ import subprocess
 import time
 import tracemalloc
 import zlib
+from types import SimpleNamespace
 from contextlib import contextmanager
 
 import pytest
@@ -600,3 +601,18 @@ def test_a_section_window_reads_only_within_itself(tmp_path):
             window.seek(-1)
     finally:
         os.close(fd)
+
+
+def test_compilation_units_read_without_aranges_are_bounded(monkeypatch):
+    """Without .debug_aranges each unit's top DIE and range list is read through
+    pyelftools, an object per entry: too many units or too long range lists are TooLarge
+    (the file's lines left out), not memory and minutes."""
+    unit = SimpleNamespace(cu_offset=0, get_top_DIE=lambda: SimpleNamespace(attributes={}))
+    many = SimpleNamespace(debug_ranges_sec=None, debug_rnglists_sec=None,
+                           iter_CUs=lambda: iter([unit] * (elf_module.MAX_UNITS + 1)))
+    with pytest.raises(TooLarge):
+        elf_module._cu_spans(many)
+    long_lists = SimpleNamespace(debug_ranges_sec=SimpleNamespace(size=elf_module.MAX_RANGE_LISTS + 1),
+                                 debug_rnglists_sec=None, iter_CUs=lambda: iter([unit]))
+    with pytest.raises(TooLarge):
+        elf_module._cu_spans(long_lists)
