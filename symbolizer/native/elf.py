@@ -435,6 +435,9 @@ class _Lines:
         self._problems = problems  # where units that cannot be read are said, once
         self._said = False
         self._dwarf, self._inflated = _dwarf_info(elf, stream)
+        aranges = self._dwarf.debug_aranges_sec
+        if aranges is not None and aranges.size > MAX_ARANGES:
+            raise TooLarge(f".debug_aranges of {aranges.size} bytes, over {MAX_ARANGES}")
         self._aranges = self._dwarf.get_aranges()
         # A compressed .debug_info (6 MB in libc's debug file, and 30 ms to inflate) is read
         # once, here, for where each unit's line program is: all that lookups need of it.
@@ -509,6 +512,7 @@ class _Lines:
 # binary has a few thousand units; libpython3.13's range lists take 0.7 MB, and
 # pyelftools makes an object of each entry of a list, however long.
 MAX_UNITS = 1 << 15
+MAX_ARANGES = 4 << 20  # bytes of .debug_aranges, an object per entry in pyelftools
 MAX_SPANS = 1 << 20
 MAX_RANGE_LISTS = 2 << 20
 

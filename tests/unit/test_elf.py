@@ -10,8 +10,8 @@ import subprocess
 import time
 import tracemalloc
 import zlib
-from types import SimpleNamespace
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -616,3 +616,12 @@ def test_compilation_units_read_without_aranges_are_bounded(monkeypatch):
                                  debug_rnglists_sec=None, iter_CUs=lambda: iter([unit]))
     with pytest.raises(TooLarge):
         elf_module._cu_spans(long_lists)
+
+
+def test_aranges_past_their_bound_leave_the_lines_out(build_c, monkeypatch):
+    monkeypatch.setattr(elf_module, "MAX_ARANGES", 16)
+    binary = build_c("chain")
+    symbols = open_elf_symbols(str(binary))
+    info = symbols.get_function(file_offset(binary, symbol_addresses(binary)["chain_b"]) + 1)
+    assert (info.name, info.line) == ("chain_b", 0)
+    assert [type(problem) for problem in symbols.take_problems()] == [TooLarge]
