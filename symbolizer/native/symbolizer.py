@@ -30,6 +30,9 @@ FileId = Tuple[int, int, int]  # (device major, device minor, inode) as /proc/PI
 IDLE_SYMBOLS_S = 180.0
 MAX_OPEN_FILES = 256  # descriptors kept: binaries kept reachable and symbols that read lines lazily
 MAX_BINARY = 4 << 30  # bytes of a binary that is read
+# Bytes all binaries' symbols and lines may hold: one binary holds at most 32 MiB of names
+# (elf.MAX_NAME_BYTES), libpython3.12 with the lines of most of its units 2.4 MiB.
+MAX_SYMBOL_BYTES = 128 << 20
 # Named frames kept (about 35 MiB of them), least recently used out first: a frame dropped
 # is named again from its binary's symbols if it comes again.
 MAX_FRAMES = 1 << 16
@@ -190,7 +193,18 @@ class NativeSymbolizer:
         self._modules[obj.file_id] = Module(obj.path, symbols.build_id if symbols else "")
         self._release(obj.file_id)  # read, or known unreadable: nothing needs it kept
         self._make_room()
+        self._keep_within_bytes(obj.file_id)
         return symbols
+
+    def _keep_within_bytes(self, reading: Optional[FileId] = None) -> None:
+        """Close the least recently used symbols, never those just read, while all of them
+        hold more than MAX_SYMBOL_BYTES (a new address in one reads it again, as after
+        close_idle)."""
+        for file_id in sorted(self._used, key=self._used.__getitem__):
+            if self.num_bytes() <= MAX_SYMBOL_BYTES:
+                return
+            if file_id != reading:
+                self._close_symbols([file_id])
 
     def _tell_problems(self, obj: ObjectFile, symbols: ElfSymbols) -> None:
         """Parts of the binary left out (lines malformed, symbols past their caps) count as failures."""
@@ -236,13 +250,15 @@ class NativeSymbolizer:
     def close_idle(self, now: Optional[float] = None) -> None:
         """Close the symbols that no new frame asked for in IDLE_SYMBOLS_S, and the binaries
         kept but not asked for in that time (a new address in one reads it again, through a
-        process that maps it). Binaries known unreadable stay so."""
+        process that maps it), and the least recently used symbols past MAX_SYMBOL_BYTES.
+        Binaries known unreadable stay so. Call it after each batch of frames."""
         now = time.monotonic() if now is None else now
         with self._lock:
             idle_kept = [file_id for file_id, (_, used) in self._fds.items() if now - used > IDLE_SYMBOLS_S]
         for file_id in idle_kept:
             self._release(file_id)
         self._close_symbols([file_id for file_id, used in self._used.items() if now - used > IDLE_SYMBOLS_S])
+        self._keep_within_bytes()  # with the lines read since
 
     def _close_symbols(self, idle: List[FileId]) -> None:
         """Close these binaries' symbols, but for those shared with a binary still in use."""

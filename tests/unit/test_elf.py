@@ -625,3 +625,33 @@ def test_aranges_past_their_bound_leave_the_lines_out(build_c, monkeypatch):
     info = symbols.get_function(file_offset(binary, symbol_addresses(binary)["chain_b"]) + 1)
     assert (info.name, info.line) == ("chain_b", 0)
     assert [type(problem) for problem in symbols.take_problems()] == [TooLarge]
+
+
+def test_native_symbols_are_kept_within_their_bytes(build_c, tmp_path, monkeypatch):
+    """Past MAX_SYMBOL_BYTES, once a batch of frames is named, the least recently used
+    binaries' symbols are closed, and read again when one of their new addresses comes."""
+    source = build_c("chain")
+    data = bytearray(source.read_bytes())
+    with open(source, "rb") as f:
+        build_id_at = ELFFile(f).get_section_by_name(".note.gnu.build-id")["sh_offset"] + 16  # after "GNU\0"
+    objects = []
+    for i in range(6):
+        data[build_id_at:build_id_at + 4] = struct.pack("<I", i)  # binaries that share nothing
+        path = tmp_path / f"chain{i}"
+        path.write_bytes(data)
+        st = os.stat(path)
+        objects.append(ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(path), str(path), "/"))
+    offset = file_offset(source, symbol_addresses(source)["chain_b"]) + 1
+    native = NativeSymbolizer()
+    try:
+        one = native.get_symbols(objects[0]).num_bytes()
+        monkeypatch.setattr(symbolizer_module, "MAX_SYMBOL_BYTES", 3 * one)
+        for obj in objects:  # a batch of frames each, as drains name them
+            assert native.get_frame(obj, offset).name == "chain_b"
+            native.close_idle()
+            assert native.num_bytes() <= 3 * one
+        assert native.get_frame(objects[0], offset + 4).name == "chain_b"  # closed, and read again
+        native.close_idle()
+        assert native.num_bytes() <= 3 * one
+    finally:
+        native.close()
