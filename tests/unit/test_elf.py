@@ -312,21 +312,27 @@ def test_native_symbolizer_closes_idle_symbols_and_reads_them_again(build_c, tmp
         native.close()
 
 
+def copies_that_share_nothing(source, directory, count):
+    """ObjectFiles of `count` copies of a binary, each with a build ID of its own."""
+    data = bytearray(source.read_bytes())
+    with open(source, "rb") as f:
+        build_id_at = ELFFile(f).get_section_by_name(".note.gnu.build-id")["sh_offset"] + 16  # after "GNU\0"
+    objects = []
+    for i in range(count):
+        data[build_id_at:build_id_at + 4] = struct.pack("<I", i)
+        path = directory / f"chain{i}"
+        path.write_bytes(data)
+        st = os.stat(path)
+        objects.append(ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(path), str(path), "/"))
+    return objects
+
+
 def test_native_symbolizer_keeps_a_bounded_number_of_files_open(build_c, tmp_path):
     """Binaries kept reachable and symbols that read their lines lazily each hold a
     descriptor: past MAX_OPEN_FILES the least recently used is closed, and read again
     when asked for."""
     source = build_c("chain")
-    data = bytearray(source.read_bytes())
-    with open(source, "rb") as f:
-        build_id_at = ELFFile(f).get_section_by_name(".note.gnu.build-id")["sh_offset"] + 16  # after "GNU\0"
-    objects = []
-    for i in range(MAX_OPEN_FILES + 44):
-        data[build_id_at:build_id_at + 4] = struct.pack("<I", i)  # binaries that share nothing
-        path = tmp_path / f"chain{i}"
-        path.write_bytes(data)
-        st = os.stat(path)
-        objects.append(ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(path), str(path), "/"))
+    objects = copies_that_share_nothing(source, tmp_path, MAX_OPEN_FILES + 44)
     offset = file_offset(source, symbol_addresses(source)["chain_b"]) + 1
 
     def held():
@@ -631,16 +637,7 @@ def test_native_symbols_are_kept_within_their_bytes(build_c, tmp_path, monkeypat
     """Past MAX_SYMBOL_BYTES, once a batch of frames is named, the least recently used
     binaries' symbols are closed, and read again when one of their new addresses comes."""
     source = build_c("chain")
-    data = bytearray(source.read_bytes())
-    with open(source, "rb") as f:
-        build_id_at = ELFFile(f).get_section_by_name(".note.gnu.build-id")["sh_offset"] + 16  # after "GNU\0"
-    objects = []
-    for i in range(6):
-        data[build_id_at:build_id_at + 4] = struct.pack("<I", i)  # binaries that share nothing
-        path = tmp_path / f"chain{i}"
-        path.write_bytes(data)
-        st = os.stat(path)
-        objects.append(ObjectFile((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), str(path), str(path), "/"))
+    objects = copies_that_share_nothing(source, tmp_path, 6)
     offset = file_offset(source, symbol_addresses(source)["chain_b"]) + 1
     native = NativeSymbolizer()
     try:
