@@ -1,8 +1,8 @@
 """Unwind tables kept on disk by content identity, so that a binary is parsed once per machine.
 
-A cache file, `v<format version>-<SHA-256 of the sections read>.bin` (see content_identity),
+A cache file, `v<format version>-<hash of the sections read>.bin` (see content_identity),
 holds a header (struct _HEADER: magic, format version, record size, row count,
-unreadable FDEs, CRC-32 of what follows), the SHA-256, the build ID and the rows as
+unreadable FDEs, CRC-32 of what follows), the hash, the build ID and the rows as
 `struct unwind_row` records (see unwind_table). A file that is short, of another version,
 for another identity or whose CRC does not match is ignored and written again: a binary
 that claims another's build ID never gets its rows.
@@ -32,7 +32,7 @@ from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_
 from bpfprof.symbolizer.native.elf import load_segments, open_elf, read_build_id
 from bpfprof.symbolizer.native.unwind_table import RECORD_SIZE, UNWIND_SECTIONS, UnwindTable, build_unwind_table
 
-FORMAT_VERSION = 3  # raise it whenever the record layout, the rules' meaning or the identity change
+FORMAT_VERSION = 4  # raise it whenever the record layout, the rules' meaning or the identity change
 DEFAULT_MAX_BYTES = 256 << 20  # of tables in the cache directory
 _MAGIC = b"BPFUNWND"
 _HEADER = struct.Struct("<8sHHIII")  # magic, version, record size, rows, unreadable FDEs, CRC-32
@@ -53,7 +53,7 @@ def default_cache_dir() -> str:
 
 
 def cache_path(cache_dir: str, identity: ContentIdentity) -> str:
-    return os.path.join(cache_dir, f"v{FORMAT_VERSION}-{identity.sha256}.bin")
+    return os.path.join(cache_dir, f"v{FORMAT_VERSION}-{identity.digest}.bin")
 
 
 def open_unwind_table(path: str, cache_dir: Optional[str] = None, max_bytes: int = DEFAULT_MAX_BYTES
@@ -88,7 +88,7 @@ def open_unwind_table(path: str, cache_dir: Optional[str] = None, max_bytes: int
 
 def _serialize(table: UnwindTable) -> bytes:
     build_id = bytes.fromhex(table.build_id)
-    body = bytes.fromhex(table.identity.sha256) + bytes([len(build_id)]) + build_id + table.records()
+    body = bytes.fromhex(table.identity.digest) + bytes([len(build_id)]) + build_id + table.records()
     header = _HEADER.pack(_MAGIC, FORMAT_VERSION, RECORD_SIZE, table.num_rows(), table.unreadable_fdes,
                           zlib.crc32(body))
     return header + body
@@ -111,7 +111,7 @@ def _read(path: str, identity: ContentIdentity, max_bytes: int) -> Optional[Unwi
         return None
     finally:
         os.close(fd)
-    expected = bytes.fromhex(identity.sha256) + bytes([len(identity.build_id) // 2]) + bytes.fromhex(identity.build_id)
+    expected = bytes.fromhex(identity.digest) + bytes([len(identity.build_id) // 2]) + bytes.fromhex(identity.build_id)
     rows_at = _HEADER.size + len(expected)
     if len(data) < rows_at:
         return None

@@ -346,16 +346,16 @@ def test_cache_is_read_back_and_rebuilt_when_corrupt(build_frames, tmp_path, mon
 def test_cache_files_are_per_identity(build_frames, tmp_path):
     one = open_unwind_table(str(build_frames(*NO_FRAME_POINTERS)), str(tmp_path))
     other = open_unwind_table(str(build_frames(*NO_FRAME_POINTERS, "-DVARIANT=2")), str(tmp_path))
-    assert one.build_id != other.build_id and one.identity.sha256 != other.identity.sha256
+    assert one.build_id != other.build_id and one.identity.digest != other.identity.digest
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"v{unwind_cache.FORMAT_VERSION}-{t.identity.sha256}.bin" for t in (one, other))
+        f"v{unwind_cache.FORMAT_VERSION}-{t.identity.digest}.bin" for t in (one, other))
 
 
 def test_binary_without_build_id_is_cached_by_its_content(build_frames, tmp_path, monkeypatch):
     binary = str(build_frames(*NO_FRAME_POINTERS, "-Wl,--build-id=none"))
     table = open_unwind_table(binary, str(tmp_path))
     assert table.build_id == "" and table.num_rows() > 10
-    assert [p.name for p in tmp_path.iterdir()] == [f"v{unwind_cache.FORMAT_VERSION}-{table.identity.sha256}.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"v{unwind_cache.FORMAT_VERSION}-{table.identity.digest}.bin"]
     with monkeypatch.context() as patch:
         patch.setattr(unwind_cache, "build_unwind_table", must_not_build)
         assert open_unwind_table(binary, str(tmp_path)).rows == table.rows
