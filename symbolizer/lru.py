@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, Generic, Hashable, Set, Tuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+_ABSENT = object()
 V = TypeVar("V")
 
 
@@ -26,10 +27,11 @@ class LruCache(Generic[K, V]):
     def get(self, group: Hashable, key: K, default: Any = None) -> Any:
         """The value, now the most recently used; default when absent."""
         entry = (group, key)
-        if entry not in self._entries:
+        value = self._entries.get(entry, _ABSENT)
+        if value is _ABSENT:
             return default
         self._entries.move_to_end(entry)
-        return self._entries[entry]
+        return value
 
     def put(self, group: Hashable, key: K, value: V) -> None:
         entry = (group, key)

@@ -55,7 +55,7 @@ class ContentIdentity(NamedTuple):
         return ContentIdentity(self.build_id, _hasher(f"{self.digest}+{other.digest}".encode()).hexdigest())
 
 
-class _Header(NamedTuple):
+class SectionHeader(NamedTuple):
     name: int
     type: int
     flags: int
@@ -80,9 +80,8 @@ def content_identity(elf: ELFFile, fd: int, build_id: str, section_names: Sequen
     hasher.part(_VERSION, build_id, elf.elfclass, elf.little_endian, elf["e_machine"])
     for segment in _load_segments(elf, fd):
         hasher.part("PT_LOAD", *segment)
-    headers = [_Header(*fields) for fields in _table(elf, fd, "section", elf.num_sections(), elf["e_shentsize"],
-                                                     elf["e_shoff"], _SECTION_FIELDS[elf.elfclass])]
-    names = _section_names(elf, fd, headers)
+    headers = read_section_headers(elf, fd)
+    names = read_section_names(elf, fd, headers)
     for wanted in section_names:
         found = [i for i, name in enumerate(names) if name == wanted.encode()]
         hasher.part("sections", wanted, len(found))
@@ -94,6 +93,12 @@ def content_identity(elf: ELFFile, fd: int, build_id: str, section_names: Sequen
                     raise MalformedInput(f"section {wanted} links to section {link} of {len(headers)}")
                 hasher.section(link, headers[link], None)
     return ContentIdentity(build_id, hasher.digest.hexdigest())
+
+
+def read_section_headers(elf: ELFFile, fd: int) -> List[SectionHeader]:
+    """Every section header of the ELF file open as elf and fd."""
+    return [SectionHeader(*fields) for fields in _table(elf, fd, "section", elf.num_sections(), elf["e_shentsize"],
+                                                        elf["e_shoff"], _SECTION_FIELDS[elf.elfclass])]
 
 
 def _load_segments(elf: ELFFile, fd: int) -> List[Tuple[int, int, int]]:
@@ -121,7 +126,7 @@ def _table(elf: ELFFile, fd: int, kind: str, count: int, entry_size: int, offset
     return [layout.unpack_from(data, i * entry_size) for i in range(count)]
 
 
-def _section_names(elf: ELFFile, fd: int, headers: List[_Header]) -> List[bytes]:
+def read_section_names(elf: ELFFile, fd: int, headers: List[SectionHeader]) -> List[bytes]:
     """Each section's name, as far as _NAME_READ bytes go, read where pyelftools reads it."""
     if not headers:
         return []
@@ -143,7 +148,7 @@ class _Hasher:
         data = repr(fields).encode()
         self.digest.update(struct.pack("<Q", len(data)) + data)
 
-    def section(self, index: int, header: _Header, data: Optional[bytes]) -> None:
+    def section(self, index: int, header: SectionHeader, data: Optional[bytes]) -> None:
         size = 0 if header.type == _SHT_NOBITS else header.size
         self.part("section", index, header)
         if data is not None:

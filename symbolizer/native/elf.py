@@ -24,7 +24,8 @@ from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DWARFInfo, DwarfCon
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from bpfprof.symbolizer.native.content_identity import ContentIdentity, content_identity
+from bpfprof.symbolizer.native.content_identity import (ContentIdentity, content_identity, read_section_headers,
+                                                         read_section_names)
 from bpfprof.symbolizer.native.demangle import demangle
 from bpfprof.symbolizer.native.dwarf_lines import (AbbreviationTables, LineProgram, every_program_place, line_program,
                                                    line_sequences, program_place)
@@ -39,6 +40,7 @@ NT_GNU_BUILD_ID = 3
 STB_GLOBAL = 1
 STB_WEAK = 2
 DEBUG_ROOT = "/usr/lib/debug"
+_SHT_NULL, _SHT_PROGBITS, _SHT_NOBITS = 0, 1, 8
 # What DWARF that is not as it should be raises, in pyelftools or here (a line past
 # what an unsigned table holds: OverflowError; pyelftools asserts on .debug_aranges'
 # sizes and does not implement its segmented form: AssertionError, NotImplementedError).
@@ -653,30 +655,35 @@ def _read_elf(stream: BinaryIO) -> ELFFile:
     """The ELF file of an open stream, which is closed if it holds none."""
     try:
         elf = ELFFile(stream)
-        _check_extents(elf, os.fstat(stream.fileno()).st_size)
+        _check_extents(elf, stream.fileno())
         return elf
-    except (ELFError, struct.error, ValueError, OverflowError, OSError) as e:
+    except (ELFError, struct.error, ValueError, OverflowError, OSError, SymbolizerError) as e:
         # (A seek to an offset the headers claim fails with OSError or OverflowError.)
         stream.close()
         raise SymbolizerError(f"not a readable ELF file: {e}") from None
 
 
-def _check_extents(elf: ELFFile, size: int) -> None:
+def _check_extents(elf: ELFFile, fd: int) -> None:
     """The header tables and every section's contents lie inside the file: pyelftools
-    seeks to and reads whatever offsets and sizes the headers claim."""
+    seeks to and reads whatever offsets and sizes the headers claim. The section headers
+    are read directly: pyelftools would make an object of each section on the way."""
+    size = os.fstat(fd).st_size
     header = elf.header
     for name, offset, length in (("program", header["e_phoff"], header["e_phnum"] * header["e_phentsize"]),
                                  ("section", header["e_shoff"], header["e_shnum"] * header["e_shentsize"])):
         if offset + length > size:
             raise ELFError(f"the {name} headers lie past the end of the file")
-    for section in elf.iter_sections():
-        if section["sh_type"] not in ("SHT_NOBITS", "SHT_NULL") and section["sh_offset"] + section["sh_size"] > size:
-            raise ELFError(f"section {section.name!r} lies past the end of the file")
+    headers = read_section_headers(elf, fd)
+    names = None
+    for i, section in enumerate(headers):
+        if section.type not in (_SHT_NULL, _SHT_NOBITS) and section.offset + section.size > size:
+            raise ELFError(f"section {i} lies past the end of the file")
         # pyelftools inflates any compressed section it is asked for, whatever size it
         # claims; only DWARF is compressed by toolchains, and it is inflated with a cap.
-        if section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED and not (
-                section.name.startswith(".debug_") and section["sh_type"] == "SHT_PROGBITS"):
-            raise ELFError(f"section {section.name!r} is compressed")
+        if section.flags & SH_FLAGS.SHF_COMPRESSED:
+            names = names or read_section_names(elf, fd, headers)
+            if not (names[i].startswith(b".debug_") and section.type == _SHT_PROGBITS):
+                raise ELFError(f"section {names[i]!r} is compressed")
 
 
 def _debug_symbols(fd: int, data_names: FrozenSet[str], want_lines: bool, budget: _SymbolBudget,

@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Tuple
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.frames import Frame, FrameKind, Module
-from bpfprof.symbolizer.lru import LruCache
 from bpfprof.symbolizer.native.content_identity import ContentIdentity
 from bpfprof.symbolizer.native.elf import ElfSymbols, LoadedData, open_elf_symbols, read_exported_data
 from bpfprof.symbolizer.safe_open import open_in_root, open_regular
@@ -82,7 +81,9 @@ class NativeSymbolizer:
         self._exported: Dict[FileId, Optional[LoadedData]] = {}
         self._by_identity: Dict[ContentIdentity, ElfSymbols] = {}  # shared between files of equal content
         self._modules: Dict[FileId, Module] = {}
-        self._frames: LruCache[int, Frame] = LruCache(lambda frame: 1)  # by binary, then file offset
+        # Least recently used first: looked up for every native frame of every stack drained,
+        # so an OrderedDict (a hit costs a C call more than a dict's) rather than LruCache.
+        self._frames: "OrderedDict[Tuple[FileId, int], Frame]" = OrderedDict()
 
     def keep_reachable(self, obj: ObjectFile) -> None:
         # Once its symbols are read (or known unreadable) a binary need not be kept.
@@ -223,8 +224,11 @@ class NativeSymbolizer:
         return sum(s.num_bytes() for s in {id(s): s for s in self._symbols.values() if s is not None}.values())
 
     def get_frame(self, obj: ObjectFile, file_offset: int) -> Frame:
-        frame = self._frames.get(obj.file_id, file_offset)
-        if frame is None:
+        key = (obj.file_id, file_offset)
+        frame = self._frames.get(key)
+        if frame is not None:
+            self._frames.move_to_end(key)
+        else:
             symbols = self.get_symbols(obj)
             module = self._modules[obj.file_id]
             info = None
@@ -236,9 +240,9 @@ class NativeSymbolizer:
                 frame = Frame(FrameKind.NATIVE, f"[{os.path.basename(obj.path)}+{file_offset:#x}]", module, file_offset)
             else:
                 frame = Frame(FrameKind.NATIVE, info.name, module, file_offset, info.file, info.line)
-            self._frames.put(obj.file_id, file_offset, frame)
+            self._frames[key] = frame
             if len(self._frames) > MAX_FRAMES:
-                self._frames.drop_oldest()
+                self._frames.popitem(last=False)
         return frame
 
     def drop_inflated(self) -> None:
