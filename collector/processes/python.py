@@ -45,7 +45,7 @@ def _still_mapped(pid: int, mapping: Mapping) -> bool:
         maps, _ = read_maps(f"/proc/{pid}/maps")
     except OSError:
         return False
-    return any(line.startswith(f"{mapping.start:08x}-") for line in maps.splitlines())
+    return any(m.start == mapping.start for m in parse_maps(pid, maps)[0])
 
 
 class PythonProcesses:

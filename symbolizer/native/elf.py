@@ -131,13 +131,6 @@ class _SymbolBudget:
         return True
 
 
-def _section_data(section, limit: int) -> bytes:
-    size = max(section["sh_size"], section.data_size)  # data_size: what a compressed one claims inflated
-    if size > limit:
-        raise TooLarge(f"section {section.name} of {size} bytes (at most {limit} are read)")
-    return section.data()
-
-
 def _name_at(strings: bytes, offset: int) -> bytes:
     """The name at offset in a string table, cut at MAX_NAME_LENGTH bytes (and marked so);
     its version (after @) left out."""
@@ -163,8 +156,9 @@ def _read_symbols(elf: ELFFile, data_names: FrozenSet[str], budget: _SymbolBudge
         if section is None or section["sh_type"] == "SHT_NOBITS" or section["sh_entsize"] == 0:
             continue
         try:
-            table = _section_data(section, MAX_SYMBOL_TABLE_BYTES)
-            strings = _section_data(elf.get_section(section["sh_link"]), MAX_STRING_TABLE_BYTES)
+            table = read_section(elf, elf.stream.fileno(), section, MAX_SYMBOL_TABLE_BYTES)
+            strings = read_section(elf, elf.stream.fileno(), elf.get_section(section["sh_link"]),
+                                   MAX_STRING_TABLE_BYTES)
         except TooLarge as e:
             problems.append(TooLarge(f"{section_name} left out: {e}"))
             continue
@@ -387,7 +381,7 @@ def _section_stream(elf: ELFFile, fd: int, section) -> _Window:
 def read_section(elf: ELFFile, fd: int, section, limit: int) -> bytes:
     """A section's contents, inflated if it is compressed. Raises TooLarge, before
     anything is read, for one that holds or claims more than limit bytes."""
-    size = max(section["sh_size"], section.data_size)
+    size = max(section["sh_size"], section.data_size)  # data_size: what a compressed one claims inflated
     if size > limit:
         raise TooLarge(f"section {section.name} of {size} bytes (at most {limit} are read)")
     return _section_stream(elf, fd, section).read()
