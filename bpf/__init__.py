@@ -11,7 +11,7 @@ from typing import Dict
 BPF_DIR = resources.files("bpfprof.bpf")
 HEADER = (BPF_DIR / "common.h").read_text()
 # One file per concern, each using only those before it.
-SOURCES = ("common", "python", "unwind", "cpu", "offcpu", "lifecycle")
+SOURCES = ("common", "python", "unwind", "cpu", "offcpu", "memory", "lifecycle")
 PROGRAM = "\n".join(f'#line 1 "{name}.bpf.c"\n' + (BPF_DIR / f"{name}.bpf.c").read_text() for name in SOURCES)
 # Maps kept twice, one per buffer, and the array of the two that samples reach them by.
 BUFFERED_MAPS = tuple(re.findall(r'^BPF_ARRAY_OF_MAPS\((\w+), "\1_0", 2\);', PROGRAM, re.M))

@@ -12,10 +12,12 @@
  *     OFFCPU_WALL      off-CPU time of every kind, for wall-clock profiles
  *     NATIVE_UNWIND    unwind user stacks from the collector's unwind tables, some
  *                      UNWIND_FRAMES_PER_PROGRAM frames per tail call
+ *     MEMORY           anonymous memory obtained and held (memory.bpf.c)
+ *     FAULTS           page faults, 1 in FAULT_PERIOD
  *   map sizes (the maps of a feature that is off have one entry: WHEN):
  *     SAMPLE_ENTRIES, STACK_ENTRIES, THREAD_ENTRIES, EVENT_PAGES, PYTHON_PROCESSES,
  *     PYTHON_STACK_ENTRIES, PYTHON_EVENT_PAGES, UNWIND_ROWS, UNWIND_MAPPINGS,
- *     NATIVE_STACK_ENTRIES
+ *     NATIVE_STACK_ENTRIES, MEMORY_RANGES, MEMORY_HOLE_ENTRIES
  * The code of a feature that is off sits behind `if (FEATURE)` and is compiled away; its
  * maps remain, with one entry. Only its attach points need #if, since bcc attaches every
  * tracepoint probe it compiles.

@@ -28,6 +28,7 @@ enum process_event_kind {
     PROCESS_EXEC = 2,   /* the process replaced its image: earlier snapshots are stale */
     PROCESS_EXIT = 3,   /* the whole thread group is gone */
     PYTHON_THREAD = 4,  /* a CPython thread was found (or cannot be looked for yet): read its name */
+    OOM_VICTIM = 5,     /* the OOM killer chose the process: write what it holds now */
 };
 
 struct process_event {
@@ -211,6 +212,76 @@ enum offcpu_stat {
     OFFCPU_STATS,
 };
 
+/* Memory (memory.bpf.c): the anonymous ranges processes obtain from the kernel, by
+ * address, each with the stacks that obtained it, until they are unmapped. */
+struct memory_range_key {
+    u32 pid;
+    u32 pad;
+    u64 start;
+};
+
+#define MEMORY_RESERVED 1  /* flag: PROT_NONE address space, not in use until made accessible */
+
+struct memory_range {
+    u64 end;         /* the address after the last */
+    u64 generation;  /* of the process image that obtained it (struct memory_process) */
+    u64 since_ns;    /* when it was obtained */
+    u32 flags;       /* MEMORY_* */
+    u32 pad;
+    struct sample_key key;  /* the thread and stacks that obtained it; stacks in memory_*stacks */
+};
+
+/* A process image holding ranges. A new image (exec, or a new process reusing the pid)
+ * has a new generation: ranges of an older one are left over from an image that is gone,
+ * which the collector counts as held at its end and removes. */
+struct memory_process {
+    u64 generation;
+    s64 ranges;
+};
+
+enum memory_call_kind {
+    MEMORY_CALL_MMAP = 1,
+    MEMORY_CALL_MREMAP = 2,
+};
+
+/* An mmap or mremap between entry and exit, kept by tid. */
+struct memory_call {
+    u64 addr;
+    u64 len;      /* mremap: the old length */
+    u64 new_len;  /* mremap */
+    u32 kind;     /* enum memory_call_kind */
+    u32 flags;    /* mmap's */
+    u64 prot;     /* mmap's */
+};
+
+/* Allocations under one key: how many, and their bytes. */
+struct memory_value {
+    u64 count;
+    u64 bytes;
+};
+
+/* An unmapping that starts at no range's start and ends at no range's end (a hole in a
+ * range, or one that crosses ranges). The collector applies it to the ranges obtained
+ * before it. */
+struct memory_hole {
+    u64 end;
+    u64 since_ns;
+};
+
+/* A range being obtained, carried across the unwinder's tail calls (per CPU). */
+struct memory_obtain {
+    u64 start;
+    u64 end;
+    struct sample_key key;
+};
+
+/* Memory events counted per kind (array index). */
+enum memory_stat {
+    MEMORY_RANGES_LEFT,  /* ranges of process images that ended (exit or exec), for the collector to remove */
+    MEMORY_HOLES,        /* unmappings at no range's start or end, sent to the collector */
+    MEMORY_STATS,
+};
+
 /* Samples and events that could not be recorded, counted per reason (array index). */
 enum loss_reason {
     LOSS_KERNEL_STACK_COLLISION,
@@ -229,6 +300,13 @@ enum loss_reason {
     LOSS_OFFCPU_STACK_COLLISION,
     LOSS_NATIVE_STACKS_FULL,
     LOSS_OFFCPU_RETURN_UNTRACED,  /* a thread left the CPU with no sched_switch seen bringing it back */
+    LOSS_MEMORY_RANGES_FULL,
+    LOSS_ALLOC_FULL,
+    LOSS_MEMORY_STACK_COLLISION,
+    LOSS_MEMORY_CALLS_FULL,
+    LOSS_MEMORY_HOLES_FULL,
+    LOSS_MEMORY_UNMAP_STEPS,      /* an unmapping across more ranges than are followed in BPF */
+    LOSS_FAULTS_FULL,
     LOSS_REASONS,
 };
 

@@ -16,12 +16,11 @@ BPF_HASH(native_stacks_1, u64, struct native_stack, WHEN(NATIVE_UNWIND, NATIVE_S
 BPF_ARRAY_OF_MAPS(native_stacks, "native_stacks_0", 2);
 BPF_PROG_ARRAY(cpu_unwinder, 1);  /* [0] unwind_cpu_stack, which calls itself */
 
-/* Counts a CPU sample under its key, whose user stack is the frame-pointer one unless a
- * native stack was unwound. */
-static __always_inline void count_cpu_sample(void *ctx, struct sample_key *key, u32 buffer)
+/* Counts a sample under its key in `count_map` (a map of the buffer's), the user stack
+ * being the frame-pointer one unless a native stack was unwound. */
+static __always_inline void count_sample(void *ctx, struct sample_key *key, u32 buffer, void *count_map, int full)
 {
     void *stack_map = stacks.lookup(&buffer);
-    void *count_map = counts.lookup(&buffer);
     if (!key->native_stack && stack_map) {
         key->user_stack_id = get_stackid(ctx, stack_map, BPF_F_USER_STACK);
         count_stack_error(key->user_stack_id, LOSS_USER_STACK_COLLISION, LOSS_USER_STACK_FAILED);
@@ -31,7 +30,34 @@ static __always_inline void count_cpu_sample(void *ctx, struct sample_key *key, 
     if (count)
         __sync_fetch_and_add(count, 1);
     else
-        count_loss(LOSS_COUNTS_FULL);
+        count_loss(full);
+}
+
+static __always_inline void count_cpu_sample(void *ctx, struct sample_key *key, u32 buffer)
+{
+    count_sample(ctx, key, buffer, counts.lookup(&buffer), LOSS_COUNTS_FULL);
+}
+
+/* The current thread's Python stack, stored in the buffer's map, becomes the key's. */
+static __always_inline void take_buffered_python_stack(struct sample_key *key, u32 buffer, int throttled)
+{
+    if (!PYTHON_STACKS)
+        return;
+    struct python_stack_event *python = NULL;
+    u64 hash = take_python_stack(key->pid, key->tid, throttled, &python);
+    void *python_map = python_stacks.lookup(&buffer);
+    if (hash && python && python_map)
+        key->python_stack = kept_python_stack(bpf_map_update_elem(python_map, &hash, &python->stack, BPF_NOEXIST),
+                                              python, key->pid, hash);
+}
+
+/* A native stack unwound for a sample, stored in the buffer's map, becomes its key's. */
+static __always_inline void keep_buffered_native_stack(struct native_unwind *s)
+{
+    u64 hash = end_native_unwind(s);
+    void *native_map = native_stacks.lookup(&s->buffer);
+    if (hash && native_map)
+        s->key.native_stack = kept_native_stack(bpf_map_update_elem(native_map, &hash, &s->stack, BPF_NOEXIST), hash);
 }
 
 int on_cpu_sample(void *ctx)
@@ -47,14 +73,7 @@ int on_cpu_sample(void *ctx)
     struct sample_key key = {.pid = pid, .tid = tid, .kernel_stack_id = -EFAULT, .user_stack_id = -EFAULT};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
     u32 buffer = active_buffer();
-    if (PYTHON_STACKS) {
-        struct python_stack_event *python = NULL;
-        u64 hash = take_python_stack(pid, tid, 1, &python);
-        void *python_map = python_stacks.lookup(&buffer);
-        if (hash && python && python_map)
-            key.python_stack = kept_python_stack(bpf_map_update_elem(python_map, &hash, &python->stack, BPF_NOEXIST),
-                                                 python, pid, hash);
-    }
+    take_buffered_python_stack(&key, buffer, 1);
     void *stack_map = stacks.lookup(&buffer);
     if (KERNEL_STACKS && stack_map) {
         key.kernel_stack_id = get_stackid(ctx, stack_map, 0);
@@ -79,10 +98,7 @@ int unwind_cpu_stack(void *ctx)
         cpu_unwinder.call(ctx, 0);
         s->stack.end = UNWIND_TRUNCATED;  /* out of tail calls */
     }
-    u64 hash = end_native_unwind(s);
-    void *native_map = native_stacks.lookup(&s->buffer);
-    if (hash && native_map)
-        s->key.native_stack = kept_native_stack(bpf_map_update_elem(native_map, &hash, &s->stack, BPF_NOEXIST), hash);
+    keep_buffered_native_stack(s);
     count_cpu_sample(ctx, &s->key, s->buffer);
     return 0;
 }

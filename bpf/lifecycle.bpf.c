@@ -19,6 +19,7 @@ static __always_inline void forget_thread(u32 pid, u32 tid)
         forget_python_thread(pid, tid);
     if (PYTHON_STACKS && OFFCPU)
         offcpu_late_python.delete(&tid);
+    memory_thread_ended(tid);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -31,6 +32,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
      * thread that called exec is left, running the new image. */
     int known = is_known(pid);
     forget_image(pid);
+    memory_image_ended(pid);
     forget_thread(pid, pid);
     if (known)
         emit(PROCESS_EXEC, pid, pid);
@@ -53,6 +55,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     int known = is_known(pid);
     forget_image(pid);
+    memory_image_ended(pid);
     maps_pending.delete(&pid);
     targets.delete(&pid);
     if (known)
@@ -68,10 +71,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
-    if (maps_pending.lookup(&pid) == NULL)
-        return 0;
-    maps_pending.delete(&pid);
-    note_seen(pid, (u32)pid_tgid);
+    if (maps_pending.lookup(&pid) != NULL) {
+        maps_pending.delete(&pid);
+        note_seen(pid, (u32)pid_tgid);
+    }
+    memory_mmap_exit(args, args->ret);  /* last: it may go on to the unwinder */
     return 0;
 }
 
@@ -93,12 +97,14 @@ static __always_inline void note_code_mapped(u64 prot)
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
     note_code_mapped(args->prot);
+    memory_mmap_enter(args->addr, args->len, args->prot, args->flags);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
 {
     note_code_mapped(args->prot);
+    memory_mprotect(args, args->start, args->len, args->prot);  /* last: it may go on to the unwinder */
     return 0;
 }
 

@@ -7,7 +7,7 @@ BPF_F_TABLE("array", u32, u64, unwind_rows, WHEN(NATIVE_UNWIND, UNWIND_ROWS), BP
 BPF_F_TABLE("array", u32, struct unwind_mapping, unwind_mappings, WHEN(NATIVE_UNWIND, UNWIND_MAPPINGS), BPF_F_MMAPABLE);
 BPF_HASH(unwind_processes, u32, struct unwind_process, WHEN(NATIVE_UNWIND, THREAD_ENTRIES));
 BPF_TABLE("lru_hash", u32, u64, unwind_stale, WHEN(NATIVE_UNWIND, THREAD_ENTRIES));  /* pid -> when it was last asked to be read again */
-BPF_PERCPU_ARRAY(unwind_scratch, struct native_unwind, 2);   /* [0] CPU samples, [1] off-CPU */
+BPF_PERCPU_ARRAY(unwind_scratch, struct native_unwind, 3);   /* [0] CPU samples, [1] off-CPU, [2] memory and faults */
 BPF_PERCPU_ARRAY(unwind_ends, u64, UNWIND_ENDS);
 
 #define UNWIND_STALE_INTERVAL_NS 100000000ULL  /* a process's maps are asked for again at most this often */

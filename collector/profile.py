@@ -30,6 +30,13 @@ CPU_NS = ValueType("cpu", "nanoseconds")
 WALL_NS = ValueType("wall", "nanoseconds")
 CONTENTIONS = ValueType("contentions", "count")
 DELAY_NS = ValueType("delay", "nanoseconds")
+ALLOC_OBJECTS = ValueType("alloc_objects", "count")
+ALLOC_SPACE = ValueType("alloc_space", "bytes")
+INUSE_OBJECTS = ValueType("inuse_objects", "count")
+INUSE_SPACE = ValueType("inuse_space", "bytes")
+FAULTS = ValueType("faults", "count")
+FAULT_SPACE = ValueType("fault_space", "bytes")
+PAGE_SIZE = 4096
 
 
 @dataclass
@@ -98,4 +105,28 @@ def wall_profile(hz: int, start_ns: int) -> Profile:
         period_type=WALL_NS,
         period=1_000_000_000 // hz,
         start_ns=start_ns,
+    )
+
+
+def memory_profile(start_ns: int) -> Profile:
+    """Memory obtained from the kernel as Go's heap profile: [alloc_objects/count,
+    alloc_space/bytes, inuse_objects/count, inuse_space/bytes], in use shown."""
+    return Profile(
+        sample_types=(ALLOC_OBJECTS, ALLOC_SPACE, INUSE_OBJECTS, INUSE_SPACE),
+        period_type=ALLOC_SPACE,
+        period=1,
+        start_ns=start_ns,
+        main_value=3,
+    )
+
+
+def faults_profile(fault_period: int, start_ns: int) -> Profile:
+    """Page faults, 1 in fault_period sampled and counted as fault_period:
+    [faults/count, fault_space/bytes], bytes shown."""
+    return Profile(
+        sample_types=(FAULTS, FAULT_SPACE),
+        period_type=FAULTS,
+        period=fault_period,
+        start_ns=start_ns,
+        main_value=1,
     )

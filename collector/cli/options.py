@@ -11,7 +11,7 @@ import click
 from bpfprof.collector.errors import CollectorError, UsageError
 from bpfprof.symbolizer.text import printable
 
-PROFILE_TYPES = ("cpu", "block", "wall")
+PROFILE_TYPES = ("cpu", "block", "wall", "memory", "faults")
 MAX_FREQUENCY = 10_000  # perf's own default ceiling is lower; beyond this sampling is the load
 
 
@@ -35,13 +35,20 @@ map_size_options = options(
     click.option("--unwind-rows", default=1 << 21, show_default=True, type=click.IntRange(1024, 1 << 28),
                  help="Unwind table rows held in the kernel for all binaries at once (8 bytes each)."),
 )
+memory_options = options(
+    click.option("--fault-period", default=64, show_default=True, type=click.IntRange(1, 1 << 20), metavar="N",
+                 help="With -t faults: count 1 page fault in N, at random, as N."),
+    click.option("--memory-ranges", default=65536, show_default=True, type=click.IntRange(64, 1 << 22),
+                 help="With -t memory: ranges of memory held at once, of every process."),
+)
 min_block_option = click.option("--min-block", default=1.0, show_default=True, type=click.FloatRange(0),
                                  metavar="MICROSECONDS", help="With -t block: leave out blocks shorter than this.")
 
 
 def sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_python: bool,
                     stack_storage_size: int, map_size: int, dwarf: bool, unwind_rows: int,
-                    pids: Tuple[int, ...] = (), follow_children=False, min_block: float = 1.0):
+                    pids: Tuple[int, ...] = (), follow_children=False, min_block: float = 1.0,
+                    fault_period: int = 64, memory_ranges: int = 65536):
     """What the sampler must do to make the profiles of `types`."""
     from bpfprof.collector.probe.sampler import SamplerConfig
 
@@ -50,6 +57,7 @@ def sampler_config(types: Sequence[str], frequency: int, no_kernel: bool, no_pyt
         stack_storage_size=stack_storage_size, map_size=map_size, target_entries=map_size,
         python=not no_python, cpu="cpu" in types or "wall" in types, block="block" in types, wall="wall" in types,
         min_block_ns=int(min_block * 1000), native_unwind=dwarf, unwind_rows=unwind_rows,
+        memory="memory" in types, memory_ranges=memory_ranges, faults="faults" in types, fault_period=fault_period,
     )
 
 
@@ -77,7 +85,7 @@ def warn(message: str) -> None:
     click.echo(f"bpfprof: warning: {printable(message)}", err=True)
 
 
-def make_recorder(config, types: Sequence[str], warn=warn):
+def make_recorder(config, types: Sequence[str], warn=warn, on_oom=lambda *_: None):
     """A Recorder, once the machine is known to be able to run it."""
     from bpfprof.collector.probe.check import has_privileges, mount_tracefs, require_kernel_support
     from bpfprof.collector.probe.kernel_headers import find_kernel_headers
@@ -88,7 +96,7 @@ def make_recorder(config, types: Sequence[str], warn=warn):
         raise UsageError("profiling needs root: run it with sudo (or grant CAP_BPF and CAP_PERFMON)")
     require_kernel_support()
     mount_tracefs()
-    return Recorder(Sampler(config, find_kernel_headers()), warn, types)
+    return Recorder(Sampler(config, find_kernel_headers()), warn, types, on_oom)
 
 
 def write_output(writer, path: str, *profiles) -> None:

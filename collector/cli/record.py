@@ -11,9 +11,11 @@ from typing import Sequence, Tuple
 import click
 
 from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
-                                           min_block_option, parse_pids, sampler_config, write_output)
+                                           memory_options, min_block_option, parse_pids, sampler_config, write_output)
 from bpfprof.collector.errors import CollectorError, UsageError
+from bpfprof.collector.output.units import format_value
 from bpfprof.collector.probe.sampler import NATIVE_STACK_DEPTH
+from bpfprof.symbolizer.text import printable
 from bpfprof.symbolizer.interpreters.python.threads import STACK_DEPTH as PYTHON_STACK_DEPTH
 
 LOSS_FIXES = {
@@ -37,6 +39,13 @@ LOSS_FIXES = {
                                 "raise --stack-storage-size"),
     "LOSS_OFFCPU_RETURN_UNTRACED": ("off-CPU intervals whose end the kernel did not trace",
                                     "none: those threads' time away is left out"),
+    "LOSS_MEMORY_RANGES_FULL": ("memory ranges, range map full", "raise --memory-ranges"),
+    "LOSS_ALLOC_FULL": ("allocations, allocation map full", "raise --map-size"),
+    "LOSS_MEMORY_STACK_COLLISION": ("memory stacks, stack collisions", "raise --stack-storage-size"),
+    "LOSS_MEMORY_CALLS_FULL": ("memory calls not followed", "raise --map-size"),
+    "LOSS_MEMORY_HOLES_FULL": ("unmappings not applied, hole map full", "raise --memory-ranges"),
+    "LOSS_MEMORY_UNMAP_STEPS": ("unmappings across many ranges", "none: the collector applied them"),
+    "LOSS_FAULTS_FULL": ("page faults, fault map full", "raise --map-size or --fault-period"),
 }
 UNWIND_END_NAMES = {
     "UNWIND_COMPLETE": "complete", "UNWIND_FRAME_POINTER_END": "frame pointers",
@@ -69,6 +78,22 @@ def _unwind_summary(stats, ends) -> str:
             f"{stats.kernel_bytes / 2**20:.1f} MiB of kernel memory")
 
 
+def _sum(profile, index: int, unit: str = "bytes") -> str:
+    return format_value(sum(values[index] for values in profile.samples.values()), unit)
+
+
+def _write_oom(output: str, pid: int, comm: str, profile) -> None:
+    """The memory a process the OOM killer chose held, beside the output, at once."""
+    from bpfprof.collector.output.pprof import write_pprof
+    from bpfprof.collector.output.writers import WRITERS
+
+    base = next((output[:-len(e)] for e in WRITERS if output.endswith(e)), output)
+    path = f"{base}.oom-{pid}.memory.pb.gz"
+    profile.duration_ns = 0
+    write_output(write_pprof, path, profile)
+    click.echo(f"bpfprof: the OOM killer chose {pid} ({printable(comm)}): its memory in use -> {path}", err=True)
+
+
 def _check_command(command: Sequence[str]) -> None:
     if shutil.which(command[0]) is None:
         raise UsageError(f"command not found: {command[0]}")
@@ -96,17 +121,19 @@ def _default_output(pids: Tuple[int, ...], command: Sequence[str]) -> str:
               help="Where to write: .pb.gz (pprof) or .folded; with several -t, one file per type (out.cpu.pb.gz).")
 @click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
               help="What to record, repeatable: cpu (default), block (time blocked off-CPU, every event "
-                   "counted) or wall (on-CPU plus off-CPU time of each thread).")
+                   "counted), wall (on-CPU plus off-CPU time of each thread), memory (anonymous memory "
+                   "obtained from the kernel and held) or faults (page faults: where resident memory grows).")
 @min_block_option
+@memory_options
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
 @click.option("--no-python", is_flag=True, help="Leave out CPython frames (native frames only).")
 @click.option("--top", "top", default=0, type=click.IntRange(0), metavar="N",
               help="Also print the N functions with the most self time.")
 @map_size_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def record(whole_system, pid_args, frequency, duration, output, types, min_block, no_kernel, no_python, top,
-           stack_storage_size, map_size, dwarf, unwind_rows, command) -> None:
-    """Sample CPU stacks (and blocking delay) of the whole system, some processes, or a command."""
+def record(whole_system, pid_args, frequency, duration, output, types, min_block, fault_period, memory_ranges,
+           no_kernel, no_python, top, stack_storage_size, map_size, dwarf, unwind_rows, command) -> None:
+    """Sample CPU stacks (blocking delay, memory) of the whole system, some processes, or a command."""
     from bpfprof.collector.output.functions import function_rows
     from bpfprof.collector.output.writers import get_writer, path_for_type
     from bpfprof.collector.output.report import format_table
@@ -121,8 +148,9 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     outputs = {t: path_for_type(output, t) if len(types) > 1 else output for t in types}
     writers = {t: get_writer(path) for t, path in outputs.items()}
     config = sampler_config(types, frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
-                             unwind_rows, pids, follow_children=bool(command), min_block=min_block)
-    recorder = make_recorder(config, types)
+                             unwind_rows, pids, follow_children=bool(command), min_block=min_block,
+                             fault_period=fault_period, memory_ranges=memory_ranges)
+    recorder = make_recorder(config, types, on_oom=lambda pid, comm, profile: _write_oom(output, pid, comm, profile))
 
     def progress() -> None:
         if sys.stderr.isatty():
@@ -139,9 +167,12 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
     for t, path in outputs.items():
         profile = recording.profiles[t]
         seconds = profile.duration_ns / 1e9
-        what = {"cpu": f"{profile.num_samples()} samples",
-                "block": f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked",
-                "wall": f"{profile.total() / 1e9:.3f} s of thread time"}[t]
+        what = {"cpu": lambda: f"{profile.num_samples()} samples",
+                "block": lambda: f"{profile.num_samples()} blocking events, {profile.total() / 1e9:.3f} s blocked",
+                "wall": lambda: f"{profile.total() / 1e9:.3f} s of thread time",
+                "memory": lambda: (f"{profile.num_samples()} allocations of {_sum(profile, 1)}, "
+                                   f"{_sum(profile, 3)} in use at the end"),
+                "faults": lambda: f"{_sum(profile, 0, 'count')} page faults, {_sum(profile, 1)}"}[t]()
         click.echo(f"bpfprof: {what}, {lost} lost, {recording.num_processes} processes, {seconds:.1f} s -> {path}",
                    err=True)
     if "block" in types:

@@ -11,12 +11,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from bpfprof.collector.pipeline.events import Arrival, EventReader
 from bpfprof.collector.pipeline.stacks import StackResolver
-from bpfprof.collector.probe.sampler import ProcessEvent, Sampler
+from bpfprof.collector.probe.sampler import ProcessEvent, RawSample, Sampler
 from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
 from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
 from bpfprof.collector.processes.table import ProcFiles, ProcessTable
-from bpfprof.collector.profile import Profile, block_profile, cpu_profile, wall_profile
+from bpfprof.collector.profile import (PAGE_SIZE, Profile, block_profile, cpu_profile, faults_profile, memory_profile,
+                                       wall_profile)
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
@@ -24,6 +25,11 @@ from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 DRAIN_INTERVAL_S = 1.0
 COMMAND_POLL_S = 0.1  # how often a command's exit is looked for
 EVENTS_IN_DRAIN_S = 0.01  # a slow drain stops this often to take in new processes
+
+
+def _in_use(sample: RawSample) -> Dict[str, List[int]]:
+    """The values memory held adds: ranges and bytes in use."""
+    return {"memory": [0, 0, sample.count, sample.bytes]}
 
 
 @dataclass
@@ -81,10 +87,12 @@ class Command:
 
 class Recorder:
     def __init__(self, sampler: Sampler, warn: Callable[[str], None] = lambda message: None,
-                 types: Sequence[str] = ("cpu",)):
+                 types: Sequence[str] = ("cpu",), on_oom: Callable[[int, str, Profile], None] = lambda *_: None):
         """`sampler`: the probe, not started yet (a stand-in with its methods, in tests).
-        `types`: the profiles to make, of "cpu", "block" and "wall"; the sampler's config
-        must sample CPU for cpu and wall, and follow off-CPU time for block and wall."""
+        `types`: the profiles to make, of "cpu", "block", "wall", "memory" and "faults";
+        the sampler's config must sample CPU for cpu and wall, follow off-CPU time for
+        block and wall, memory for memory and faults for faults. `on_oom(pid, comm,
+        profile)`: the OOM killer chose a process, which held the memory in `profile`."""
         config = self.config = sampler.config
         self._sampler = sampler
         # One open file per binary keeps it readable after its process exits.
@@ -110,17 +118,20 @@ class Recorder:
         self.sampling_since: Optional[float] = None  # time.monotonic() when run() began sampling
         self.stop_requested_at: Optional[float] = None  # time.monotonic() of SIGINT/SIGTERM
         self._types = types
+        self._on_oom = on_oom
         self.profiles: Dict[str, Profile] = self._new_profiles()  # as -t names them
 
     def _new_profiles(self, now: int = 0) -> Dict[str, Profile]:
         now, hz = now or time.time_ns(), self.config.frequency
         makers = {"cpu": lambda: cpu_profile(hz, now), "block": lambda: block_profile(now),
-                  "wall": lambda: wall_profile(hz, now)}
+                  "wall": lambda: wall_profile(hz, now), "memory": lambda: memory_profile(now),
+                  "faults": lambda: faults_profile(self.config.fault_period, now)}
         return {t: makers[t]() for t in self._types}
 
     def take_profiles(self) -> Dict[str, Profile]:
         """What was drained so far; the recording goes on into new, empty profiles that
         start where these end."""
+        self._add_memory_held(live=True)
         now = time.time_ns()
         taken, self.profiles = self.profiles, self._new_profiles(now)
         for profile in taken.values():
@@ -132,7 +143,7 @@ class Recorder:
         """Gauges of the recording so far, for an agent's metrics."""
         return {"processes": self._processes.num_live(), "processes_seen": self._processes.num_seen,
                 "binaries": self._native.num_binaries(), "frames": self._native.num_frames(),
-                "open_files": self._native.num_open_files()}
+                "open_files": self._native.num_open_files(), "memory_ranges": self._sampler.memory_ranges_held}
 
     def cache_bytes(self) -> Dict[str, int]:
         """Bytes held by the symbol caches, about: "native" and each interpreter's."""
@@ -157,6 +168,8 @@ class Recorder:
             if self._unwinding:
                 self._unwinding.forget(event.pid)
             self._processes.on_exec(event.pid)
+        elif event.kind == "OOM_VICTIM":
+            self._report_oom(event.pid)
         elif event.kind == "PROCESS_EXIT":
             if self._unwinding:
                 self._unwinding.forget(event.pid)
@@ -178,25 +191,50 @@ class Recorder:
         drained = self._sampler.drain()
         self._processes.on_code_mapped(drained.code_mapped)
         cpu_period = 1_000_000_000 // self.config.frequency
+        faults = self.config.fault_period
         # Each kind of raw sample, and the values it adds to each profile type.
         for samples, values_by_type in (
             (drained.cpu, lambda s: {"cpu": [s.count, s.count * cpu_period], "wall": [s.count * cpu_period]}),
             (drained.block, lambda s: {"block": [s.count, s.delay_ns]}),
             (drained.wall, lambda s: {"wall": [s.delay_ns]}),
+            (drained.alloc, lambda s: {"memory": [s.count, s.bytes, 0, 0]}),
+            (drained.faults, lambda s: {"faults": [s.count * faults, s.count * faults * PAGE_SIZE]}),
         ):
-            for sample in samples:
-                with self.failures.contain("sample", f"of process {sample.pid}"):
-                    stack, labels = self._resolver.resolve(sample)
-                    for kind, values in values_by_type(sample).items():
-                        if kind in self.profiles:
-                            self.profiles[kind].add(stack, labels, values)
-                self._take_events_when_due()
+            self._add_samples(self.profiles, samples, values_by_type)
+        if self._sampler.memory_ended():  # named while their processes are known
+            self._add_memory_held(live=False)
         for interpreters, ended in zip(self._interpreters, ended_threads):
             interpreters.drop_names(ended)
         for pid in self._processes.end_drain(exited):
             self._resolver.forget(pid)
         self._native.drop_inflated()
         self._native.close_idle()
+
+    def _add_samples(self, profiles: Dict[str, Profile], samples: List[RawSample],
+                     values_by_type: Callable[[RawSample], Dict[str, List[int]]]) -> None:
+        for sample in samples:
+            with self.failures.contain("sample", f"of process {sample.pid}"):
+                stack, labels = self._resolver.resolve(sample)
+                for kind, values in values_by_type(sample).items():
+                    if kind in profiles:
+                        profiles[kind].add(stack, labels, values)
+            self._take_events_when_due()
+
+    def _add_memory_held(self, live: bool) -> None:
+        """Memory held, in use in the memory profile: by process images that ended since
+        it was last read, and with `live` by those still running (at the end of an interval)."""
+        if "memory" not in self.profiles:
+            return
+        held = self._sampler.read_memory(prune=live)
+        self._add_samples(self.profiles, held.ended + (held.live if live else []), _in_use)
+
+    def _report_oom(self, pid: int) -> None:
+        """The OOM killer chose the process: what it holds now goes to on_oom at once."""
+        if "memory" not in self.profiles:
+            return
+        profile = memory_profile(time.time_ns())
+        self._add_samples({"memory": profile}, self._sampler.read_memory(pid).live, _in_use)
+        self._on_oom(pid, self._processes.get(pid, "").comm, profile)
 
     def request_stop(self, *_args) -> None:
         self._stop = True
@@ -253,6 +291,7 @@ class Recorder:
                         on_drain()
             self._events.stop()
             self._drain()
+            self._add_memory_held(live=True)
             losses = self.losses()
             offcpu = self._sampler.offcpu_stats()
             unwind_ends = self._sampler.unwind_ends()

@@ -10,11 +10,12 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from bpfprof.bpf import BPF_DIR, BUFFERED_MAPS, PROGRAM, define, enum_names
 from bpfprof.collector.errors import SetupError
+from bpfprof.collector.probe import memory_ranges
 from bpfprof.collector.probe.kernel_headers import KernelHeaders
 from bpfprof.symbolizer.interpreters.python.threads import FRAME_ENTRY, FRAME_SHIM
 
@@ -29,6 +30,8 @@ OFFCPU_STATS = enum_names("offcpu_stat")
 OFFCPU_STATS.pop("OFFCPU_STATS")
 UNWIND_ENDS = enum_names("unwind_end")
 UNWIND_ENDS.pop("UNWIND_ENDS")
+MEMORY_STATS = enum_names("memory_stat")
+MEMORY_STATS.pop("MEMORY_STATS")
 EVENT_KINDS = enum_names("process_event_kind")
 
 
@@ -85,9 +88,8 @@ class _Batches:
         self._keys = (table.Key * self._size)()
         self._values = (table.Leaf * self._size)()
 
-    def read(self, delete: bool) -> Iterable[Tuple[object, object]]:
-        """Every (key, value) in the map. Both live in the shared buffers: read each pair
-        before asking for the next."""
+    def _batches(self, delete: bool) -> Iterable[int]:
+        """Fills the buffers a batch at a time, yielding how many entries each holds."""
         call = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
         position, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
         first = True
@@ -98,11 +100,25 @@ class _Batches:
             error = ctypes.get_errno()
             if result != 0 and error != errno.ENOENT:
                 raise OSError(error, f"reading BPF map {self._name} in batches: {os.strerror(error)}")
-            for i in range(count.value):
-                yield self._keys[i], self._values[i]
+            yield count.value
             if result != 0:  # ENOENT: that was the last batch
                 return
             first = False
+
+    def read(self, delete: bool) -> Iterable[Tuple[object, object]]:
+        """Every (key, value) in the map. Both live in the shared buffers: read each pair
+        before asking for the next."""
+        for count in self._batches(delete):
+            for i in range(count):
+                yield self._keys[i], self._values[i]
+
+    def read_bytes(self, delete: bool) -> Iterable[Tuple[bytes, bytes]]:
+        """The map's keys and values as the bytes of their C structs, a batch at a time:
+        many times faster to unpack than their fields."""
+        key_size, value_size = ctypes.sizeof(self._table.Key), ctypes.sizeof(self._table.Leaf)
+        for count in self._batches(delete):
+            yield (ctypes.string_at(ctypes.addressof(self._keys), count * key_size),
+                   ctypes.string_at(ctypes.addressof(self._values), count * value_size))
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,11 @@ class SamplerConfig:
     unwind_rows: int = 1 << 21  # unwind table rows, of every binary, held at once (8 bytes each)
     unwind_mappings: int = 1 << 16  # executable mappings of every process, held at once (32 bytes each)
     unwind_frames_per_program: int = 8  # frames unwound per tail call of the unwinder
+    memory: bool = False  # follow anonymous memory obtained and held (syscall tracepoints)
+    memory_ranges: int = 65536  # ranges of memory held at once, of every process
+    memory_holes: int = 4096  # unmappings BPF leaves to the collector, between two reads of the ranges
+    faults: bool = False  # count page faults, 1 in fault_period
+    fault_period: int = 64
 
     def native_stack_entries(self) -> int:
         return max(64, self.stack_storage_size // 2)
@@ -164,6 +185,11 @@ class SamplerConfig:
             "NATIVE_STACK_ENTRIES": self.native_stack_entries(),
             "MIN_BLOCK_NS": self.min_block_ns,
             "UNWIND_FRAMES_PER_PROGRAM": self.unwind_frames_per_program,
+            "MEMORY": self.memory,
+            "MEMORY_RANGES": self.memory_ranges,
+            "MEMORY_HOLE_ENTRIES": self.memory_holes,
+            "FAULTS": self.faults,
+            "FAULT_PERIOD": self.fault_period,
         }
         return [f"-D{name}={int(value)}" for name, value in settings.items()]
 
@@ -179,6 +205,7 @@ class RawSample:
     python_stack: Tuple["RawPythonFrame", ...] = ()  # leaf first
     python_truncated: bool = False  # root-most Python frames were left out
     delay_ns: int = 0  # off-CPU samples: the time spent blocked, `count` times
+    bytes: int = 0  # memory samples: the bytes of `count` ranges
     user_stack_complete: bool = False  # the native unwinder reached the thread's outermost frame
 
 
@@ -188,6 +215,29 @@ class Drained:
     block: List[RawSample]  # empty unless the config asks for blocking delay
     wall: List[RawSample]  # off-CPU time of every kind, if the config asks for wall time
     code_mapped: FrozenSet[int] = frozenset()  # pids that mapped code since the last drain, of those seen
+    alloc: List[RawSample] = field(default_factory=list)  # memory obtained, if the config follows memory
+    faults: List[RawSample] = field(default_factory=list)  # page faults sampled, if the config counts them
+
+
+class _SampleKey(NamedTuple):  # struct sample_key's fields, as a range keeps them
+    pid: int
+    tid: int
+    kernel_stack_id: int
+    user_stack_id: int
+    python_stack: int
+    native_stack: int
+    thread_name: bytes
+
+
+class _Held(NamedTuple):  # as struct memory_value: ranges and their bytes
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryHeld:
+    live: List[RawSample]  # count: ranges held, bytes: their size
+    ended: List[RawSample]  # held by process images that ended since the last reading, as they ended
 
 
 class RawPythonFrame(NamedTuple):  # a tuple: made for every frame of every new stack
@@ -268,6 +318,8 @@ class Sampler:
         self._active = 0
         self._batches: Dict[str, _Batches] = {}
         self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
+        self._ended_read = 0  # MEMORY_RANGES_LEFT when the memory was last read
+        self.memory_ranges_held = 0  # ranges in the map after the memory was last read
 
     def start(self, on_event: Callable[[ProcessEvent], None],
               on_python_stack: Optional[Callable[[int, Tuple[RawPythonFrame, ...]], None]] = None) -> None:
@@ -326,6 +378,10 @@ class Sampler:
         unwinders = [("cpu_unwinder", "unwind_cpu_stack", bpf_class.PERF_EVENT)]
         if self.config.block or self.config.wall:
             unwinders.append(("offcpu_unwinder", "unwind_offcpu_stack", bpf_class.TRACEPOINT))
+        if self.config.memory:
+            unwinders.append(("memory_unwinder", "unwind_memory_stack", bpf_class.TRACEPOINT))
+        if self.config.faults:
+            unwinders.append(("fault_unwinder", "unwind_fault_stack", bpf_class.TRACEPOINT))
         for table, function, kind in unwinders:
             try:
                 fn = self._bpf.load_func(function, kind)
@@ -364,8 +420,10 @@ class Sampler:
         time.sleep(_IN_FLIGHT_GRACE_S)
 
         stacks = self._bpf[f"stacks_{drained}"]
-        cpu = self._samples(self._entries(f"counts_{drained}"), stacks,
-                            self._python_stacks(f"python_stacks_{drained}"), self._native_stacks(f"native_stacks_{drained}"))
+        python = self._python_stacks(f"python_stacks_{drained}")
+        native = self._native_stacks(f"native_stacks_{drained}")
+        cpu = self._samples(self._entries(f"counts_{drained}"), stacks, python, native)
+        faults = self._samples(self._entries(f"faults_{drained}"), stacks, python, native) if self.config.faults else []
         # Also clears stacks whose sample found the counts map full.
         for key in list(stacks.keys()):
             del stacks[key]
@@ -377,8 +435,11 @@ class Sampler:
                 if getattr(self.config, kind):
                     offcpu[kind] = self._samples(self._entries(f"{kind}_{drained}"), self._bpf["offcpu_stacks"],
                                                  python, native)
+        alloc = []
+        if self.config.memory:
+            alloc = self._samples(self._entries(f"alloc_{drained}"), self._bpf["memory_stacks"], *self._memory_stacks())
         code_mapped = frozenset(pid for pid, _ in self._entries("code_mapped"))
-        return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []), code_mapped)
+        return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []), code_mapped, alloc, faults)
 
     def prune_offcpu_stacks(self) -> int:
         """Free the off-CPU stacks (kernel, user and Python) that neither a thread still
@@ -386,24 +447,32 @@ class Sampler:
         recording would otherwise fill their maps. Returns how many were freed."""
         if not (self.config.block or self.config.wall):
             return 0
-        tables = [self._bpf["offcpu_stacks"]] + ([self._bpf["offcpu_python_stacks"]] if self.config.python else [])
-        native = [self._bpf["offcpu_native_stacks"]] if self.config.native_unwind else []
+        tables = [(self._bpf["offcpu_stacks"], lambda k: {k.kernel_stack_id, k.user_stack_id})]
+        if self.config.python:
+            tables.append((self._bpf["offcpu_python_stacks"], lambda k: {k.python_stack}))
+        if self.config.native_unwind:
+            tables.append((self._bpf["offcpu_native_stacks"], lambda k: {k.native_stack}))
         # Listed before the references are read: a stack made in between is not freed. One
         # that exists, unreferenced, and is taken again just before it is freed loses its
         # frames in that one count (a window of a few system calls).
-        listed = [list(table.keys()) for table in tables + native]
+        listed = [(table, list(table.keys()), refers) for table, refers in tables]
         keys = [start.key for start in self._bpf["offcpu_starts"].values()]
         for kind in ("block", "wall"):
             if getattr(self.config, kind):
                 keys.extend(self._bpf[f"{kind}_{self._active}"].keys())
-        referenced = [{i for k in keys for i in (k.kernel_stack_id, k.user_stack_id)}]
-        if self.config.python:
-            late = [late.python_stack for late in self._bpf["offcpu_late_python"].values()]
-            referenced.append({k.python_stack for k in keys} | set(late))
-        if native:
-            referenced.append({k.native_stack for k in keys})
+        late = {late.python_stack for late in self._bpf["offcpu_late_python"].values()} if self.config.python else set()
+        return self._free_unreferenced(listed, keys, late)
+
+    @staticmethod
+    def _free_unreferenced(listed, keys: Iterable[object], also: Iterable[int] = ()) -> int:
+        """Of each (stack map, its keys as listed, what a sample key refers to in it),
+        frees the stacks none of `keys` refers to (nor `also`). Returns how many."""
+        keys = list(keys)
         freed = 0
-        for table, table_keys, in_use in zip(tables + native, listed, referenced):
+        for table, table_keys, refers in listed:
+            in_use = set(also)
+            for key in keys:
+                in_use.update(refers(key))
             for key in table_keys:
                 if key.value not in in_use:
                     try:
@@ -413,11 +482,104 @@ class Sampler:
                         pass
         return freed
 
-    def _entries(self, table_name: str, keep: bool = False) -> Iterable[Tuple[object, object]]:
-        """Every (key, value) of a hash map, cleared unless kept; read each pair before the next."""
+    def memory_ended(self) -> bool:
+        """Whether a process image holding memory ended since the memory was last read."""
+        return self.memory_stats()["MEMORY_RANGES_LEFT"] > self._ended_read
+
+    def read_memory(self, pid: Optional[int] = None, prune: bool = False) -> MemoryHeld:
+        """The memory held, per key. Holes BPF left are cut out first, and the ranges of
+        process images that ended are returned as `ended` and removed. With `pid`, only
+        what that process holds, nothing changed (what the OOM killer is taking). With
+        `prune`, stacks no range or undrained allocation refers to are freed."""
+        if not self.config.memory:
+            return MemoryHeld([], [])
+        listed = self._list_memory_stacks() if prune else []
+        ended_so_far = self.memory_stats()["MEMORY_RANGES_LEFT"]
+        ranges = [r for keys, values in self._batches_of("memory_ranges").read_bytes(delete=False)
+                  for r in memory_ranges.unpack_ranges(keys, values)]
+        if pid is None:
+            holes = [h for keys, values in self._batches_of("memory_holes").read_bytes(delete=True)
+                     for h in memory_ranges.unpack_holes(keys, values)]
+            removed, added = memory_ranges.cut_holes(ranges, holes)
+            self._remove_ranges(removed)
+            self._add_ranges(added)
+            gone = set(removed)
+            ranges = [r for r in ranges if r not in gone] + added
+        generations = {process_id: generation for keys, values in self._batches_of("memory_processes").read_bytes(False)
+                       for (process_id,), (generation, _) in zip(struct.iter_unpack("@I", keys),
+                                                                 memory_ranges.PROCESS.iter_unpack(values))}
+        reading = memory_ranges.classify(ranges, generations, pid)
+        if pid is None:
+            self._remove_ranges(reading.ended_ranges)
+            self._ended_read = ended_so_far
+            self.memory_ranges_held = len(reading.remaining)
+        stacks = self._bpf["memory_stacks"]
+        python, native = self._memory_stacks()
+
+        def samples(held: memory_ranges.Held) -> List[RawSample]:
+            return self._samples(((_SampleKey(*key), _Held(*value)) for key, value in held.by_key.items()),
+                                 stacks, python, native)
+
+        if prune:
+            in_use = {_SampleKey(*r.key) for r in reading.remaining}
+            in_use.update(_SampleKey(k.pid, k.tid, k.kernel_stack_id, k.user_stack_id, k.python_stack, k.native_stack,
+                                     bytes(k.thread_name)) for k, _ in self._entries(f"alloc_{self._active}", keep=True))
+            self._free_unreferenced(listed, in_use)
+        return MemoryHeld(samples(reading.live), samples(reading.ended))
+
+    def _remove_ranges(self, ranges: Iterable[memory_ranges.Range]) -> None:
+        from bcc import lib
+
+        table, ends = self._bpf["memory_ranges"], self._bpf["memory_range_ends"]
+        for r in ranges:
+            key, _ = memory_ranges.pack_range(r)
+            lib.bpf_delete_elem(table.map_fd, ctypes.c_char_p(key))
+            end_key = ends.Key(r.pid, 0, r.end)
+            try:
+                if ends[end_key].value == r.start:
+                    del ends[end_key]
+            except KeyError:
+                pass
+
+    def _add_ranges(self, ranges: Iterable[memory_ranges.Range]) -> None:
+        from bcc import lib
+
+        table, ends = self._bpf["memory_ranges"], self._bpf["memory_range_ends"]
+        for r in ranges:
+            key, value = memory_ranges.pack_range(r)
+            if lib.bpf_update_elem(table.map_fd, ctypes.c_char_p(key), ctypes.c_char_p(value), 0) == 0:
+                ends[ends.Key(r.pid, 0, r.end)] = ends.Leaf(r.start)
+
+    def _memory_stacks(self) -> Tuple[Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
+                                      Dict[int, Tuple[Tuple[int, ...], bool]]]:
+        """The Python and native stacks of memory samples (kept: ranges outlive drains)."""
+        return (self._python_stacks("memory_python_stacks", keep=True),
+                self._native_stacks("memory_native_stacks", keep=True))
+
+    def _list_memory_stacks(self) -> List[Tuple[object, List[object], Callable[[object], object]]]:
+        """Each memory stack map with its keys as now, and what a sample key refers to in it."""
+        tables = [(self._bpf["memory_stacks"], lambda k: {k.user_stack_id})]
+        if self.config.python:
+            tables.append((self._bpf["memory_python_stacks"], lambda k: {k.python_stack}))
+        if self.config.native_unwind:
+            tables.append((self._bpf["memory_native_stacks"], lambda k: {k.native_stack}))
+        return [(table, list(table.keys()), refers) for table, refers in tables]
+
+    def memory_stats(self) -> Dict[str, int]:
+        """MEMORY_* counts so far (memory.bpf.c)."""
+        if not self.config.memory:
+            return {name: 0 for name in MEMORY_STATS}
+        table = self._bpf["memory_stats"]
+        return {name: sum(table[table.Key(i)]) for name, i in MEMORY_STATS.items()}
+
+    def _batches_of(self, table_name: str) -> _Batches:
         if table_name not in self._batches:
             self._batches[table_name] = _Batches(self._bpf[table_name], table_name)
-        return self._batches[table_name].read(delete=not keep)
+        return self._batches[table_name]
+
+    def _entries(self, table_name: str, keep: bool = False) -> Iterable[Tuple[object, object]]:
+        """Every (key, value) of a hash map, cleared unless kept; read each pair before the next."""
+        return self._batches_of(table_name).read(delete=not keep)
 
     @staticmethod
     def _samples(counts: Iterable[Tuple[object, object]], stacks,
@@ -441,7 +603,8 @@ class Sampler:
             python_stack, python_truncated = python.get(k.python_stack, ((), False))
             user_stack, complete = native.get(k.native_stack, ((), False)) if k.native_stack else (
                 stack(k.user_stack_id), False)
-            count, delay = (v.count, v.ns) if hasattr(v, "ns") else (v, 0)
+            count, delay, size = (v.count, v.ns, 0) if hasattr(v, "ns") else (
+                (v.count, 0, v.bytes) if hasattr(v, "bytes") else (v, 0, 0))
             samples.append(RawSample(
                 pid=k.pid,
                 tid=k.tid,
@@ -452,6 +615,7 @@ class Sampler:
                 python_stack=python_stack,
                 python_truncated=python_truncated,
                 delay_ns=delay,
+                bytes=size,
                 user_stack_complete=complete,
             ))
         return samples

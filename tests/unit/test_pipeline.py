@@ -10,7 +10,8 @@ import threading
 from typing import Callable, Dict, List, Tuple
 
 from bpfprof.collector.pipeline.recorder import Recorder
-from bpfprof.collector.probe.sampler import Drained, ProcessEvent, RawPythonFrame, RawSample, SamplerConfig
+from bpfprof.collector.probe.sampler import (Drained, MemoryHeld, ProcessEvent, RawPythonFrame, RawSample,
+                                            SamplerConfig)
 from bpfprof.symbolizer.interpreters.python.code_objects import check_of
 
 GONE_PID = 4_000_000  # above pid_max: never a live process
@@ -19,10 +20,13 @@ GONE_PID = 4_000_000  # above pid_max: never a live process
 class RecordedProbe:
     """What the sampler hands the pipeline, replayed: events, then one drain's records."""
 
-    def __init__(self, config: SamplerConfig, events: List[ProcessEvent], drained: Drained) -> None:
+    def __init__(self, config: SamplerConfig, events: List[ProcessEvent], drained: Drained,
+                 held: MemoryHeld = MemoryHeld([], [])) -> None:
         self.config = config
         self._events = events
         self._drains = [drained]
+        self._held = held
+        self.memory_ranges_held = 0
         self._delivered = threading.Event()
         self.python_processes: Dict[int, Dict[str, int]] = {}
         self.closed = False
@@ -54,6 +58,14 @@ class RecordedProbe:
     def prune_offcpu_stacks(self) -> int:
         return 0
 
+    def memory_ended(self) -> bool:
+        return bool(self._held.ended)
+
+    def read_memory(self, pid=None, prune=False) -> MemoryHeld:
+        """What is held: ended ranges once (they are removed as read), live ones each time."""
+        held, self._held = self._held, MemoryHeld(self._held.live, [])
+        return held
+
     def losses(self) -> Dict[str, int]:
         return {"LOSS_COUNTS_FULL": 0, "LOSS_EVENTS_FULL": 2}
 
@@ -84,8 +96,8 @@ def python_frame(function) -> RawPythonFrame:
 
 
 def record(events: List[ProcessEvent], drained: Drained, types: Tuple[str, ...] = ("cpu",),
-           **config) -> Tuple[RecordedProbe, object]:
-    probe = RecordedProbe(SamplerConfig(native_unwind=False, kernel_stacks=False, **config), events, drained)
+           held: MemoryHeld = MemoryHeld([], []), **config) -> Tuple[RecordedProbe, object]:
+    probe = RecordedProbe(SamplerConfig(native_unwind=False, kernel_stacks=False, **config), events, drained, held)
     recording = Recorder(probe, types=types).run(duration=0.01)
     return probe, recording
 
@@ -156,3 +168,19 @@ def test_names_a_process_gave_itself_are_escaped_in_labels():
     _, recording = record([ProcessEvent("PROCESS_SEEN", GONE_PID, GONE_PID, evil)], Drained([sample], [], []))
     (_, labels), = recording.profiles["cpu"].samples
     assert (labels.comm, labels.thread) == ("a\\x0a99\\x1b[2J", "a\\x0a99\\x1b[2J")
+
+
+def test_memory_obtained_held_and_held_at_exit_go_to_the_memory_profile():
+    pid = os.getpid()
+    mmap, brk = (libc_address("mmap"),), (libc_address("sbrk"),)
+    obtained = RawSample(pid, pid, "pytest", (), mmap, 3, bytes=12 << 20)
+    held = RawSample(pid, pid, "pytest", (), mmap, 2, bytes=8 << 20)
+    held_at_exit = RawSample(pid, pid, "pytest", (), brk, 1, bytes=1 << 20)
+    faulted = RawSample(pid, pid, "pytest", (), brk, 5)
+    _, recording = record([ProcessEvent("PROCESS_SEEN", pid, pid, "pytest")],
+                          Drained([], [], [], alloc=[obtained], faults=[faulted]), types=("memory", "faults"),
+                          held=MemoryHeld([held], [held_at_exit]), memory=True, faults=True, fault_period=64)
+    memory, faults = recording.profiles["memory"], recording.profiles["faults"]
+    assert sorted(memory.samples.values()) == [[0, 0, 1, 1 << 20], [3, 12 << 20, 2, 8 << 20]]
+    assert memory.main_type.type == "inuse_space"
+    assert list(faults.samples.values()) == [[5 * 64, 5 * 64 * 4096]]
