@@ -464,12 +464,12 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
     u32 tid = (u32)pid_tgid;
-    if (pid == 0 || !is_target(pid))
+    u32 buffer = active_buffer();
+    if (pid == 0 || !is_target(pid) || !faults.lookup(&buffer))  /* no map: the collector has not put them in yet */
         return 0;
     note_seen(pid, tid);
     struct sample_key key = {.pid = pid, .tid = tid, .kernel_stack_id = -EFAULT, .user_stack_id = -EFAULT};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
-    u32 buffer = active_buffer();
     take_buffered_python_stack(&key, buffer, 0);
     if (NATIVE_UNWIND && begin_native_unwind(MEMORY_UNWIND_SLOT, &key, buffer))
         fault_unwinder.call(args, 0);  /* does not return unless the call fails */

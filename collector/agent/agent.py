@@ -22,7 +22,7 @@ from bpfprof.collector.pipeline.recorder import Recorder
 
 STOP_WITHIN_S = 5.0  # from SIGTERM to exit, the last interval written and pushed if the store answers
 # The store's names for our profile types (its __name__ label).
-STORE_PROFILE_NAMES = {"cpu": "process_cpu", "block": "block", "wall": "wall"}
+STORE_PROFILE_NAMES = {"cpu": "process_cpu", "block": "block", "wall": "wall", "memory": "memory", "faults": "faults"}
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt(3)
@@ -107,18 +107,33 @@ class Agent:
         if self._service_manager:
             self._service_manager.drained()
 
+    def ship_oom(self, pid: int, comm: str, profile: Profile) -> None:
+        """What a process the OOM killer chose held, kept and pushed at once, labelled oom="true"."""
+        profile.duration_ns = 0
+        series = self._series("memory", profile, f"oom-{pid}.memory", (("oom", "true"),))
+        if series:
+            self._queue.put(encode_push_request(series))
+        log.warning("the OOM killer chose a profiled process", extra={"fields": {"pid": pid, "comm": comm}})
+
+    def _series(self, kind: str, profile: Profile, file_kind: str, extra=()) -> List[Series]:
+        """The profile labelled, written to disk as `file_kind`, and its series to push."""
+        labelled = self._labeller.label(profile)
+        if self._disk:
+            self._disk.write(profile_file_name(profile.start_ns, self._node, file_kind), pprof_bytes(labelled))
+        series: List[Series] = []
+        if self._queue:
+            for service, part in sorted(split_by_service(labelled).items()):
+                labels = (("__name__", STORE_PROFILE_NAMES[kind]), (SERVICE_NAME, service), ("node", self._node),
+                          *extra)
+                series.append(Series(labels, pprof_bytes(part)))
+        return series
+
     def _ship(self, profiles: Dict[str, Profile]) -> None:
         self._last_cut = time.time()
         series: List[Series] = []
         for kind, profile in profiles.items():
-            labelled = self._labeller.label(profile)
-            self._samples[kind] = self._samples.get(kind, 0) + labelled.num_samples()
-            if self._disk:
-                self._disk.write(profile_file_name(profile.start_ns, self._node, kind), pprof_bytes(labelled))
-            if self._queue:
-                for service, part in sorted(split_by_service(labelled).items()):
-                    labels = (("__name__", STORE_PROFILE_NAMES[kind]), (SERVICE_NAME, service), ("node", self._node))
-                    series.append(Series(labels, pprof_bytes(part)))
+            self._samples[kind] = self._samples.get(kind, 0) + profile.num_samples()
+            series.extend(self._series(kind, profile, kind))
         if series:
             self._queue.put(encode_push_request(series))
         log.info("interval cut", extra={"fields": {
@@ -137,6 +152,7 @@ class Agent:
             cached_binaries=status["binaries"],
             cached_frames=status["frames"],
             open_files=status["open_files"],
+            memory_ranges=status["memory_ranges"],
             cache_bytes=self._recorder.cache_bytes(),
             profiles_written=disk.written if disk else 0,
             profile_write_failures=disk.failed if disk else 0,

@@ -31,6 +31,7 @@ class AgentStats:
     cached_binaries: int = 0
     cached_frames: int = 0
     open_files: int = 0
+    memory_ranges: int = 0
     cache_bytes: Dict[str, int] = field(default_factory=dict)  # symbol cache ("native", "python") -> bytes held
     profiles_written: int = 0
     profile_write_failures: int = 0
@@ -59,6 +60,8 @@ _GAUGES = (
     ("bpfprof_symbol_cache_binaries", "Binaries whose symbols are cached.", "cached_binaries"),
     ("bpfprof_symbol_cache_frames", "Named frames cached.", "cached_frames"),
     ("bpfprof_open_files", "Files of profiled processes held open (binaries, debug files).", "open_files"),
+    ("bpfprof_memory_ranges", "Ranges of memory held by profiled processes, kept in BPF (-t memory).",
+     "memory_ranges"),
     ("bpfprof_push_queue_depth", "Push requests waiting to be sent.", "queue_depth"),
     ("bpfprof_last_interval_cut_timestamp_seconds", "When the last interval was cut (Unix time).", "last_cut"),
 )

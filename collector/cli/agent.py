@@ -9,7 +9,7 @@ import click
 
 from bpfprof.collector.agent.config import Duration, Size, load_config
 from bpfprof.collector.cli.options import (MAX_FREQUENCY, PROFILE_TYPES, make_recorder, map_size_options,
-                                           min_block_option, sampler_config)
+                                           memory_options, min_block_option, sampler_config)
 from bpfprof.collector.errors import UsageError
 
 AGENT_EXAMPLES = """
@@ -28,10 +28,11 @@ Examples:
 @click.option("-F", "--frequency", default=19, show_default=True, type=click.IntRange(1, MAX_FREQUENCY),
               help="Samples per second on each CPU.")
 @click.option("-t", "--type", "types", multiple=True, type=click.Choice(PROFILE_TYPES), metavar="TYPE",
-              help="Profiles to make, repeatable: cpu (default), block, wall.")
+              help="Profiles to make, repeatable: cpu (default), block, wall, memory, faults.")
 @click.option("--interval", default="15s", show_default=True, type=Duration(),
               help="A profile is cut this often (e.g. 15s, 1m).")
 @min_block_option
+@memory_options
 @click.option("--no-kernel", is_flag=True, help="Leave out kernel frames.")
 @click.option("--no-python", is_flag=True, help="Leave out CPython frames.")
 @click.option("--node", default=lambda: os.environ.get("NODE_NAME") or socket.gethostname(),
@@ -60,7 +61,7 @@ Examples:
 @click.option("--kubelet-insecure-tls", is_flag=True,
               help="Do not verify the kubelet's certificate (most kubelets sign their own).")
 @map_size_options
-def agent(frequency, types, interval, min_block, no_kernel, no_python, node, output_dir, retention_age,
+def agent(frequency, types, interval, min_block, fault_period, memory_ranges, no_kernel, no_python, node, output_dir, retention_age,
           retention_size, push_url, push_tenant, push_username_file, push_password_file, push_token_file,
           push_ca_file, push_insecure_skip_verify, push_queue, metrics_addr, log_file, log_level,
           service_name_label, kubelet_url, kubelet_insecure_tls, stack_storage_size, map_size, dwarf,
@@ -95,8 +96,8 @@ def agent(frequency, types, interval, min_block, no_kernel, no_python, node, out
                             verify_tls=not push_insecure_skip_verify)
         queue = PushQueue(client.push, push_queue)
     config = sampler_config(types, frequency, no_kernel, no_python, stack_storage_size, map_size, dwarf,
-                             unwind_rows, min_block=min_block)
-    recorder = make_recorder(config, types, warn=log.warning)
+                             unwind_rows, min_block=min_block, fault_period=fault_period, memory_ranges=memory_ranges)
+    recorder = make_recorder(config, types, warn=log.warning, on_oom=lambda *oom: runner.ship_oom(*oom))
     pods = PodMetadata.from_environment(node, kubelet_url or "", kubelet_insecure_tls=kubelet_insecure_tls)
     labeller = Labeller(node, pods, service_name_label or "")
     runner = Agent(recorder, interval, labeller, node, disk, queue, log_handler, ServiceManager())
