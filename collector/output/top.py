@@ -17,10 +17,18 @@ from bpfprof.collector.pipeline.recorder import Recorder, Recording
 from bpfprof.collector.output.report import format_table
 
 QUIT_KEYS = (b"q", b"Q")
+_COUNTED = {"cpu": "samples", "memory": "allocations", "faults": "page faults"}
+
+
+# The value each profile type shows in top, and the values that are a state at the end of
+# a drain (memory in use) rather than a flow during it.
+SHOWN = {"cpu": "cpu", "memory": "inuse_space", "faults": "fault_space"}
+STATES = {"inuse_objects", "inuse_space"}
 
 
 class Window:
-    """The profiles of the last `seconds` drains, merged on demand."""
+    """The profiles of the last `seconds` drains, merged on demand: flows summed, states
+    as the last drain left them."""
 
     def __init__(self, seconds: int):
         self._slices: Deque[Profile] = deque(maxlen=seconds)
@@ -29,10 +37,13 @@ class Window:
         self._slices.append(profile)
 
     def merged(self) -> Profile:
-        first = self._slices[0]
-        merged = first.empty_copy(duration_ns=0)
+        last = self._slices[-1]
+        merged = last.empty_copy(duration_ns=0)
+        states = [i for i, t in enumerate(last.sample_types) if t.type in STATES]
         for profile in self._slices:
             for (stack, labels), values in profile.samples.items():
+                if profile is not last and states:
+                    values = [0 if i in states else v for i, v in enumerate(values)]
                 merged.add(stack, labels, values)
         return merged
 
@@ -53,8 +64,9 @@ def _watch_keys(recorder: Recorder, done: threading.Event) -> None:
 
 
 class LiveTop:
-    def __init__(self, recorder: Recorder, target: str, window_s: int):
+    def __init__(self, recorder: Recorder, target: str, window_s: int, profile_type: str = "cpu"):
         self._recorder = recorder
+        self._type = profile_type
         self._target = target
         self._window = Window(window_s)
         self._window_s = window_s
@@ -80,12 +92,12 @@ class LiveTop:
             keys.join()
 
     def _on_drain(self) -> None:
-        profile = self._recorder.take_profiles()["cpu"]
+        profile = self._recorder.take_profiles()[self._type]
         now = time.monotonic()
         self._rate = profile.num_samples() / max(now - self._last_drain, 1e-3)
         self._last_drain = now
         self._window.add(profile)
-        merged = narrow(self._window.merged(), sample_type="cpu")  # time rather than samples
+        merged = narrow(self._window.merged(), sample_type=SHOWN[self._type])  # time or bytes rather than counts
         _, width = self._screen.getmaxyx()
         rows = function_rows(merged)
         table = format_table(rows, merged.total(), merged.main_type.unit, width - 1)
@@ -100,7 +112,7 @@ class LiveTop:
         header = [
             f"bpfprof top - {self._target}, {self._recorder.config.frequency} Hz, "
             f"last {len(self._window)} of {self._window_s} s   {time.strftime('%H:%M:%S')}",
-            f"{self._rate:.0f} samples/s   lost {lost}   q: quit",
+            f"{self._rate:.0f} {_COUNTED[self._type]}/s   lost {lost}   q: quit",
             "",
         ]
         screen.erase()

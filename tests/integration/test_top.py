@@ -90,3 +90,29 @@ def test_top_needs_a_terminal():
     result = subprocess.run([sys.executable, "-m", "bpfprof", "top"], capture_output=True, text=True,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "top needs a terminal" in result.stderr
+
+
+HOLDER = """
+import time
+def hold_buffers():
+    return [bytearray(4 << 20) for _ in range(10)]
+while True:
+    held = hold_buffers()
+    time.sleep(1)
+    del held
+"""
+
+
+def test_top_shows_memory_in_use_in_bytes():
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER])
+    terminal = Terminal([sys.executable, "-m", "bpfprof", "top", "-t", "memory", "-p", str(holder.pid)])
+    try:
+        assert terminal.read_until(lambda t: any("hold_buffers" in line and "MB" in line for line in t.screen.display),
+                                   timeout=30), terminal.text()
+        assert "allocations/s" in terminal.screen.display[1]
+        os.write(terminal.master, b"q")
+        assert terminal.process.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+        if terminal.process.poll() is None:
+            terminal.process.kill()
