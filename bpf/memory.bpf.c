@@ -456,24 +456,44 @@ static __always_inline void count_fault(void *ctx, struct sample_key *key, u32 b
     count_sample(ctx, key, buffer, faults.lookup(&buffer), LOSS_FAULTS_FULL);
 }
 
-#if FAULTS
-TRACEPOINT_PROBE(exceptions, page_fault_user)
+/* A fault on a page not yet present, in user memory, by the current thread: in user
+ * mode, or in the kernel on its behalf (a read(2) into a fresh buffer), which then has
+ * its kernel stack too. */
+static __always_inline void on_fault(void *ctx, u64 address, u64 error_code, int in_kernel)
 {
-    if ((args->error_code & FAULT_PRESENT_BIT) || bpf_get_prandom_u32() % FAULT_PERIOD != 0)
-        return 0;
+    if ((error_code & FAULT_PRESENT_BIT) || address >= USER_SPACE_END ||
+        bpf_get_prandom_u32() % FAULT_PERIOD != 0)
+        return;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
     u32 tid = (u32)pid_tgid;
     u32 buffer = active_buffer();
-    if (pid == 0 || !is_target(pid) || !faults.lookup(&buffer))  /* no map: the collector has not put them in yet */
-        return 0;
+    void *stack_map = stacks.lookup(&buffer);
+    if (pid == 0 || !is_target(pid) || !faults.lookup(&buffer) || !stack_map)  /* no map: not put in yet */
+        return;
     note_seen(pid, tid);
     struct sample_key key = {.pid = pid, .tid = tid, .kernel_stack_id = -EFAULT, .user_stack_id = -EFAULT};
     bpf_get_current_comm(&key.thread_name, sizeof(key.thread_name));
+    if (in_kernel && KERNEL_STACKS) {
+        key.kernel_stack_id = get_stackid(ctx, stack_map, 0);
+        count_stack_error(key.kernel_stack_id, LOSS_KERNEL_STACK_COLLISION, LOSS_KERNEL_STACK_FAILED);
+    }
     take_buffered_python_stack(&key, buffer, 0);
     if (NATIVE_UNWIND && begin_native_unwind(MEMORY_UNWIND_SLOT, &key, buffer))
-        fault_unwinder.call(args, 0);  /* does not return unless the call fails */
-    count_fault(args, &key, buffer);
+        fault_unwinder.call(ctx, 0);  /* does not return unless the call fails */
+    count_fault(ctx, &key, buffer);
+}
+
+#if FAULTS
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+    on_fault(args, args->address, args->error_code, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(exceptions, page_fault_kernel)
+{
+    on_fault(args, args->address, args->error_code, 1);
     return 0;
 }
 #endif
