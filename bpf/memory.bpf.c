@@ -73,11 +73,23 @@ static __always_inline void count_ranges(u32 pid, s64 n)
         __sync_fetch_and_add(&process->ranges, n);
 }
 
+/* Drops the index entry of a range's end, if it is that range's. */
+static __always_inline void unindex_end(u32 pid, u64 start, u64 end)
+{
+    struct memory_range_key end_key = {.pid = pid, .start = end};
+    u64 *indexed = memory_range_ends.lookup(&end_key);
+    if (indexed && *indexed == start)
+        memory_range_ends.delete(&end_key);
+}
+
 static __always_inline void insert_range(u32 pid, u64 start, struct memory_range *range)
 {
     struct memory_range_key key = {.pid = pid, .start = start};
     struct memory_range_key end = {.pid = pid, .start = range->end};
-    int existed = memory_ranges.lookup(&key) != NULL;
+    struct memory_range *replaced = memory_ranges.lookup(&key);  /* one whose unmapping was not seen */
+    int existed = replaced != NULL;
+    if (replaced && replaced->end != range->end)
+        unindex_end(pid, start, replaced->end);
     if (memory_ranges.update(&key, range) != 0 || memory_range_ends.update(&end, &start) != 0) {
         count_loss(LOSS_MEMORY_RANGES_FULL);
         return;
@@ -89,12 +101,9 @@ static __always_inline void insert_range(u32 pid, u64 start, struct memory_range
 static __always_inline void remove_range(u32 pid, u64 start, u64 end)
 {
     struct memory_range_key key = {.pid = pid, .start = start};
-    struct memory_range_key end_key = {.pid = pid, .start = end};
     if (memory_ranges.delete(&key) == 0)
         count_ranges(pid, -1);
-    u64 *indexed = memory_range_ends.lookup(&end_key);
-    if (indexed && *indexed == start)
-        memory_range_ends.delete(&end_key);
+    unindex_end(pid, start, end);
 }
 
 /* The range that ends at `end`, through the index of ends (an entry whose range has

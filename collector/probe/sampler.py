@@ -528,18 +528,14 @@ class Sampler:
         return MemoryHeld(samples(reading.live), samples(reading.ended))
 
     def _remove_ranges(self, ranges: Iterable[memory_ranges.Range]) -> None:
+        """Deletes the ranges and their ends' index entries (an entry that has become
+        another range's end goes too: BPF then treats its unmapping as a hole)."""
         from bcc import lib
 
         table, ends = self._bpf["memory_ranges"], self._bpf["memory_range_ends"]
         for r in ranges:
-            key, _ = memory_ranges.pack_range(r)
-            lib.bpf_delete_elem(table.map_fd, ctypes.c_char_p(key))
-            end_key = ends.Key(r.pid, 0, r.end)
-            try:
-                if ends[end_key].value == r.start:
-                    del ends[end_key]
-            except KeyError:
-                pass
+            lib.bpf_delete_elem(table.map_fd, ctypes.c_char_p(memory_ranges.RANGE_KEY.pack(r.pid, 0, r.start)))
+            lib.bpf_delete_elem(ends.map_fd, ctypes.c_char_p(memory_ranges.RANGE_KEY.pack(r.pid, 0, r.end)))
 
     def _add_ranges(self, ranges: Iterable[memory_ranges.Range]) -> None:
         from bcc import lib
@@ -548,7 +544,8 @@ class Sampler:
         for r in ranges:
             key, value = memory_ranges.pack_range(r)
             if lib.bpf_update_elem(table.map_fd, ctypes.c_char_p(key), ctypes.c_char_p(value), 0) == 0:
-                ends[ends.Key(r.pid, 0, r.end)] = ends.Leaf(r.start)
+                end_key = ctypes.c_char_p(memory_ranges.RANGE_KEY.pack(r.pid, 0, r.end))
+                lib.bpf_update_elem(ends.map_fd, end_key, ctypes.byref(ctypes.c_uint64(r.start)), 0)
 
     def _memory_stacks(self) -> Tuple[Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
                                       Dict[int, Tuple[Tuple[int, ...], bool]]]:
