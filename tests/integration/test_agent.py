@@ -32,6 +32,7 @@ from samples import read_samples
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 MS = 1_000_000
+MiB = 1 << 20
 
 
 class RunningAgent:
@@ -298,3 +299,33 @@ def test_sighup_reopens_the_log_file(agent_in, tmp_path):
     agent.stop()
     assert [e for e in agent.entries(rotated) if e["msg"] == "agent started"]
     assert [e for e in agent.entries() if e["msg"] == "agent stopped"]
+
+
+def test_memory_held_at_exit_is_counted_once_and_freed(agent_in, tmp_path, build_c):
+    """What processes hold as they exit is counted in the interval they exit in, and their
+    ranges then leave the kernel's map, whose size the metrics show."""
+    processes, held_mib = 100, 4
+    inuse_space = 3  # alloc_objects, alloc_space, inuse_objects, inuse_space
+    leaver = build_c("memory_leaver")
+    port = free_port()
+    out = tmp_path / "profiles"
+    agent = agent_in("-t", "memory", "--output-dir", str(out), "--interval", "1s", "--metrics-addr", f"127.0.0.1:{port}")
+    agent.wait_for("agent started")
+    before = scrape_after_cuts(agent, port, lambda m: True)[("bpfprof_memory_ranges", ())]
+    for _ in range(processes):
+        subprocess.run([str(leaver), str(held_mib)], check=True)
+    # The ranges the processes left (three or more each) are gone from the map within a few cuts.
+    metrics = scrape_after_cuts(agent, port, lambda m: m[("bpfprof_memory_ranges", ())] <= before + processes,
+                                most=10)
+    agent.stop()
+    lost = {dict(labels)["reason"]: n for (name, labels), n in metrics.items() if name == "bpfprof_lost_total"}
+    # (a stack collision loses a stack, not the range's accounting)
+    assert not any(lost.get(f"LOSS_MEMORY_{what}_FULL") for what in ("RANGES", "CALLS", "HOLES")), lost
+    held = {}  # pid -> the sizes in use it was counted with, over every interval
+    for f in out.glob("*.memory.pb.gz"):
+        for s in read_samples(f):
+            if s.labels["comm"] == "memory_leaver" and s.values[inuse_space]:
+                held.setdefault(s.labels["pid"], []).append(s.values[inuse_space])
+    assert len(held) == processes
+    # Each process's mapping (and what its loader mapped), counted in one interval only.
+    assert all(held_mib * MiB <= sum(sizes) < (held_mib + 1) * MiB for sizes in held.values()), held
