@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -82,6 +83,63 @@ def sampling_started(profiler: subprocess.Popen, before: set, timeout: float = 6
         time.sleep(0.2)
     assert mine, "the profiler never loaded its sampler"
     return mine
+
+
+def _bpftool_json(*args: str):
+    return json.loads(subprocess.run(["bpftool", *args, "-j"], capture_output=True, text=True, check=True).stdout)
+
+
+def _maps_of(profiler_pid: int) -> dict:
+    """The BPF maps a profiler holds open, by name (as the kernel keeps it: 15 characters)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{profiler_pid}/fdinfo"):
+        try:
+            with open(f"/proc/{profiler_pid}/fdinfo/{fd}") as info:
+                found = re.search(r"^map_id:\s*(\d+)", info.read(), re.M)
+        except OSError:  # closed meanwhile
+            continue
+        if found:
+            ids.add(int(found.group(1)))
+    return {m["name"]: m["id"] for m in _bpftool_json("map", "show") if m["id"] in ids}
+
+
+def _has_read(profiler_pid: int, pid: int, python: bool) -> bool:
+    """Whether the profiler has installed unwind tables for every binary the process
+    executes (and, with python, the CPython walker's entry for it)."""
+    maps = _maps_of(profiler_pid)
+    if "unwind_processe" not in maps or (python and "python_processe" not in maps):
+        return False
+    if python and not any(e["formatted"]["key"] == pid for e in _bpftool_json("map", "dump", "id",
+                                                                            str(maps["python_processe"]))):
+        return False
+    runs = [e["formatted"]["value"] for e in _bpftool_json("map", "dump", "id", str(maps["unwind_processe"]))
+            if e["formatted"]["key"] == pid]
+    if not runs:
+        return False
+    with_rows = []
+    for index in range(runs[0]["first_mapping"], runs[0]["first_mapping"] + runs[0]["num_mappings"]):
+        key = [str(b) for b in index.to_bytes(4, "little")]
+        mapping = _bpftool_json("map", "lookup", "id", str(maps["unwind_mappings"]), "key", *key)["formatted"]["value"]
+        if mapping["num_rows"]:
+            with_rows.append((mapping["start"], mapping["end"]))
+    with open(f"/proc/{pid}/maps") as maps_file:
+        executable = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps_file
+                      if line.split()[1][2] == "x" and line.split()[-1].startswith("/")]
+    return all(any(s <= start and end <= e for s, e in with_rows) for start, end in executable)
+
+
+def profiler_has_read(profiler: subprocess.Popen, pid: int, python: bool = False, timeout: float = 60) -> None:
+    """Waits until the profiler unwinds the process from its binaries' tables (and walks
+    its CPython frames, with python): from then on its stacks are whole."""
+    if not shutil.which("bpftool"):
+        skip_or_fail("needs bpftool (installed by scripts/setup --test)")
+    deadline = time.monotonic() + timeout
+    while True:
+        assert profiler.poll() is None, "the profiler ended before it read the process"
+        if _has_read(profiler.pid, pid, python):
+            return
+        assert time.monotonic() < deadline, f"the profiler never read process {pid}"
+        time.sleep(0.1)
 
 
 def _pyenv_root() -> Path:
