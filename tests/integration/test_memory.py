@@ -149,12 +149,14 @@ def test_fault_period_one_counts_every_fault(build_c, recording, tmp_path):
     assert r.work() == "done\n"
     stderr = r.end()
     assert (r.fixture.returncode, r.profiler.returncode) == (0, 0), stderr
-    touched = under(out, "touch_region")  # one a page, and perhaps a few of its stack
-    assert 100 * MiB // PAGE <= touched["faults"] <= 100 * MiB // PAGE + 4, touched
+    # One fault a page, and now and then one more on a page already touched (the kernel
+    # may take a page away for a moment, to move it, say, leaving it absent): at most 1%.
+    touched = under(out, "touch_region")
+    assert 100 * MiB // PAGE <= touched["faults"] <= 100 * MiB // PAGE * 1.01, touched
     assert touched["fault_space"] == touched["faults"] * PAGE
-    held = under(out, "hold_buffers")["faults"]
-    assert 200 * MiB // PAGE <= held <= 200 * MiB // PAGE + 4
-    assert under(out, "map_region")["faults"] <= 4
+    held = under(out, "hold_buffers")["faults"]  # the buffers and malloc's headers: 1025 pages each
+    assert 50 * 1025 <= held <= 50 * 1025 * 1.01
+    assert under(out, "map_region")["faults"] == 0
     check_with_go(out, expect=["touch_region"])
 
 
