@@ -130,6 +130,12 @@ def test_c_memory_held_churned_and_mapped_and_pages_touched(build_c, recording, 
     shrunk = under(memory, "shrink_region")
     assert (shrunk["alloc_space"], shrunk["inuse_space"]) == (32 * MiB, 8 * MiB), shrunk
     assert under(memory, "touch_region")["alloc_space"] == 0
+    committed = under(memory, "commit_reservation")  # the parts made writable, not the reservation
+    assert (committed["alloc_objects"], committed["alloc_space"], committed["inuse_space"]) == (3, 48 * MiB, 48 * MiB)
+    spanned = under(memory, "unmap_span")
+    assert (spanned["alloc_objects"], spanned["alloc_space"], spanned["inuse_space"]) == (3, 48 * MiB, 16 * MiB)
+    released = under(memory, "release_heap")
+    assert released["alloc_space"] >= 32 * MiB and released["inuse_space"] <= 256 * 1024, released
 
     # Faults are sampled 1 in 64: 25600 faults give 400 samples on average, 20 the
     # standard deviation; 25% off is 5 standard deviations.
