@@ -74,7 +74,7 @@ class PythonProcesses:
         a drain can keep that thread from it for a few hundred milliseconds: a short
         process's whole life. Anything else is left to on_snapshot."""
         if "python" in files.maps:  # as every interpreter binary is named
-            self._start_walking(Process(pid, files.comm, parse_maps(pid, files.maps)[0]), exported_only=True)
+            self._start_walking(Process(pid, files.comm, parse_maps(pid, files.maps, files.root)[0]), exported_only=True)
 
     def on_snapshot(self, process: Process) -> None:
         """A process was (re)read: start walking it if it runs a CPython we know."""

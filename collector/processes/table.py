@@ -52,7 +52,7 @@ class Process:
         return None
 
 
-def parse_maps(pid: int, text: str) -> Tuple[List[Mapping], bool]:
+def parse_maps(pid: int, text: str, root: str = "") -> Tuple[List[Mapping], bool]:
     """Executable mappings of /proc/PID/maps, sorted by start address: the first
     MAPPINGS_AT_MOST of them, and whether there were more."""
     mappings: List[Mapping] = []
@@ -74,7 +74,7 @@ def parse_maps(pid: int, text: str) -> Tuple[List[Mapping], bool]:
                 file_id=(major, minor, inode),
                 path=path,
                 open_path=f"/proc/{pid}/map_files/{start:x}-{end:x}",  # unpadded, unlike maps
-                root=f"/proc/{pid}/root",
+                root=root or f"/proc/{pid}/root",
             )
             name = path
         mappings.append(Mapping(start, end, int(parts[2], 16), obj, name or "[anon]"))
@@ -123,6 +123,17 @@ class ProcFiles:
     maps: str  # whole lines, at most MAPS_BYTES_AT_MOST bytes of them
     cgroup: str = ""  # "" where it cannot be read: the process is taken as on the host
     maps_cut: bool = False  # maps was longer: the rest is left out
+    root: str = "/"  # its filesystem root, as a path that still opens it after the process exits if it can
+
+
+def process_root(pid: int, proc: str = "/proc") -> str:
+    """Where the process's files are: "/" when its root is ours (found so after it exits
+    too, with its debug files), else its root through /proc, in a container."""
+    try:
+        theirs, ours = os.stat(f"{proc}/{pid}/root"), os.stat("/")
+    except OSError:
+        return f"{proc}/{pid}/root"
+    return "/" if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else f"{proc}/{pid}/root"
 
 
 def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
@@ -135,7 +146,7 @@ def read_proc_files(pid: int, proc: str = "/proc") -> Optional[ProcFiles]:
         cgroup = _read(f"{proc}/{pid}/cgroup")
     except OSError:
         cgroup = ""
-    return ProcFiles(comm, maps, cgroup, maps_cut)
+    return ProcFiles(comm, maps, cgroup, maps_cut, process_root(pid, proc))
 
 
 def _still_loading(process: Process) -> bool:
@@ -169,7 +180,7 @@ class ProcessTable:
         earlier = self._processes.get(pid)
         files = early or read_proc_files(pid, self._proc)
         if files is not None:
-            mappings, too_many = parse_maps(pid, files.maps)
+            mappings, too_many = parse_maps(pid, files.maps, files.root)
             process = Process(pid, files.comm or comm, mappings, container=container_of(files.cgroup),
                               maps_hash=hash(files.maps))
             if files.maps_cut or too_many:
