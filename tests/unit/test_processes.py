@@ -3,7 +3,7 @@ import os
 import time
 
 from bpfprof.collector.processes.table import (MAPPINGS_AT_MOST, MAPS_BYTES_AT_MOST, PATH_CHARS_AT_MOST, ProcessTable,
-                                               parse_maps)
+                                               parse_maps, process_root)
 from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 
@@ -161,3 +161,12 @@ def test_a_process_read_while_its_libraries_load_is_read_again(tmp_path):
     _fake_proc(tmp_path, 12, MAPS.replace("libc.so.6 (deleted)", "libc.so.6") + loader)
     table.snapshot(12)
     assert again == [11]  # its C library is there: start-up is over
+
+
+def test_a_process_whose_root_is_ours_has_its_files_found_in_ours_even_after_it_exits(tmp_path):
+    assert process_root(os.getpid()) == "/"
+    (tmp_path / "7").mkdir()
+    os.symlink(tmp_path, tmp_path / "7" / "root")  # a root of its own, as in a container
+    assert process_root(7, str(tmp_path)) == f"{tmp_path}/7/root"
+    mappings, _ = parse_maps(7, MAPS, "/")
+    assert {m.obj.root for m in mappings if m.obj} == {"/"}
