@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import List
 
@@ -182,3 +183,48 @@ def python(request) -> str:
             skip_or_fail(f"no {STATIC_PYTHON}")
         return STATIC_PYTHON
     return pyenv_python(request.param)
+
+
+class MemoryCgroup:
+    """A cgroup of its own with a memory limit, v1 or v2, whichever this machine mounts."""
+
+    def __init__(self, limit: int):
+        name = f"bpfprof-test-{uuid.uuid4().hex[:8]}"
+        v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+        if (v1 / "memory.limit_in_bytes").exists():
+            self.path = v1 / name
+            self.path.mkdir()
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        elif "memory" in self._read(v2 / "cgroup.controllers").split():
+            if "memory" not in self._read(v2 / "cgroup.subtree_control").split():
+                (v2 / "cgroup.subtree_control").write_text("+memory")
+            self.path = v2 / name
+            self.path.mkdir()
+            (self.path / "memory.max").write_text(str(limit))
+            if (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")
+        else:
+            skip_or_fail("no cgroup memory controller (v1 or v2) is mounted under /sys/fs/cgroup")
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        return path.read_text() if path.exists() else ""
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        self.path.rmdir()
+
+
+@pytest.fixture
+def memory_cgroup():
+    made = []
+
+    def make(limit: int) -> MemoryCgroup:
+        made.append(MemoryCgroup(limit))
+        return made[-1]
+
+    yield make
+    for cgroup in made:
+        cgroup.remove()

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bpfprof.collector.agent.health import STALLED_AFTER_S
 from bpfprof.collector.output.pprof import from_pprof, read_pprof
 from bpfprof.collector.output.pprof_schema import PprofProfile
-from conftest import bpfprof_command
+from conftest import bpfprof_command, profiler_has_read
 from pprof_check import check_with_go
 from pyroscope_store import Store, decode_with_protoc, push_request_class
 from samples import read_samples
@@ -329,3 +329,41 @@ def test_memory_held_at_exit_is_counted_once_and_freed(agent_in, tmp_path, build
     assert len(held) == processes
     # Each process's mapping (and what its loader mapped), counted in one interval only.
     assert all(held_mib * MiB <= sum(sizes) < (held_mib + 1) * MiB for sizes in held.values()), held
+
+
+def test_an_oom_victims_memory_is_kept_and_pushed_at_once(agent_in, tmp_path, build_c, memory_cgroup, monkeypatch):
+    """fill_memory fills a 64 MiB cgroup until the OOM killer ends it: what it held then
+    is written beside the intervals and pushed labelled oom="true", long before the cut."""
+    monkeypatch.setenv("no_proxy", "*")
+    cgroup = memory_cgroup(64 * MiB)
+    store = Store()
+    out = tmp_path / "profiles"
+    filler = None
+    try:
+        agent = agent_in("-t", "memory", "--output-dir", str(out), "--push-url", store.url, "--interval", "1h")
+        agent.wait_for("agent started")
+        filler = subprocess.Popen([str(build_c("memory")), "fill"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        pid = int(filler.stdout.readline().split()[1])
+        cgroup.add(pid)
+        profiler_has_read(agent.process, pid)
+        filler.stdin.write("go\n")
+        filler.stdin.flush()
+        assert filler.wait(timeout=60) == -signal.SIGKILL
+        agent.wait_for("the OOM killer chose a profiled process")
+        deadline = time.monotonic() + 30
+        while not store.requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+        agent.stop()
+    finally:
+        store.close()
+        if filler is not None and filler.poll() is None:
+            filler.kill()
+    kept, = out.glob(f"*.oom-{pid}.memory.pb.gz")
+    filled = sum(s.values[3] for s in read_samples(kept) if "fill_memory" in s.functions)
+    assert filled >= 56 * MiB  # the limit, less what the rest of the process holds
+    pushed = decode_with_protoc(store.requests[0].body, push_request_class(tmp_path))
+    series, = pushed.series
+    labels = {label.name: label.value for label in series.labels}
+    assert labels["__name__"] == "memory" and labels["oom"] == "true"
+    check_with_go(kept, expect=["fill_memory"])
