@@ -294,6 +294,35 @@ def _python_frames(stack) -> Tuple[RawPythonFrame, ...]:
     return tuple(frames)
 
 
+def _python_stack(stack) -> Tuple[Tuple[RawPythonFrame, ...], bool]:
+    """A struct python_stack: (frames leaf first, truncated)."""
+    return _python_frames(stack), bool(stack.truncated)
+
+
+def _native_stack(stack) -> Tuple[Tuple[int, ...], bool]:
+    """A struct native_stack: (addresses leaf first, whether unwinding reached the outermost frame)."""
+    return tuple(stack.pcs[: min(stack.depth, len(stack.pcs))]), stack.end == UNWIND_ENDS["UNWIND_COMPLETE"]
+
+
+class _StackLookup:
+    """A stack map (hash -> stack) read an entry at a time, each once."""
+
+    def __init__(self, table, convert: Callable[[object], Tuple]) -> None:
+        self._table = table  # None: the map is not in use
+        self._convert = convert
+        self._read: Dict[int, Tuple] = {}
+
+    def get(self, key: int, default: Tuple) -> Tuple:
+        if self._table is None:
+            return default
+        if key not in self._read:
+            try:
+                self._read[key] = self._convert(self._table[self._table.Key(key)])
+            except KeyError:
+                self._read[key] = default
+        return self._read[key]
+
+
 def python_stack_key(frames: Sequence[Tuple[int, int, int, int]]) -> int:
     """The key BPF stores a Python stack under: FNV-1a over each frame's code and instr
     (frames as struct python_frame holds them, leaf first)."""
@@ -547,11 +576,12 @@ class Sampler:
                 end_key = ctypes.c_char_p(memory_ranges.RANGE_KEY.pack(r.pid, 0, r.end))
                 lib.bpf_update_elem(ends.map_fd, end_key, ctypes.byref(ctypes.c_uint64(r.start)), 0)
 
-    def _memory_stacks(self) -> Tuple[Dict[int, Tuple[Tuple[RawPythonFrame, ...], bool]],
-                                      Dict[int, Tuple[Tuple[int, ...], bool]]]:
-        """The Python and native stacks of memory samples (kept: ranges outlive drains)."""
-        return (self._python_stacks("memory_python_stacks", keep=True),
-                self._native_stacks("memory_native_stacks", keep=True))
+    def _memory_stacks(self) -> Tuple["_StackLookup", "_StackLookup"]:
+        """The Python and native stacks of memory samples, looked up as samples refer to
+        them: their maps keep every stack a range still held refers to, many more than
+        one drain's samples do."""
+        return (_StackLookup(self._bpf["memory_python_stacks"] if self.config.python else None, _python_stack),
+                _StackLookup(self._bpf["memory_native_stacks"] if self.config.native_unwind else None, _native_stack))
 
     def _list_memory_stacks(self) -> List[Tuple[object, List[object], Callable[[object], object]]]:
         """Each memory stack map with its keys as now, and what a sample key refers to in it."""
@@ -621,16 +651,14 @@ class Sampler:
         """Read (and clear, unless kept) a Python stack map: hash -> (frames leaf first, truncated)."""
         if not self.config.python:
             return {}
-        return {key: (_python_frames(value), bool(value.truncated)) for key, value in self._entries(table_name, keep)}
+        return {key: _python_stack(value) for key, value in self._entries(table_name, keep)}
 
     def _native_stacks(self, table_name: str, keep: bool = False) -> Dict[int, Tuple[Tuple[int, ...], bool]]:
         """Read (and clear, unless kept) a native stack map: hash -> (addresses leaf first,
         whether unwinding reached the outermost frame)."""
         if not self.config.native_unwind:
             return {}
-        complete = UNWIND_ENDS["UNWIND_COMPLETE"]
-        return {key: (tuple(value.pcs[: min(value.depth, len(value.pcs))]), value.end == complete)
-                for key, value in self._entries(table_name, keep)}
+        return {key: _native_stack(value) for key, value in self._entries(table_name, keep)}
 
     def write_unwind_rows(self, first: int, records: bytes) -> None:
         """Copy unwind rows (struct unwind_row records) into unwind_rows from index first."""
