@@ -47,7 +47,7 @@ enum python_frame_chain {
 };
 
 struct python_process {
-    u64 runtime;               /* address of _PyRuntime */
+    u64 runtime;               /* address of _PyRuntime (3.6: of interp_head, the list head) */
     s32 runtime_interpreters_head;
     s32 interp_next;
     s32 interp_threads_head;

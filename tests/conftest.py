@@ -158,7 +158,7 @@ def _pyenv_root() -> Path:
 
 PYENV_VERSIONS = _pyenv_root() / "versions"
 STATIC_PYTHON = "/usr/bin/python3"  # Debian's: one static executable, no libpython
-PYTHON_MINORS = tuple(range(8, 14))  # the CPythons that pyenv installed here
+PYTHON_MINORS = tuple(range(6, 14))  # the CPythons that pyenv installed here
 
 
 def pyenv_python(minor: int) -> str:
@@ -171,6 +171,12 @@ def pyenv_python(minor: int) -> str:
     if not found:
         skip_or_fail(f"no CPython 3.{minor} under {PYENV_VERSIONS}")
     return max(found)[1]
+
+
+def include_dir(prefix: Path, minor: int) -> Path:
+    """Where the headers of the CPython 3.<minor> installed under prefix are: up to 3.7 the
+    directory carries the ABI flag m (pymalloc)."""
+    return prefix / "include" / f"python3.{minor}{'m' if minor <= 7 else ''}"
 
 
 @pytest.fixture(params=[*(pytest.param(m, id=f"pyenv-3.{m}") for m in PYTHON_MINORS),

@@ -14,24 +14,31 @@ from bpfprof.symbolizer.containment import Failures
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.process import PythonProcess
-from bpfprof.symbolizer.interpreters.python.threads import INTERPRETER_NAME, layout_of
+from bpfprof.symbolizer.interpreters.python.threads import INTERPRETER_NAME, RUNTIME_SYMBOLS, layout_of
+from bpfprof.symbolizer.native.elf import LoadedData
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
-# The interpreter is the executable (static builds) or libpython; either exports these.
-PYTHON_DATA_SYMBOLS = ("_PyRuntime", "Py_Version")
+# The interpreter is the executable (static builds) or libpython; either has these
+# (3.6's interp_head in .symtab only, Py_Version from 3.11 on).
+PYTHON_DATA_SYMBOLS = (*RUNTIME_SYMBOLS, "Py_Version")
 _NAME_SCAN_S = 0.2  # how long a process with new threads is scanned again, while some have no name
 _LOOK_FOR_S = 2.0  # how long a Python executable is looked at again, waiting for its libpython
 
 
 def _candidates(process: Process) -> List[Mapping]:
     """The first mapping of each binary named like an interpreter: the executable of a
-    static build, or libpython (the executable of a shared build has no _PyRuntime)."""
+    static build, or libpython (the executable of a shared build has no runtime symbol)."""
     found: Dict[str, Mapping] = {}
     for m in process.mappings:
         if m.obj is not None and INTERPRETER_NAME.match(os.path.basename(m.obj.path)):
             found.setdefault(m.obj.path, m)
     return list(found.values())
+
+
+def _runtime_symbol(symbols: Optional[LoadedData]) -> Optional[str]:
+    """The symbol of RUNTIME_SYMBOLS the binary has, if any."""
+    return next((name for name in RUNTIME_SYMBOLS if symbols is not None and name in symbols.data), None)
 
 
 def _name(pid: int) -> str:
@@ -90,18 +97,20 @@ class PythonProcesses:
         candidates = _candidates(process)
         for mapping in candidates:
             symbols = self._native.get_exported_data(mapping.obj)
-            if (symbols is None or "_PyRuntime" not in symbols.data) and not exported_only:
+            if _runtime_symbol(symbols) is None and not exported_only:
                 symbols = self._native.get_symbols(mapping.obj)  # a build may not export it
-            if symbols is not None and "_PyRuntime" in symbols.data:
+            runtime_symbol = _runtime_symbol(symbols)
+            if runtime_symbol is not None:
                 break
         else:
             if exported_only:
                 return
-            # A libpython from before 3.7 has no _PyRuntime. An executable without it may
-            # just not have mapped its libpython yet: read it again at its next mmap or sample.
+            # A libpython from before 3.6 (or a 3.6 without its symbol table) has neither
+            # symbol. An executable without one may just not have mapped its libpython yet:
+            # read it again at its next mmap or sample.
             old = [m for m in candidates if os.path.basename(m.obj.path).startswith("lib")]
             if old:
-                self._cannot_read(old[0].obj.path, "no _PyRuntime symbol")
+                self._cannot_read(old[0].obj.path, "no _PyRuntime or interp_head symbol")
             elif candidates and time.monotonic() - self._looks.setdefault(process.pid, time.monotonic()) < _LOOK_FOR_S:
                 self._sampler.see_again(process.pid)
             return
@@ -115,7 +124,7 @@ class PythonProcesses:
         except UnreadableMemory:
             return
         try:
-            runtime = bias + symbols.data["_PyRuntime"]
+            runtime = bias + symbols.data[runtime_symbol]
             layout = layout_of(memory, runtime, bias + version if version else None, mapping.obj.path)
             reason = "no known layout"
         except SymbolizerError as e:  # a structure no layout fits, or unreadable

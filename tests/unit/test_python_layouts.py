@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-from conftest import pyenv_python, skip_or_fail
+from conftest import include_dir, pyenv_python, skip_or_fail
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.errors import MalformedInput
@@ -34,7 +34,7 @@ from bpfprof.symbolizer.interpreters.python.layouts import (
     parse_debug_offsets,
 )
 
-TABLE_MINORS = (8, 9, 10, 11, 12)
+TABLE_MINORS = (6, 7, 8, 9, 10, 11, 12)
 DEBUG_OFFSETS_MINORS = (13,)  # 3.14 has no installed headers here: its synthetic test is below
 LAYOUT_FIELDS = [f.name for f in dataclasses.fields(PythonLayout) if f.name not in ("version", "objects")]
 # ObjectLayout's offsets; instance_dict and long_tagged, no numbers, are checked by the
@@ -50,7 +50,7 @@ PT_LOAD = "PT_LOAD"
 def installed_version(minor: int) -> Path:
     """The prefix of the newest pyenv-installed 3.<minor>, which must ship its headers."""
     prefix = Path(pyenv_python(minor)).parent.parent
-    if not (prefix / "include" / f"python3.{minor}" / "Python.h").is_file():
+    if not (include_dir(prefix, minor) / "Python.h").is_file():
         skip_or_fail(f"CPython 3.{minor} under {prefix} has no headers")
     return prefix
 
@@ -72,7 +72,8 @@ def c_expressions(minor: int) -> Dict[str, Optional[str]]:
         return f"offsetof({struct_name}, {member})"
 
     return {
-        "runtime_interpreters_head": off("_PyRuntimeState", "interpreters.head"),
+        # 3.6 has no _PyRuntime: the walk starts at interp_head, which holds the head itself.
+        "runtime_interpreters_head": "0" if minor == 6 else off("_PyRuntimeState", "interpreters.head"),
         "interp_next": off("PyInterpreterState", "next"),
         "interp_threads_head": off("PyInterpreterState", "tstate_head" if old_frames else "threads.head"),
         "interp_modules": off("PyInterpreterState", "modules" if minor <= 11 else "imports.modules"),
@@ -144,6 +145,10 @@ def object_c_expressions(minor: int) -> Dict[str, Optional[str]]:
 
 
 def internal_headers(minor: int) -> List[str]:
+    if minor == 6:
+        return []                              # PyInterpreterState is in pystate.h; no _PyRuntimeState
+    if minor == 7:
+        return ["internal/pystate.h"]          # _PyRuntimeState
     if minor == 8:
         return ["internal/pycore_pystate.h"]   # _PyRuntimeState and PyInterpreterState
     headers = ["internal/pycore_runtime.h", "internal/pycore_interp.h"]
@@ -185,7 +190,7 @@ def measure(tmp_path_factory):
         prefix = installed_version(minor)
         if shutil.which("gcc") is None:
             skip_or_fail("gcc is not installed")
-        include = prefix / "include" / f"python3.{minor}"
+        include = include_dir(prefix, minor)
         work = tmp_path_factory.mktemp(f"layout3{minor}")
         source, binary = work / "layout.c", work / "layout"
         source.write_text(c_program(minor))
@@ -287,7 +292,7 @@ def test_table_versions():
     for minor in TABLE_MINORS:
         assert layout_for((3, minor)) is LAYOUTS[(3, minor)]
         assert LAYOUTS[(3, minor)].objects is OBJECT_LAYOUTS[(3, minor)]
-    for version in ((2, 7), (3, 7), (3, 13), (3, 14), (4, 0)):
+    for version in ((2, 7), (3, 5), (3, 13), (3, 14), (4, 0)):
         assert layout_for(version) is None
     assert sorted(OBJECT_LAYOUTS) == [(3, m) for m in TABLE_MINORS + DEBUG_OFFSETS_MINORS]
 

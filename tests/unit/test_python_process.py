@@ -20,9 +20,12 @@ from bpfprof.symbolizer.process_memory import ProcessMemory
 from test_python_thread_names import Running, process_layout
 
 # Two threads that wait, each in its own function, and one that ends when told; every
-# thread reports its tid and name, then the main thread waits on stdin.
+# thread reports its tid (through gettid, syscall 186, before 3.8) and name, then the main
+# thread waits on stdin.
 SCRIPT = r"""
-import json, sys, threading
+import ctypes, json, sys, threading
+
+get_native_id = getattr(threading, "get_native_id", lambda: ctypes.CDLL(None).syscall(186))
 
 reports = []
 ready = threading.Barrier(4)
@@ -31,12 +34,12 @@ lock.acquire()
 finish = threading.Event()
 
 def waits_on_lock():
-    reports.append((threading.get_native_id(), threading.current_thread().name))
+    reports.append((get_native_id(), threading.current_thread().name))
     ready.wait()
     lock.acquire()
 
 def waits_on_event():
-    reports.append((threading.get_native_id(), threading.current_thread().name))
+    reports.append((get_native_id(), threading.current_thread().name))
     ready.wait()
     finish.wait()
 
@@ -44,7 +47,7 @@ for target, name in ((waits_on_lock, "locked-out"), (waits_on_event, "event-wait
                      (waits_on_event, "short-lived")):
     threading.Thread(target=target, name=name, daemon=True).start()
 ready.wait()
-print(json.dumps({"main": threading.get_native_id(), "threads": dict((name, tid) for tid, name in reports)}),
+print(json.dumps({"main": get_native_id(), "threads": dict((name, tid) for tid, name in reports)}),
       flush=True)
 sys.stdin.readline()
 finish.set()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-from conftest import PYTHON_MINORS, pyenv_python, skip_or_fail
+from conftest import PYTHON_MINORS, include_dir, pyenv_python, skip_or_fail
 
 from bpfprof.symbolizer.native.elf import open_elf_symbols
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
@@ -40,7 +40,7 @@ from bpfprof.symbolizer.interpreters.python.thread_names import (
     Searches,
     thread_names,
 )
-from bpfprof.symbolizer.interpreters.python.threads import MAX_INTERPRETERS, thread_states
+from bpfprof.symbolizer.interpreters.python.threads import MAX_INTERPRETERS, RUNTIME_SYMBOLS, thread_states
 
 MINORS = PYTHON_MINORS
 INTERPRETER_NAME = re.compile(r"^(?:lib)?python3\.(\d+)")
@@ -96,8 +96,8 @@ sys.stdin.read()
 
 
 def find_runtime(pid: int) -> Tuple[int, str]:
-    """The address of _PyRuntime in a process, and the binary it is in: the first
-    mapping of each file named like an interpreter, its symbols, and the load bias."""
+    """The address of _PyRuntime (3.6: interp_head) in a process, and the binary it is in:
+    the first mapping of each file named like an interpreter, its symbols, and the load bias."""
     seen = set()
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
@@ -108,17 +108,18 @@ def find_runtime(pid: int) -> Tuple[int, str]:
             seen.add(path)
             if not INTERPRETER_NAME.match(os.path.basename(path)):
                 continue
-            symbols = open_elf_symbols(path, data_names=("_PyRuntime",))
+            symbols = open_elf_symbols(path, data_names=RUNTIME_SYMBOLS)
             try:
-                if "_PyRuntime" not in symbols.data:
+                name = next((name for name in RUNTIME_SYMBOLS if name in symbols.data), None)
+                if name is None:
                     continue
                 start, offset = (int(x, 16) for x in (fields[0].split("-")[0], fields[2]))
                 vaddr = symbols.vaddr(offset)
                 assert vaddr is not None, f"{path}: offset {offset:#x} is in no PT_LOAD segment"
-                return start - vaddr + symbols.data["_PyRuntime"], path
+                return start - vaddr + symbols.data[name], path
             finally:
                 symbols.close()
-    raise AssertionError(f"no _PyRuntime in any interpreter binary mapped by {pid}")
+    raise AssertionError(f"none of {RUNTIME_SYMBOLS} in any interpreter binary mapped by {pid}")
 
 
 def process_layout(memory: ProcessMemory, runtime: int, python: str) -> PythonLayout:
@@ -421,7 +422,7 @@ def measure(minor: int, work: Path) -> Dict[str, int]:
     prefix = pyenv_prefix(minor)
     if shutil.which("gcc") is None:
         skip_or_fail("gcc is not installed")
-    include = prefix / "include" / f"python3.{minor}"
+    include = include_dir(prefix, minor)
     if not (include / "Python.h").is_file():
         skip_or_fail(f"no headers in {include}")
     source, binary = work / f"constants3{minor}.c", work / f"constants3{minor}"

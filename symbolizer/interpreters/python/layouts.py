@@ -1,10 +1,10 @@
 """Where things are inside a running CPython, for reading its stacks from another process.
 
 A profiler that walks a Python process's interpreter state from the outside follows
-pointers: `_PyRuntime` -> interpreters -> thread states -> frames -> code objects -> str
+pointers: `_PyRuntime` (3.6: `interp_head`) -> interpreters -> thread states -> frames -> code objects -> str
 and bytes objects. The byte offsets it needs depend on the CPython minor version.
 
-* 3.8 to 3.12: kept here as data, one `PythonLayout` per minor version (`LAYOUTS`),
+* 3.6 to 3.12: kept here as data, one `PythonLayout` per minor version (`LAYOUTS`),
   measured from each version's headers (tests/unit/test_python_layouts.py recompiles them).
 * 3.13 and later: `_PyRuntime` opens with `_Py_DebugOffsets`, a table of offsets that
   CPython itself fills in for out-of-process tools. `parse_debug_offsets` decodes it from
@@ -13,7 +13,7 @@ and bytes objects. The byte offsets it needs depend on the CPython minor version
 
 Reading thread names takes more: sys.modules, module, type, dict, int and instance
 attribute offsets. A layout's `objects` holds them (an `ObjectLayout`, from the table
-`OBJECT_LAYOUTS`, 3.8 to 3.13); it is None for a version without an entry there.
+`OBJECT_LAYOUTS`, 3.6 to 3.13); it is None for a version without an entry there.
 
 All numbers are for x86-64 Linux release builds (no Py_DEBUG, no Py_TRACE_REFS).
 A field that does not exist in a version holds -1 (`ABSENT`).
@@ -21,7 +21,7 @@ A field that does not exist in a version holds -1 (`ABSENT`).
 How the frame fields are meant to be read:
 
 * <= 3.10: `tstate_frame` points at the current `PyFrameObject`; `frame_previous` is its
-  `f_back`; `frame_instr` is the int `f_lasti`, a byte offset into the bytecode in 3.8 and
+  `f_back`; `frame_instr` is the int `f_lasti`, a byte offset into the bytecode in 3.6 to
   3.9 but a count of 2-byte code units in 3.10.
 * 3.11 and 3.12: `tstate_frame` points at a `_PyCFrame`, whose `cframe_current_frame` points
   at the `_PyInterpreterFrame`; `frame_instr` is a `_Py_CODEUNIT *` into the code object's
@@ -84,7 +84,23 @@ class ObjectLayout:
     long_tagged: bool            # lv_tag: digit count << 3 | sign (0 +, 1 zero, 2 -)
 
 
+# 3.6 and 3.7: object.h (PyTypeObject, PyHeapTypeObject), dictobject.h (PyDictObject),
+# longintrepr.h. The compact dict keys (Objects/dict-common.h) and PyModuleObject
+# (Objects/moduleobject.c) are in no installed header: checked against the DWARF of
+# libpython3.6m.so and libpython3.7m.so.
+_OBJECTS_3_6 = ObjectLayout(
+    object_type=8, module_dict=16,
+    type_flags=168, type_dictoffset=288, heaptype_cached_keys=856,
+    dict_keys=32, dict_values=40,
+    keys_size=8, keys_log2_index_bytes=ABSENT, keys_kind=ABSENT, keys_nentries=32, keys_indices=40,
+    values_items=0, values_capacity=ABSENT, values_valid=ABSENT,
+    instance_dict=DICT_POINTER, managed_dict=ABSENT, managed_values=ABSENT,
+    long_size=16, long_digits=24, long_tagged=False,
+)
+
 OBJECT_LAYOUTS: Dict[Tuple[int, int], ObjectLayout] = {
+    (3, 6): _OBJECTS_3_6,
+    (3, 7): _OBJECTS_3_6,
     # 3.8: cpython/object.h (PyTypeObject, PyHeapTypeObject), cpython/dictobject.h
     # (PyDictObject), longintrepr.h. Not in any installed header, so taken from the sources
     # and checked against the DWARF of libpython3.8.so: Objects/dict-common.h
@@ -172,7 +188,7 @@ class PythonLayout:
 
     version: Tuple[int, int]                 # (3, 11)
     # _PyRuntimeState
-    runtime_interpreters_head: int           # offsetof(_PyRuntimeState, interpreters.head)
+    runtime_interpreters_head: int           # offsetof(_PyRuntimeState, interpreters.head); 0 in 3.6 (interp_head)
     # PyInterpreterState
     interp_next: int                         # interp->next
     interp_threads_head: int                 # tstate_head (<=3.10) / threads.head (3.11+)
@@ -209,6 +225,38 @@ class PythonLayout:
 
 
 LAYOUTS: Dict[Tuple[int, int], PythonLayout] = {
+    # 3.6: pystate.h (PyInterpreterState, PyThreadState), frameobject.h, code.h,
+    # unicodeobject.h, bytesobject.h. There is no _PyRuntime: the interpreters hang from
+    # pystate.c's static `interp_head` (in .symtab), whose address stands in for the
+    # runtime's, so the head is at offset 0.
+    (3, 6): PythonLayout(
+        version=(3, 6),
+        runtime_interpreters_head=0,
+        interp_next=0, interp_threads_head=8, interp_modules=16,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=152, tstate_native_thread_id=ABSENT,
+        tstate_frame=24, cframe_current_frame=ABSENT,
+        frame_previous=24, frame_code=32, frame_instr=120, frame_owner=ABSENT, frame_is_entry=ABSENT,
+        code_filename=96, code_name=104, code_qualname=ABSENT, code_firstlineno=36,
+        code_linetable=112, code_adaptive=ABSENT,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 6)],
+    ),
+    # 3.7: internal/pystate.h (_PyRuntimeState), pystate.h (PyInterpreterState,
+    # PyThreadState), frameobject.h, code.h, unicodeobject.h, bytesobject.h.
+    (3, 7): PythonLayout(
+        version=(3, 7),
+        runtime_interpreters_head=24,
+        interp_next=0, interp_threads_head=8, interp_modules=40,
+        tstate_next=8, tstate_interp=16, tstate_thread_id=176, tstate_native_thread_id=ABSENT,
+        tstate_frame=24, cframe_current_frame=ABSENT,
+        frame_previous=24, frame_code=32, frame_instr=104, frame_owner=ABSENT, frame_is_entry=ABSENT,
+        code_filename=96, code_name=104, code_qualname=ABSENT, code_firstlineno=36,
+        code_linetable=112, code_adaptive=ABSENT,
+        unicode_state=32, unicode_length=16, unicode_ascii_data=48, unicode_compact_data=72,
+        bytes_size=16, bytes_data=32,
+        objects=OBJECT_LAYOUTS[(3, 7)],
+    ),
     # 3.8: internal/pycore_pystate.h (_PyRuntimeState, PyInterpreterState),
     # cpython/pystate.h (PyThreadState), frameobject.h, code.h,
     # cpython/unicodeobject.h (PyASCIIObject still carries wstr), bytesobject.h.

@@ -4,7 +4,7 @@ The profiler copies a code object's line table and `co_firstlineno` out of anoth
 process, so nothing here may touch a live interpreter: these are pure functions over
 bytes. Three table formats exist:
 
-* CPython 3.8 and 3.9, `co_lnotab`: pairs of bytes (address increment, unsigned;
+* CPython 3.6 to 3.9, `co_lnotab`: pairs of bytes (address increment, unsigned;
   line increment, signed). The line of an instruction is `co_firstlineno` plus the
   line increments of every pair whose running address is at or before it. The table
   does not know where the bytecode ends, so its last range is open-ended.
@@ -19,7 +19,7 @@ bytes. Three table formats exist:
   (13: no columns, 14: long form), 15 means the range has no location at all.
 
 Offsets are always in bytes from the start of the bytecode, whatever the version:
-3.8/3.9's f_lasti already is one, 3.10's f_lasti counts code units and must be doubled,
+3.6-3.9's f_lasti already is one, 3.10's f_lasti counts code units and must be doubled,
 and 3.11+ offsets are measured in the code units after co_code_adaptive.
 """
 
@@ -31,7 +31,7 @@ from typing import Iterator, List, Tuple
 
 CODE_UNIT = 2  # bytes per instruction word (opcode + argument), 3.6 onwards
 
-# End of the last range of a 3.8/3.9 table: past any real bytecode offset.
+# End of the last range of a 3.6-3.9 table: past any real bytecode offset.
 OPEN_END = 1 << 62
 
 # Location table (3.11+) codes that are not short forms.
@@ -66,7 +66,7 @@ def line_for_offset(version: Tuple[int, int], linetable: bytes, firstlineno: int
 
 def _ranges(version: Tuple[int, int], linetable: bytes, firstlineno: int) -> Iterator[LineRange]:
     version = tuple(version[:2])
-    if version < (3, 8):
+    if version < (3, 6):
         raise ValueError(f"no line table decoder for Python {version[0]}.{version[1]}")
     if version < (3, 10):
         return _lnotab_ranges(linetable, firstlineno)

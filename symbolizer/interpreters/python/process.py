@@ -54,7 +54,7 @@ class PythonProcess:
 
     pid: int
     layout: PythonLayout
-    runtime: int  # address of _PyRuntime in the process
+    runtime: int  # address of _PyRuntime (3.6: of interp_head) in the process
     module_path: str  # the binary the interpreter lives in
     memory: ProcessMemory
     symbols: PythonSymbolizer  # the code objects read so far, of every process

@@ -74,9 +74,10 @@ class Searches:
 def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, searches: Optional[Searches] = None,
                  known: Container[int] = ()) -> Dict[int, str]:
     """{thread ident: name} of the `threading.Thread`s of every interpreter in a process
-    (`runtime` is the address of its `_PyRuntime`), but for the idents in `known`. The
-    ident equals the thread state's `thread_id` (pthread_t). A process that has not
-    imported threading has none: {}. Pass the same `searches` to every read of a process.
+    (`runtime` is the address of its `_PyRuntime`, or 3.6's `interp_head`), but for the
+    idents in `known`. The ident equals the thread state's `thread_id` (pthread_t). A
+    process that has not imported threading has none: {}. Pass the same `searches` to
+    every read of a process.
 
     Raises UnreadableMemory when the process is gone or its memory does not hold what it
     should, and ValueError for a CPython whose layout has no `objects`."""

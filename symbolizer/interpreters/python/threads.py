@@ -22,6 +22,10 @@ from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
 # The executable of a static build, or libpython: named python3.12, libpython3.12.so...
 INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
+# The data symbol whose address a process's `runtime` is, the first the interpreter has:
+# _PyRuntime (3.7+), or 3.6's interp_head (static in pystate.c, so in .symtab only),
+# which holds the head of the interpreter list itself.
+RUNTIME_SYMBOLS = ("_PyRuntime", "interp_head")
 FRAME_CHAINS = enum_names("python_frame_chain")
 FRAME_ENTRY = define("PYTHON_FRAME_ENTRY")
 FRAME_SHIM = define("PYTHON_FRAME_SHIM")
@@ -50,7 +54,7 @@ def layout_of(memory: ProcessMemory, runtime: int, version_address: Optional[int
 
 def interpreters(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> Iterator[int]:
     """The PyInterpreterState addresses of a process (`runtime` is the address of its
-    `_PyRuntime`), newest first, so the main interpreter last; at most MAX_INTERPRETERS
+    `_PyRuntime`, or 3.6's `interp_head`), newest first, so the main interpreter last; at most MAX_INTERPRETERS
     (garbage can make the list circular). Each is read when asked for; a read that fails
     raises UnreadableMemory."""
     interp = memory.pointer(runtime + layout.runtime_interpreters_head)
