@@ -12,6 +12,10 @@ class MalformedInput(SymbolizerError):
     """Data that breaks the rules of its format (ELF, DWARF, a CPython structure)."""
 
 
+class Unsupported(SymbolizerError):
+    """Input of a kind that is not read (a free-threaded CPython), said once where it enters."""
+
+
 class TooLarge(SymbolizerError):
     """A size read from the input is over what is accepted; nothing of it was allocated."""
 

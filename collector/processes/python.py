@@ -146,9 +146,10 @@ class PythonProcesses:
 
     def _cannot_read(self, path: str, reason: str) -> None:
         """Counted, and told once per interpreter binary with its version."""
-        major, minor = INTERPRETER_NAME.match(os.path.basename(path)).groups()
+        major, minor, abi_flags = INTERPRETER_NAME.match(os.path.basename(path)).groups()
+        build = "t" if "t" in abi_flags else ""
         self._failures.add("binary", path, SymbolizerError(
-            f"CPython {major}.{minor} cannot be read ({reason}); its processes get native frames only"))
+            f"CPython {major}.{minor}{build} cannot be read ({reason}); its processes get native frames only"))
 
     def scan_threads(self, interpreter: PythonProcess) -> None:
         """Re-read the process's thread lists (either thread may ask)."""

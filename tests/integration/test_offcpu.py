@@ -78,7 +78,7 @@ def test_a_thread_that_wakes_on_another_cpu_gets_its_whole_delay(build_c, tmp_pa
     assert events == 6 and delay == pytest.approx(600 * MS, rel=0.1)
 
 
-@pytest.mark.parametrize("minor", [8, 12])
+@pytest.mark.parametrize("minor", [6, 8, 12])
 def test_python_known_delays_per_blocking_function(minor, tmp_path):
     out = tmp_path / "blocking.pb.gz"
     script = FIXTURES / "python" / "blocking.py"

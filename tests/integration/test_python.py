@@ -1,6 +1,6 @@
 """CPython frames through real BPF: scripts with known hot functions under every installed
 interpreter, threads, deep recursion, processes started before the profiler, a private
-mount namespace, and interpreters we cannot read."""
+mount namespace, and interpreters we cannot read (2.7, free-threaded builds)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -140,13 +141,34 @@ def test_no_python_leaves_python_frames_out(tmp_path):
     assert text and "(hot.py)" not in text and "_PyEval_EvalFrameDefault" in text
 
 
-def test_unsupported_interpreter_gets_native_frames_and_one_warning(tmp_path):
-    old = sorted(PYENV_VERSIONS.glob("3.7.*/bin/python3.7"))
-    if not old:
-        skip_or_fail(f"no CPython 3.7 under {PYENV_VERSIONS}")
+# A loop that 2.7 runs too: hot.py is Python 3.
+SPIN_2_7 = "import sys, time\nprint('ready'); sys.stdout.flush()\nend = time.time() + float(sys.argv[1])\n" \
+           "while time.time() < end: pass\n"
+
+
+def unreadable_interpreter(kind: str, tmp_path: Path) -> Tuple[subprocess.Popen, str]:
+    """A running interpreter that cannot be read, and what its warning names: pyenv's 2.7,
+    or a free-threaded 3.13t, which cannot be installed here: 3.13's libpython copied under
+    the name a free-threaded build gives it and preloaded, so that it is the one mapped."""
+    if kind == "2.7":
+        old = sorted(PYENV_VERSIONS.glob("2.7.*/bin/python2.7"))
+        if not old:
+            skip_or_fail(f"no CPython 2.7 under {PYENV_VERSIONS}")
+        process = subprocess.Popen([str(old[-1]), "-c", SPIN_2_7, "8"], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        return process, "CPython 2.7 cannot be read (no known layout)"
+    python = Path(pyenv_python(13))
+    library = tmp_path / "libpython3.13t.so.1.0"
+    shutil.copy(python.parent.parent / "lib" / "libpython3.13.so.1.0", library)
+    process = start(str(python), "hot.py", 8, env={**os.environ, "LD_PRELOAD": str(library)})
+    return process, "CPython 3.13t cannot be read (a free-threaded build"
+
+
+@pytest.mark.parametrize("kind", ["2.7", "3.13t"])
+def test_unreadable_interpreter_gets_native_frames_and_one_warning(kind, tmp_path):
     out = tmp_path / "old.folded"
     # Longer than the recording: Python frames are named from the live process's memory.
-    process = start(str(old[-1]), "hot.py", 8)
+    process, warning = unreadable_interpreter(kind, tmp_path)
     other = start(pyenv_python(12), "hot.py", 8)
     try:
         result = run_bpfprof("record", "-p", f"{process.pid},{other.pid}", "-d", "2", "-o", str(out))
@@ -155,10 +177,11 @@ def test_unsupported_interpreter_gets_native_frames_and_one_warning(tmp_path):
         other.wait(timeout=30)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "CPython 3.7" in warnings[0], result.stderr
+    assert len(warnings) == 1 and warning in warnings[0], result.stderr
+    comm = f"python{kind.rstrip('t')};"
     lines = out.read_text().splitlines()
-    assert any(line.startswith("python3.7;") for line in lines)
-    assert not any(line.startswith("python3.7;") and "(hot.py)" in line for line in lines)
+    assert any(line.startswith(comm) for line in lines)
+    assert not any(line.startswith(comm) and ".py)" in line for line in lines)
     assert any(line.startswith("python3.12;") and "Shapes.area_sum (hot.py)" in line for line in lines), lines
 
 

@@ -351,6 +351,13 @@ DEBUG_OFFSETS_COOKIE = b"xdebugpy"
 # parse_debug_offsets. 3.13's struct takes 584 and 3.14's 760; the rest is room for
 # later, longer ones.
 DEBUG_OFFSETS_SIZE = 1024
+_FREE_THREADED_AT = 16  # every version's struct opens with cookie, version and uint64 free_threaded
+
+
+def debug_offsets_free_threaded(data: bytes) -> bool:
+    """Whether the start of a 3.13+ `_PyRuntime` (at least 24 bytes of its
+    `_Py_DebugOffsets`) says the build is free-threaded (Py_GIL_DISABLED)."""
+    return len(data) >= _FREE_THREADED_AT + 8 and struct.unpack_from("<Q", data, _FREE_THREADED_AT)[0] != 0
 
 # The struct opens with char cookie[8], uint64 version (PY_VERSION_HEX) and uint64
 # free_threaded (the same three in 3.13 and 3.14); then come nested structs made only of

@@ -18,7 +18,7 @@ and anything that does not look right ends in UnreadableMemory.
 
 The offsets come from the process's PythonLayout: `interp_modules` and `objects` (an
 ObjectLayout). All numbers are for x86-64 Linux release builds with the GIL (the
-free-threaded 3.13 build has no layout: parse_debug_offsets refuses it).
+free-threaded builds have no layout: layout_of refuses them).
 """
 
 from __future__ import annotations

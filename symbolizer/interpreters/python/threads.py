@@ -10,18 +10,22 @@ import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from bpfprof.bpf import define, enum_names
+from bpfprof.symbolizer.errors import Unsupported
 from bpfprof.symbolizer.interpreters.python.code_objects import check_of
 from bpfprof.symbolizer.interpreters.python.layouts import (
     DEBUG_OFFSETS_COOKIE,
     DEBUG_OFFSETS_SIZE,
     PythonLayout,
+    debug_offsets_free_threaded,
     layout_for,
     parse_debug_offsets,
 )
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
 # The executable of a static build, or libpython: named python3.12, libpython3.12.so...
-INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)")
+# The letters after the version are the ABI flags: t free-threaded (python3.13t,
+# libpython3.14td.so), d debug, m pymalloc (<= 3.7: libpython3.6m.so).
+INTERPRETER_NAME = re.compile(r"^(?:lib)?python(\d)\.(\d+)([a-z]*)")
 # The data symbol whose address a process's `runtime` is, the first the interpreter has:
 # _PyRuntime (3.7+), or 3.6's interp_head (static in pystate.c, so in .symtab only),
 # which holds the head of the interpreter list itself.
@@ -42,14 +46,27 @@ RawFrame = Tuple[int, int, int, int]  # struct python_frame: code, instr, check,
 def layout_of(memory: ProcessMemory, runtime: int, version_address: Optional[int],
               path: str) -> Optional[PythonLayout]:
     """From 3.13 on _PyRuntime starts with _Py_DebugOffsets; before, the table by version
-    (Py_Version's, else the binary's name)."""
+    (Py_Version's, else the binary's name). Raises Unsupported for a free-threaded build."""
+    match = INTERPRETER_NAME.match(os.path.basename(path))
+    debug_offsets = None
     if memory.read(runtime, len(DEBUG_OFFSETS_COOKIE)) == DEBUG_OFFSETS_COOKIE:
-        return parse_debug_offsets(memory.read(runtime, DEBUG_OFFSETS_SIZE))
+        debug_offsets = memory.read(runtime, DEBUG_OFFSETS_SIZE)
+    if is_free_threaded(match.group(3) if match else "", debug_offsets):
+        # Its threads run bytecode from copies of their own and its objects are laid out
+        # otherwise; reading it as a GIL build would name frames wrongly.
+        raise Unsupported("a free-threaded build, whose Python frames are not read")
+    if debug_offsets is not None:
+        return parse_debug_offsets(debug_offsets)
     if version_address is not None:
         hex_version = memory.u32(version_address)
         return layout_for((hex_version >> 24, (hex_version >> 16) & 0xFF))
-    match = INTERPRETER_NAME.match(os.path.basename(path))
     return layout_for((int(match.group(1)), int(match.group(2)))) if match else None
+
+
+def is_free_threaded(abi_flags: str, debug_offsets: Optional[bytes]) -> bool:
+    """Whether an interpreter is a free-threaded build: its name's ABI flags say so (t), or
+    its _Py_DebugOffsets do (every free-threaded build has them: they exist from 3.13 on)."""
+    return "t" in abi_flags or (debug_offsets is not None and debug_offsets_free_threaded(debug_offsets))
 
 
 def interpreters(memory: ProcessMemory, layout: PythonLayout, runtime: int) -> Iterator[int]:
