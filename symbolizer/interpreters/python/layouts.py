@@ -1,8 +1,9 @@
 """Where things are inside a running CPython, for reading its stacks from another process.
 
 A profiler that walks a Python process's interpreter state from the outside follows
-pointers: `_PyRuntime` (3.6: `interp_head`) -> interpreters -> thread states -> frames -> code objects -> str
-and bytes objects. The byte offsets it needs depend on the CPython minor version.
+pointers: `_PyRuntime` (3.6: `interp_head`) -> interpreters -> thread states -> frames ->
+code objects -> str and bytes objects. The byte offsets it needs depend on the CPython
+minor version.
 
 * 3.6 to 3.12: kept here as data, one `PythonLayout` per minor version (`LAYOUTS`),
   measured from each version's headers (tests/unit/test_python_layouts.py recompiles them).
@@ -188,7 +189,7 @@ class PythonLayout:
 
     version: Tuple[int, int]                 # (3, 11)
     # _PyRuntimeState
-    runtime_interpreters_head: int           # offsetof(_PyRuntimeState, interpreters.head); 0 in 3.6 (interp_head)
+    runtime_interpreters_head: int           # offsetof(_PyRuntimeState, interpreters.head); 3.6: 0
     # PyInterpreterState
     interp_next: int                         # interp->next
     interp_threads_head: int                 # tstate_head (<=3.10) / threads.head (3.11+)
