@@ -179,16 +179,34 @@ def include_dir(prefix: Path, minor: int) -> Path:
     return prefix / "include" / f"python3.{minor}{'m' if minor <= 7 else ''}"
 
 
-@pytest.fixture(params=[*(pytest.param(m, id=f"pyenv-3.{m}") for m in PYTHON_MINORS),
-                        pytest.param(None, id="debian-static")])
+# The Debian sid chroot with the CPythons newer than pyenv's (scripts/sid-python, which
+# reads the same variable and default; `scripts/setup --test` builds it).
+SID_ROOT = Path(os.environ.get("BPFPROF_SID_ROOT", "/var/cache/bpfprof/sid-python"))
+SID_MINORS = (14, 15)
+
+
+def sid_python(minor: int) -> str:
+    """A launcher that runs the sid chroot's python3.MINOR in a mount namespace of its own
+    (tests/fixtures/sid/launch): a skip, or in CI a failure, without the chroot."""
+    if not (SID_ROOT / "usr/bin" / f"python3.{minor}").exists():
+        skip_or_fail(f"no python3.{minor} in {SID_ROOT} (scripts/sid-python builds it)")
+    if not shutil.which("unshare"):
+        skip_or_fail("needs unshare (util-linux)")
+    return str(FIXTURES / "sid" / f"python3.{minor}")
+
+
+@pytest.fixture(params=[*(pytest.param(("pyenv", m), id=f"pyenv-3.{m}") for m in PYTHON_MINORS),
+                        pytest.param(("debian-static", None), id="debian-static"),
+                        *(pytest.param(("sid", m), id=f"sid-3.{m}") for m in SID_MINORS)])
 def python(request) -> str:
-    """Each installed CPython in turn: the pyenv builds (shared libpython) and Debian's
-    static one."""
-    if request.param is None:
+    """Each installed CPython in turn: the pyenv builds (shared libpython), Debian's static
+    one, and the static ones of the sid chroot, each run in its own mount namespace."""
+    kind, minor = request.param
+    if kind == "debian-static":
         if not os.path.exists(STATIC_PYTHON):
             skip_or_fail(f"no {STATIC_PYTHON}")
         return STATIC_PYTHON
-    return pyenv_python(request.param)
+    return sid_python(minor) if kind == "sid" else pyenv_python(minor)
 
 
 class MemoryCgroup:
