@@ -190,8 +190,8 @@ def sid_python(minor: int) -> str:
     (tests/fixtures/sid/launch): a skip, or in CI a failure, without the chroot."""
     if not (SID_ROOT / "usr/bin" / f"python3.{minor}").exists():
         skip_or_fail(f"no python3.{minor} in {SID_ROOT} (scripts/sid-python builds it)")
-    if not shutil.which("unshare"):
-        skip_or_fail("needs unshare (util-linux)")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        skip_or_fail("the sid chroot's CPythons run in a mount namespace of their own: needs root and unshare")
     return str(FIXTURES / "sid" / f"python3.{minor}")
 
 

@@ -17,6 +17,7 @@ from fuzzing import Case, assert_no_failures, case_rng, mutate, run_family
 from bpfprof.symbolizer.errors import SymbolizerError
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.interpreters.python.layouts import (
+    _ABI_VALUES,
     _DEBUG_OFFSETS_LAYOUTS,
     _DEBUG_OFFSETS_OBJECTS,
     _FROM_DEBUG_OFFSETS,
@@ -165,6 +166,7 @@ def debug_offsets_layout(version: Tuple[int, int]) -> Tuple[bytes, PythonLayout]
     base["runtime_interpreters_head"] = RUNTIME_HEAD_3_13
     base["tstate_frame"] = 56
     values = {member: base[field] for field, member in {**_FROM_DEBUG_OFFSETS, **_DEBUG_OFFSETS_OBJECTS}.items()}
+    values.update(_ABI_VALUES)
     words = [values.get(f"{group}.{member}", 8192 if member == "size" else 0)
              for group, members in _DEBUG_OFFSETS_LAYOUTS[version] for member in members]
     version_hex = version[0] << 24 | version[1] << 16 | 0xF0

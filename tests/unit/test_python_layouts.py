@@ -5,8 +5,10 @@ come from `_Py_DebugOffsets` instead (and, for ObjectLayout, from the members it
 carry in OBJECT_LAYOUTS), so its test reads the start of `_PyRuntime` out of the installed
 libpython and compares what `parse_debug_offsets` makes of it with the same header
 measurements.
-Where no 3.14 is installed, a `_PyRuntime` prefix written out here member by member
-(with the values of a real 3.14.10 build) stands in for it."""
+3.14 and 3.15 are those of the Debian sid chroot (scripts/sid-python): their headers and
+the `_PyRuntime` of their static executables. Synthetic `_PyRuntime` prefixes, written
+out here member by member, test how the parser takes a struct it knows and one of a
+minor version newer than any it knows."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-from conftest import include_dir, pyenv_python, skip_or_fail
+from conftest import SID_MINORS, SID_ROOT, include_dir, pyenv_python, skip_or_fail
 from elftools.elf.elffile import ELFFile
 
 from bpfprof.symbolizer.errors import MalformedInput
@@ -29,13 +31,15 @@ from bpfprof.symbolizer.interpreters.python.layouts import (
     OBJECT_LAYOUTS,
     ObjectLayout,
     PythonLayout,
+    _CHECKED,
     _DEBUG_OFFSETS_LAYOUTS,
+    _OPTIONAL,
     layout_for,
     parse_debug_offsets,
 )
 
 TABLE_MINORS = (6, 7, 8, 9, 10, 11, 12)
-DEBUG_OFFSETS_MINORS = (13,)  # 3.14 has no installed headers here: its synthetic test is below
+DEBUG_OFFSETS_MINORS = (13, 14, 15)
 LAYOUT_FIELDS = [f.name for f in dataclasses.fields(PythonLayout) if f.name not in ("version", "objects")]
 # ObjectLayout's offsets; instance_dict and long_tagged, no numbers, are checked by the
 # live processes of test_python_thread_names.py.
@@ -48,8 +52,14 @@ PT_LOAD = "PT_LOAD"
 
 
 def installed_version(minor: int) -> Path:
-    """The prefix of the newest pyenv-installed 3.<minor>, which must ship its headers."""
-    prefix = Path(pyenv_python(minor)).parent.parent
+    """The prefix of 3.<minor>, which must ship its headers: the newest pyenv-installed
+    one, or the sid chroot's /usr."""
+    if minor in SID_MINORS:
+        prefix = SID_ROOT / "usr"
+        if not (prefix / "bin" / f"python3.{minor}").is_file():
+            skip_or_fail(f"no python3.{minor} in {SID_ROOT} (scripts/sid-python builds it)")
+    else:
+        prefix = Path(pyenv_python(minor)).parent.parent
     if not (include_dir(prefix, minor) / "Python.h").is_file():
         skip_or_fail(f"CPython 3.{minor} under {prefix} has no headers")
     return prefix
@@ -113,12 +123,11 @@ def object_c_expressions(minor: int) -> Dict[str, Optional[str]]:
     managed_dict = {
         11: f"(char *)_PyObject_ManagedDictPointer({obj}) - (char *){obj}",
         12: f"(char *)_PyObject_DictOrValuesPointer({obj}) - (char *){obj}",
-        13: "MANAGED_DICT_OFFSET",
     }
-    managed_values = {
-        11: f"(char *)_PyObject_ValuesPointer({obj}) - (char *){obj}",
-        13: f"(char *)_PyObject_InlineValues({obj}) - (char *){obj}",
-    }
+    managed_values = {11: f"(char *)_PyObject_ValuesPointer({obj}) - (char *){obj}"}
+    if minor >= 13:
+        managed_dict[minor] = "MANAGED_DICT_OFFSET"
+        managed_values[minor] = f"(char *)_PyObject_InlineValues({obj}) - (char *){obj}"
     return {
         "object_type": "offsetof(PyObject, ob_type)",
         "module_dict": "offsetof(PyModuleObject, md_dict)" if minor >= 10 else None,
@@ -164,8 +173,10 @@ def c_program(minor: int) -> str:
     if minor <= 10:                            # 3.8's Python.h leaves out code.h
         lines += ["#include <code.h>", "#include <frameobject.h>", "#include <longintrepr.h>"]
     lines += [f'#include "{header}"' for header in internal_headers(minor)]
-    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "static PyObject an_object;", "",
-              "int main(void) {"]
+    # From 3.14 _PyObject_InlineValues reads the object's type's tp_basicsize.
+    lines += ["#include <stddef.h>", "#include <stdio.h>", "", "static PyTypeObject a_type;",
+              "static PyObject an_object;", "", "int main(void) {", "    a_type.tp_basicsize = sizeof(PyObject);",
+              "    an_object.ob_type = &a_type;"]
     measures = {name: expr for name, expr in c_expressions(minor).items() if expr is not None}
     measures.update({f"objects.{name}": expr for name, expr in object_c_expressions(minor).items()
                      if expr is not None})
@@ -195,8 +206,10 @@ def measure(tmp_path_factory):
         source, binary = work / "layout.c", work / "layout"
         source.write_text(c_program(minor))
         # NDEBUG: the inline helpers of object_c_expressions assert on the object's type otherwise.
+        # -idirafter: Debian's pyconfig.h is under the prefix's include/<multiarch>/, found
+        # after the compiler's own headers.
         compile_cmd = ["gcc", "-w", "-DNDEBUG", "-o", str(binary), "-I", str(include),
-                       "-I", str(include / "internal"), str(source)]
+                       "-I", str(include / "internal"), "-idirafter", str(prefix / "include"), str(source)]
         result = subprocess.run(compile_cmd, capture_output=True, text=True)
         assert result.returncode == 0, f"compiling against 3.{minor} headers failed:\n{result.stderr}"
         output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
@@ -327,12 +340,12 @@ def test_debug_offsets_rejects_offsets_outside_their_structures():
 
 
 # ---------------------------------------------------------------------------------------
-# 3.14 without an installed 3.14: a synthetic start of _PyRuntime
+# Synthetic starts of _PyRuntime: 3.14, 3.15, and minor versions newer than any known
 
 # _Py_DebugOffsets of 3.14 after its 24-byte header, group by group in the order of
 # include/python3.14/internal/pycore_debug_offsets.h, written out here independently of
 # the parser's own list. The values are those of Debian's 3.14.10 (x86-64, GIL build),
-# which the parser was checked against together with that build's headers.
+# which test_debug_offsets_match_headers checks the parser against with that build's headers.
 DEBUG_OFFSETS_3_14_10 = (
     ("runtime_state", (("size", 316616), ("finalizing", 784), ("interpreters_head", 808))),
     ("interpreter_state", (("size", 225864), ("id", 7280), ("next", 7272), ("threads_head", 7344),
@@ -380,18 +393,77 @@ LAYOUT_3_14_10 = PythonLayout(
     code_linetable=136, code_adaptive=208,
     unicode_state=32, unicode_length=16, unicode_ascii_data=40, unicode_compact_data=56,
     bytes_size=16, bytes_data=32,
-    objects=None,                 # no object table for 3.14: no thread names
+    objects=dataclasses.replace(OBJECT_LAYOUTS[(3, 14)], object_type=8, type_flags=168, dict_keys=32,
+                                dict_values=40, long_size=16, long_digits=24),
 )
+
+# The same for Debian's 3.15.2, from include/python3.15/internal/pycore_debug_offsets.h;
+# the groups whose members and values are those of 3.14.10 are taken from above.
+SHARED_3_14 = dict(DEBUG_OFFSETS_3_14_10)
+DEBUG_OFFSETS_3_15_2 = (
+    ("runtime_state", (("size", 346568), ("finalizing", 912), ("interpreters_head", 936))),
+    ("interpreter_state", (("size", 226240), ("id", 7272), ("next", 7264), ("threads_head", 7336),
+                           ("threads_main", 7352), ("gc", 7400), ("imports_modules", 7592), ("sysdict", 7576),
+                           ("builtins", 7584), ("ceval_gil", 16), ("gil_runtime_state", 7736),
+                           ("gil_runtime_state_enabled", 0), ("gil_runtime_state_locked", 7752),
+                           ("gil_runtime_state_holder", 7744), ("code_object_generation", 7944),
+                           ("tlbc_generation", 0))),
+    ("thread_state", (("size", 888), ("prev", 0), ("next", 8), ("interp", 16), ("current_frame", 72),
+                      ("base_frame", 80), ("last_profiled_frame", 88), ("last_profiled_frame_seq", 96),
+                      ("thread_id", 176), ("native_thread_id", 184), ("datastack_chunk", 256), ("status", 32),
+                      ("holds_gil", 36), ("gil_requested", 40), ("current_exception", 136), ("exc_state", 288))),
+    ("err_stackitem", (("exc_value", 0),)),
+    ("interpreter_frame", (("size", 88), ("previous", 8), ("executable", 0), ("instr_ptr", 56),
+                           ("localsplus", 80), ("owner", 74), ("stackpointer", 64), ("tlbc_index", 0))),
+    ("code_object", (("size", 216), ("filename", 112), ("name", 120), ("qualname", 128), ("linetable", 136),
+                     ("firstlineno", 68), ("argcount", 52), ("localsplusnames", 96), ("localspluskinds", 104),
+                     ("co_code_adaptive", 208), ("co_tlbc", 0))),
+    ("pyobject", (("size", 16), ("ob_type", 8))),
+    ("type_object", (("size", 424), ("tp_name", 24), ("tp_repr", 88), ("tp_flags", 168), ("tp_basicsize", 32),
+                     ("tp_dictoffset", 288))),
+    ("heap_type_object", (("size", 944), ("ht_cached_keys", 888))),
+    ("tuple_object", SHARED_3_14["tuple_object"]),
+    ("list_object", SHARED_3_14["list_object"]),
+    ("set_object", SHARED_3_14["set_object"]),
+    ("dict_object", SHARED_3_14["dict_object"]),
+    ("float_object", SHARED_3_14["float_object"]),
+    ("long_object", SHARED_3_14["long_object"]),
+    ("bytes_object", SHARED_3_14["bytes_object"]),
+    ("unicode_object", (("size", 64), ("state", 32), ("length", 16), ("asciiobject_size", 40),
+                        ("compactunicodeobject_size", 56))),
+    ("gc", (("size", 176), ("collecting", 112), ("frame", 120), ("generation_stats_size", 1120),
+            ("generation_stats", 104))),
+    ("gen_object", SHARED_3_14["gen_object"]),
+    ("llist_node", SHARED_3_14["llist_node"]),
+    ("debugger_support", (("eval_breaker", 24), ("remote_debugger_support", 344),
+                          ("remote_debugging_enabled", 8028), ("debugger_pending_call", 0),
+                          ("debugger_script_path", 4), ("debugger_script_path_size", 512))),
+)
+
+LAYOUT_3_15_2 = dataclasses.replace(
+    LAYOUT_3_14_10, version=(3, 15), runtime_interpreters_head=936,
+    interp_next=7264, interp_threads_head=7336, interp_modules=7592, tstate_thread_id=176, tstate_native_thread_id=184,
+    objects=dataclasses.replace(LAYOUT_3_14_10.objects, heaptype_cached_keys=888),
+)
+
+MEMBER_LISTS = {(3, 14): DEBUG_OFFSETS_3_14_10, (3, 15): DEBUG_OFFSETS_3_15_2}
+
+
+def synthetic_runtime(groups, version_hex: int, size: int = DEBUG_OFFSETS_SIZE) -> bytes:
+    """The first `size` bytes of a `_PyRuntime` whose debug offsets hold `groups`: cookie,
+    version, free_threaded = 0, the members, then bytes that belong to _PyRuntimeState
+    proper (not zero, so that a parser reading past the struct would notice)."""
+    values = [value for _, members in groups for _, value in members]
+    data = DEBUG_OFFSETS_COOKIE + struct.pack("<QQ", version_hex, 0) + struct.pack(f"<{len(values)}Q", *values)
+    return (data + b"\xa5" * max(size, DEBUG_OFFSETS_SIZE))[:size]
 
 
 def synthetic_runtime_3_14(version_hex: int = 0x030E0AF0, size: int = DEBUG_OFFSETS_SIZE) -> bytes:
-    """The first `size` bytes of a 3.14 `_PyRuntime`: cookie, version, free_threaded = 0,
-    the members above, then bytes that belong to _PyRuntimeState proper (not zero, so
-    that a parser reading past the struct would notice)."""
-    values = [value for _, members in DEBUG_OFFSETS_3_14_10 for _, value in members]
-    data = DEBUG_OFFSETS_COOKIE + struct.pack("<QQ", version_hex, 0) + struct.pack(f"<{len(values)}Q", *values)
-    assert len(data) == SIZEOF_DEBUG_OFFSETS_3_14
-    return (data + b"\xa5" * DEBUG_OFFSETS_SIZE)[:size]
+    return synthetic_runtime(DEBUG_OFFSETS_3_14_10, version_hex, size)
+
+
+def test_debug_offsets_3_15_synthetic():
+    assert parse_debug_offsets(synthetic_runtime(DEBUG_OFFSETS_3_15_2, 0x030F02F0)) == LAYOUT_3_15_2
 
 
 def test_debug_offsets_3_14_synthetic():
@@ -405,11 +477,16 @@ def test_debug_offsets_3_14_every_release(version_hex):
     assert parse_debug_offsets(synthetic_runtime_3_14(version_hex)) == LAYOUT_3_14_10
 
 
-def test_debug_offsets_3_14_member_order():
+@pytest.mark.parametrize("version", sorted(MEMBER_LISTS), ids=["3.14", "3.15"])
+def test_debug_offsets_member_order(version):
     # Members PythonLayout does not take move no field when swapped, so the order of
     # every member is compared as well: it decides where later structs' members are.
-    names = [(group, tuple(name for name, _ in members)) for group, members in DEBUG_OFFSETS_3_14_10]
-    assert [(group, tuple(members)) for group, members in _DEBUG_OFFSETS_LAYOUTS[(3, 14)]] == names
+    names = [(group, tuple(name for name, _ in members)) for group, members in MEMBER_LISTS[version]]
+    assert [(group, tuple(members)) for group, members in _DEBUG_OFFSETS_LAYOUTS[version]] == names
+
+
+def test_debug_offsets_3_14_is_its_size():
+    assert len(synthetic_runtime_3_14(size=2 * DEBUG_OFFSETS_SIZE).rstrip(b"\xa5")) == SIZEOF_DEBUG_OFFSETS_3_14
 
 
 def test_debug_offsets_3_14_exactly_its_size():
@@ -433,7 +510,7 @@ def test_debug_offsets_unknown_future_version_message():
     message = str(raised.value)
     assert "\n" not in message
     assert "CPython 3.99 " in message and "0x36300f0" in message
-    assert "known: 3.13, 3.14" in message
+    assert "known: 3.13, 3.14, 3.15" in message
 
 
 @pytest.mark.parametrize("data", [fake_debug_offsets(0x030D00F0), synthetic_runtime_3_14()], ids=["3.13", "3.14"])
@@ -453,3 +530,71 @@ def test_debug_offsets_claiming_huge_structures_are_refused():
         struct.pack_into("<Q", data, 24 + 8 * names.index(member), value)
     with pytest.raises(MalformedInput, match="asciiobject_size"):
         parse_debug_offsets(bytes(data))
+
+
+# A minor version newer than any known is read with the newest member list (3.15's), and
+# taken only if every member read passes its checks.
+
+FUTURE_HEX = 0x031000F0     # 3.16.0
+
+
+def inserted(groups, group: str, after: Optional[str], *members: Tuple[str, int]):
+    """`groups` with `members` put into `group` after member `after` (at the end for None);
+    a group not there yet is appended at the end of the struct."""
+    if group not in [name for name, _ in groups]:
+        return (*groups, (group, members))
+    result = []
+    for name, old in groups:
+        if name == group:
+            at = len(old) if after is None else [m for m, _ in old].index(after) + 1
+            old = (*old[:at], *members, *old[at:])
+        result.append((name, old))
+    return tuple(result)
+
+
+def test_a_future_version_that_adds_after_what_is_read_is_read_as_the_newest():
+    groups = inserted(DEBUG_OFFSETS_3_15_2, "gc", "collecting", ("visited_space", 128))
+    groups = inserted(groups, "jit_state", None, ("size", 96), ("executors", 8))
+    layout = parse_debug_offsets(synthetic_runtime(groups, FUTURE_HEX))
+    # No object table for 3.16: its other object offsets are nowhere to be read.
+    assert layout == dataclasses.replace(LAYOUT_3_15_2, version=(3, 16), objects=None)
+
+
+def test_a_future_version_that_moves_what_is_read_is_refused_naming_each_offset():
+    """A member inserted in thread_state before thread_id (as 3.15 did to 3.14's list)
+    shifts everything after it: the message names every offset that fails."""
+    groups = inserted(DEBUG_OFFSETS_3_15_2, "thread_state", "current_frame", ("entry_frame", 104))
+    with pytest.raises(MalformedInput) as raised:
+        parse_debug_offsets(synthetic_runtime(groups, FUTURE_HEX))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("_Py_DebugOffsets of CPython 3.16 (PY_VERSION_HEX 0x31000f0) do not read as "
+                              "3.15's, the newest known (known: 3.13, 3.14, 3.15): ")
+    assert message.endswith("; 3.16 needs a member list of its own")
+    for problem in ("pyobject.size = 0, not 16", "pyobject.ob_type = 16, not 8",
+                    "code_object.firstlineno = 136 is not below the structure's size 0",
+                    "interpreter_frame.owner = 80 is not below the structure's size 0"):
+        assert problem in message
+
+
+@pytest.mark.parametrize("member, value, problem", [
+    ("thread_state.current_frame", 76, "thread_state.current_frame = 76 is not 8-byte aligned"),
+    ("code_object.firstlineno", 70, "code_object.firstlineno = 70 is not 4-byte aligned"),
+    ("code_object.qualname", 216, "code_object.qualname = 216 is not below the structure's size 216"),
+    ("bytes_object.ob_size", 24, "bytes_object.ob_size = 24, not 16"),
+    ("unicode_object.compactunicodeobject_size", 64,
+     "unicode_object.compactunicodeobject_size = 64 is not below the structure's size 64"),
+])
+def test_each_check_of_a_known_version(member, value, problem):
+    group, name = member.split(".")
+    groups = tuple((g, tuple((m, value if (g, m) == (group, name) else v) for m, v in members))
+                   for g, members in DEBUG_OFFSETS_3_15_2)
+    with pytest.raises(MalformedInput) as raised:
+        parse_debug_offsets(synthetic_runtime(groups, 0x030F02F0))
+    assert str(raised.value) == f"_Py_DebugOffsets of CPython 3.15: {problem}"
+
+
+@pytest.mark.parametrize("version", sorted(_DEBUG_OFFSETS_LAYOUTS), ids=lambda v: f"{v[0]}.{v[1]}")
+def test_every_member_list_holds_every_member_read(version):
+    names = {f"{group}.{member}" for group, members in _DEBUG_OFFSETS_LAYOUTS[version] for member in members}
+    assert set(_CHECKED) - set(_OPTIONAL) <= names

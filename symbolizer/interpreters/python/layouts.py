@@ -10,11 +10,13 @@ minor version.
 * 3.13 and later: `_PyRuntime` opens with `_Py_DebugOffsets`, a table of offsets that
   CPython itself fills in for out-of-process tools. `parse_debug_offsets` decodes it from
   the first `DEBUG_OFFSETS_SIZE` bytes of `_PyRuntime` read out of the target; it is the
-  only reader of that struct.
+  only reader of that struct. What is kept here per minor version is only the order of
+  the struct's members (its own layout changes between minor versions); a later minor
+  version is read with the newest order, and checked.
 
 Reading thread names takes more: sys.modules, module, type, dict, int and instance
 attribute offsets. A layout's `objects` holds them (an `ObjectLayout`, from the table
-`OBJECT_LAYOUTS`, 3.6 to 3.13); it is None for a version without an entry there.
+`OBJECT_LAYOUTS`, 3.6 to 3.15); it is None for a version without an entry there.
 
 All numbers are for x86-64 Linux release builds (no Py_DEBUG, no Py_TRACE_REFS).
 A field that does not exist in a version holds -1 (`ABSENT`).
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from bpfprof.symbolizer.errors import MalformedInput
 
@@ -54,6 +56,9 @@ DICT_POINTER = "dict pointer"          # <= 3.10: a dict at obj + type->tp_dicto
 VALUES_OR_DICT = "values or dict"      # 3.11: two pointers in front of the object
 TAGGED_DICT_OR_VALUES = "tagged"       # 3.12: one pointer in front, low bit 1 = values
 INLINE_VALUES = "inline values"        # 3.13: values inside the object, dict in front
+INLINE_VALUES_AFTER_SLOTS = "inline values after slots"  # 3.14+: as 3.13, values at obj + tp_basicsize
+
+TYPE_BASICSIZE = 32  # offsetof(PyTypeObject, tp_basicsize), the same in every version
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class ObjectLayout:
     values_valid: int            # offsetof(PyDictValues, valid) (uint8_t, 3.13+)
     instance_dict: str           # one of the four ways above
     managed_dict: int            # 3.11+: where the (tagged) dict pointer is, from the object
-    managed_values: int          # 3.11: the values pointer; 3.13: the inline values, from the object
+    managed_values: int          # 3.11: the values pointer; 3.13+: the inline values, from the object
+                                 # (3.14+: of a type without __slots__; else after them, at tp_basicsize)
     long_size: int               # ob_size (<= 3.11) / long_value.lv_tag (3.12+)
     long_digits: int             # ob_digit / long_value.ob_digit; 30-bit digits in uint32
     long_tagged: bool            # lv_tag: digit count << 3 | sign (0 +, 1 zero, 2 -)
@@ -181,6 +187,14 @@ OBJECT_LAYOUTS: Dict[Tuple[int, int], ObjectLayout] = {
         long_size=ABSENT, long_digits=ABSENT, long_tagged=True,
     ),
 }
+
+# 3.14: as 3.13 (the same headers, measured against Debian's 3.14.10), except that the
+# inline values follow the slots of a type that has __slots__ (internal/pycore_object.h:
+# _PyObject_InlineValues = obj + tp_basicsize).
+OBJECT_LAYOUTS[(3, 14)] = replace(OBJECT_LAYOUTS[(3, 13)], instance_dict=INLINE_VALUES_AFTER_SLOTS)
+# 3.15: as 3.14, except that PyHeapTypeObject grows a slot before ht_cached_keys
+# (measured against Debian's 3.15.2).
+OBJECT_LAYOUTS[(3, 15)] = replace(OBJECT_LAYOUTS[(3, 14)], heaptype_cached_keys=888)
 
 
 @dataclass(frozen=True)
@@ -349,7 +363,7 @@ def layout_for(version: Tuple[int, int]) -> Optional[PythonLayout]:
 
 DEBUG_OFFSETS_COOKIE = b"xdebugpy"
 # How many bytes from the start of _PyRuntime a caller should read and hand to
-# parse_debug_offsets. 3.13's struct takes 584 and 3.14's 760; the rest is room for
+# parse_debug_offsets. 3.13's struct takes 584, 3.14's 760 and 3.15's 888; the rest is room for
 # later, longer ones.
 DEBUG_OFFSETS_SIZE = 1024
 _FREE_THREADED_AT = 16  # every version's struct opens with cookie, version and uint64 free_threaded
@@ -361,12 +375,14 @@ def debug_offsets_free_threaded(data: bytes) -> bool:
     return len(data) >= _FREE_THREADED_AT + 8 and struct.unpack_from("<Q", data, _FREE_THREADED_AT)[0] != 0
 
 # The struct opens with char cookie[8], uint64 version (PY_VERSION_HEX) and uint64
-# free_threaded (the same three in 3.13 and 3.14); then come nested structs made only of
+# free_threaded (the same three in 3.13 to 3.15); then come nested structs made only of
 # uint64 members, so each member's position follows from the order below. The struct is
-# not kept compatible between minor versions, so each minor version needs its own list
-# (and an unknown one is refused). Within a minor version it only holds still from the
-# first release candidate on: alphas and betas added and moved members, so those are
-# refused too (a pre-release is only safe to read with headers of that very build).
+# not kept compatible between minor versions (3.15 inserts members where 3.14 had
+# others), so each minor version has its own list; a newer one is read with the newest
+# list and taken only if every member read passes its checks (parse_debug_offsets).
+# Within a minor version it only holds still from the first release candidate on: alphas
+# and betas added and moved members, so those are refused (a pre-release is only safe to
+# read with headers of that very build).
 _DEBUG_OFFSETS_HEADER = 24
 _DebugOffsetsLayout = Sequence[Tuple[str, Sequence[str]]]
 
@@ -401,12 +417,31 @@ _DEBUG_OFFSETS_3_13: _DebugOffsetsLayout = (
 # debugger_support after gc. llist_node and debugger_support have no size member.
 # Checked to be identical in 3.14.0 and 3.14.10 (the values differ between patch
 # releases, e.g. PyInterpreterState grew, but not the struct that carries them).
-_DEBUG_OFFSETS_3_14: _DebugOffsetsLayout = (
+# Kept in runs, three of which 3.15's list repeats.
+_FIRST_GROUPS_3_14: _DebugOffsetsLayout = (
     ("runtime_state", ("size", "finalizing", "interpreters_head")),
     ("interpreter_state", ("size", "id", "next", "threads_head", "threads_main", "gc", "imports_modules",
                            "sysdict", "builtins", "ceval_gil", "gil_runtime_state", "gil_runtime_state_enabled",
                            "gil_runtime_state_locked", "gil_runtime_state_holder", "code_object_generation",
                            "tlbc_generation")),
+)
+_OBJECT_GROUPS_3_14: _DebugOffsetsLayout = (
+    ("tuple_object", ("size", "ob_item", "ob_size")),
+    ("list_object", ("size", "ob_item", "ob_size")),
+    ("set_object", ("size", "used", "table", "mask")),
+    ("dict_object", ("size", "ma_keys", "ma_values")),
+    ("float_object", ("size", "ob_fval")),
+    ("long_object", ("size", "lv_tag", "ob_digit")),
+    ("bytes_object", ("size", "ob_size", "ob_sval")),
+)
+_LAST_GROUPS_3_14: _DebugOffsetsLayout = (
+    ("gen_object", ("size", "gi_name", "gi_iframe", "gi_frame_state")),
+    ("llist_node", ("next", "prev")),
+    ("debugger_support", ("eval_breaker", "remote_debugger_support", "remote_debugging_enabled",
+                          "debugger_pending_call", "debugger_script_path", "debugger_script_path_size")),
+)
+_DEBUG_OFFSETS_3_14: _DebugOffsetsLayout = (
+    *_FIRST_GROUPS_3_14,
     ("thread_state", ("size", "prev", "next", "interp", "current_frame", "thread_id",
                       "native_thread_id", "datastack_chunk", "status")),
     ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner",
@@ -415,24 +450,43 @@ _DEBUG_OFFSETS_3_14: _DebugOffsetsLayout = (
                      "localsplusnames", "localspluskinds", "co_code_adaptive", "co_tlbc")),
     ("pyobject", ("size", "ob_type")),
     ("type_object", ("size", "tp_name", "tp_repr", "tp_flags")),
-    ("tuple_object", ("size", "ob_item", "ob_size")),
-    ("list_object", ("size", "ob_item", "ob_size")),
-    ("set_object", ("size", "used", "table", "mask")),
-    ("dict_object", ("size", "ma_keys", "ma_values")),
-    ("float_object", ("size", "ob_fval")),
-    ("long_object", ("size", "lv_tag", "ob_digit")),
-    ("bytes_object", ("size", "ob_size", "ob_sval")),
+    *_OBJECT_GROUPS_3_14,
     ("unicode_object", ("size", "state", "length", "asciiobject_size")),
     ("gc", ("size", "collecting")),
-    ("gen_object", ("size", "gi_name", "gi_iframe", "gi_frame_state")),
-    ("llist_node", ("next", "prev")),
-    ("debugger_support", ("eval_breaker", "remote_debugger_support", "remote_debugging_enabled",
-                          "debugger_pending_call", "debugger_script_path", "debugger_script_path_size")),
+    *_LAST_GROUPS_3_14,
+)
+
+# From include/python3.15/internal/pycore_debug_offsets.h (3.15.2). 3.14's list is no
+# longer a prefix of it: thread_state gains base_frame, last_profiled_frame and
+# last_profiled_frame_seq between current_frame and thread_id, and holds_gil,
+# gil_requested, current_exception and exc_state at its end; an err_stackitem group
+# (exc_value, no size) comes before interpreter_frame; type_object gains tp_basicsize and
+# tp_dictoffset, followed by a heap_type_object group (size, ht_cached_keys);
+# unicode_object gains compactunicodeobject_size, gc frame, generation_stats_size and
+# generation_stats.
+_DEBUG_OFFSETS_3_15: _DebugOffsetsLayout = (
+    *_FIRST_GROUPS_3_14,
+    ("thread_state", ("size", "prev", "next", "interp", "current_frame", "base_frame", "last_profiled_frame",
+                      "last_profiled_frame_seq", "thread_id", "native_thread_id", "datastack_chunk", "status",
+                      "holds_gil", "gil_requested", "current_exception", "exc_state")),
+    ("err_stackitem", ("exc_value",)),
+    ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner",
+                           "stackpointer", "tlbc_index")),
+    ("code_object", ("size", "filename", "name", "qualname", "linetable", "firstlineno", "argcount",
+                     "localsplusnames", "localspluskinds", "co_code_adaptive", "co_tlbc")),
+    ("pyobject", ("size", "ob_type")),
+    ("type_object", ("size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset")),
+    ("heap_type_object", ("size", "ht_cached_keys")),
+    *_OBJECT_GROUPS_3_14,
+    ("unicode_object", ("size", "state", "length", "asciiobject_size", "compactunicodeobject_size")),
+    ("gc", ("size", "collecting", "frame", "generation_stats_size", "generation_stats")),
+    *_LAST_GROUPS_3_14,
 )
 
 _DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], _DebugOffsetsLayout] = {
     (3, 13): _DEBUG_OFFSETS_3_13,
     (3, 14): _DEBUG_OFFSETS_3_14,
+    (3, 15): _DEBUG_OFFSETS_3_15,
 }
 
 # PY_VERSION_HEX's release level (bits 4-7): 0xA alpha, 0xB beta, 0xC candidate, 0xF final.
@@ -489,11 +543,12 @@ _DEBUG_OFFSETS_OBJECTS = {
     "long_digits": "long_object.ob_digit",
 }
 
-# The one PythonLayout value (beside `objects`) the debug offsets do not carry:
-# sizeof(PyCompactUnicodeObject).
-# Since 3.12 that struct is a PyASCIIObject followed by Py_ssize_t utf8_length and
-# char *utf8 and nothing else (3.13's cpython/unicodeobject.h; 3.14 keeps it), so it is
-# asciiobject_size plus two 8-byte members.
+# sizeof(PyCompactUnicodeObject), which the debug offsets carry from 3.15 on
+# (unicode_object.compactunicodeobject_size). Before, it follows from asciiobject_size:
+# since 3.12 the struct is a PyASCIIObject followed by Py_ssize_t utf8_length and
+# char *utf8 and nothing else (3.13's and 3.14's cpython/unicodeobject.h), two 8-byte
+# members more.
+_COMPACT_UNICODE_SIZE = "unicode_object.compactunicodeobject_size"
 _COMPACT_UNICODE_EXTRA = 16
 
 
@@ -510,6 +565,54 @@ def _positions(layout: _DebugOffsetsLayout) -> Tuple[Dict[str, int], int]:
 
 _MAX_STRUCT = 1 << 24  # bytes: _PyRuntimeState and PyInterpreterState, the largest, take a few hundred KiB
 
+# The alignment of what a member locates, where it is not 8 (pointers, longs, Py_ssize_t):
+# an offset that breaks it was read from the wrong place.
+_ALIGNMENT = {
+    "interpreter_frame.owner": 1,       # char
+    "code_object.firstlineno": 4,       # int
+    "unicode_object.state": 4,          # a struct of unsigned int bit fields
+    "long_object.ob_digit": 4,          # digit[], uint32_t
+    "bytes_object.ob_sval": 1,          # char[]
+}
+
+# Members whose values every default (GIL) build has: each object opens with PyObject
+# (ob_refcnt, ob_type) and each variable-size one with PyVarObject (then ob_size), as the
+# stable ABI fixes. A member list read at positions other than CPython's cannot give them
+# all, so they show whether the groups up to bytes_object are where the list puts them.
+_ABI_VALUES = {
+    "pyobject.size": 16,
+    "pyobject.ob_type": 8,
+    "tuple_object.ob_size": 16,
+    "list_object.ob_size": 16,
+    "bytes_object.ob_size": 16,
+}
+
+# Every member read and checked: those PythonLayout and ObjectLayout take, and the above;
+# the optional ones only where the version's list has them.
+_OPTIONAL = (_COMPACT_UNICODE_SIZE,)
+_CHECKED = (*_FROM_DEBUG_OFFSETS.values(), *_DEBUG_OFFSETS_OBJECTS.values(), *_ABI_VALUES, *_OPTIONAL)
+
+
+def _problems(member: Callable[[str], int], has: Callable[[str], bool]) -> List[str]:
+    """What is wrong with the members bpfprof reads, one phrase each: outside its
+    structure (whose size the struct gives, and no structure is larger than _MAX_STRUCT:
+    the struct is the process's to write), misaligned, or an ABI member with another
+    value. For asciiobject_size and compactunicodeobject_size, sizes themselves, "inside"
+    holds as well: PyUnicodeObject is larger."""
+    problems = []
+    for name in dict.fromkeys(_CHECKED):
+        if name in _OPTIONAL and not has(name):
+            continue
+        value, size = member(name), member(name.split(".")[0] + ".size")
+        if name in _ABI_VALUES:
+            if value != _ABI_VALUES[name]:
+                problems.append(f"{name} = {value}, not {_ABI_VALUES[name]}")
+        elif not value < min(size, _MAX_STRUCT):
+            problems.append(f"{name} = {value} is not below the structure's size {min(size, _MAX_STRUCT)}")
+        elif value % _ALIGNMENT.get(name, 8):
+            problems.append(f"{name} = {value} is not {_ALIGNMENT.get(name, 8)}-byte aligned")
+    return problems
+
 
 def parse_debug_offsets(data: bytes) -> PythonLayout:
     """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
@@ -517,9 +620,14 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     Its `objects` takes the members the struct carries and the rest from OBJECT_LAYOUTS,
     or is None for a version without an entry there.
 
+    A minor version newer than any here is read with the newest member list, and taken
+    if every member read passes the checks of `_problems`: right when that version only
+    added members after the last one read (groups appended at the end, members to gc and
+    later groups), refused, naming each offset that fails, when it moved them.
+
     Raises MalformedInput when the bytes are not debug offsets (wrong cookie), come from a
-    version before 3.13, from a minor version whose struct layout is not known here, or
-    hold offsets that cannot be right."""
+    version before 3.13, from an alpha or beta, from a free-threaded build, or hold
+    offsets that cannot be right, naming each."""
     data = bytes(data)
     if len(data) < 16:
         raise MalformedInput(f"_Py_DebugOffsets: got {len(data)} bytes, need at least 16 for cookie and version")
@@ -533,45 +641,38 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
     if version < (3, 13):
         raise MalformedInput(f"_Py_DebugOffsets: version field says CPython {version_text} "
                          f"(PY_VERSION_HEX {version_hex:#x}); debug offsets exist from 3.13 on")
-    layout = _DEBUG_OFFSETS_LAYOUTS.get(version)
-    if layout is None:
-        known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
-        raise MalformedInput(f"_Py_DebugOffsets: no known layout of the struct for CPython {version_text} "
-                         f"(PY_VERSION_HEX {version_hex:#x}; it changes between minor versions; known: {known})")
     if (version_hex >> 4) & 0xF < _RELEASE_CANDIDATE:
         raise MalformedInput(f"_Py_DebugOffsets: CPython {_version_text(version_hex)} is an alpha or beta, "
-                         f"whose struct may differ from {version_text}'s releases (known from {version_text}.0rc1 on)")
+                         f"whose struct may differ from {version_text}'s releases (read from {version_text}.0rc1 on)")
     (free_threaded,) = struct.unpack_from("<Q", data, 16)
     if free_threaded:
         # Threads run bytecode from copies of their own (tlbc), not co_code_adaptive.
         raise MalformedInput(f"_Py_DebugOffsets: CPython {version_text} is a free-threaded build, not read yet")
-    positions, size = _positions(layout)
+    read_as = version if version in _DEBUG_OFFSETS_LAYOUTS else max(_DEBUG_OFFSETS_LAYOUTS)
+    read_as_text = f"{read_as[0]}.{read_as[1]}"
+    positions, size = _positions(_DEBUG_OFFSETS_LAYOUTS[read_as])
     if len(data) < size:
-        raise MalformedInput(f"_Py_DebugOffsets: CPython {version_text}'s struct takes {size} bytes, got {len(data)}")
+        raise MalformedInput(f"_Py_DebugOffsets: CPython {read_as_text}'s struct takes {size} bytes, got {len(data)}")
 
     def member(name: str) -> int:
         return struct.unpack_from("<Q", data, positions[name])[0]
 
-    def members(fields: Dict[str, str]) -> Dict[str, int]:
-        values = {field: member(name) for field, name in fields.items()}
-        for field, name in fields.items():
-            # Every offset must fall inside its structure, whose size the struct also gives,
-            # and no structure is larger than _MAX_STRUCT (the struct is the process's to
-            # write). For asciiobject_size, a size itself, that holds as well: PyUnicodeObject
-            # is larger.
-            limit = min(member(name.split(".")[0] + ".size"), _MAX_STRUCT)
-            if not values[field] < limit:
-                raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text}: {name} = {values[field]} "
-                                 f"is not below the structure's size {limit}")
-        return values
-
-    values = members(_FROM_DEBUG_OFFSETS)
+    problems = _problems(member, positions.__contains__)
+    if problems and read_as != version:
+        known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
+        raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text} (PY_VERSION_HEX {version_hex:#x}) "
+                             f"do not read as {read_as_text}'s, the newest known (known: {known}): "
+                             f"{'; '.join(problems)}; {version_text} needs a member list of its own")
+    if problems:
+        raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text}: {'; '.join(problems)}")
     objects = OBJECT_LAYOUTS.get(version)
     return PythonLayout(
         version=version,
         cframe_current_frame=ABSENT,      # no _PyCFrame from 3.13 on
         frame_is_entry=ABSENT,            # entry frames are marked by owner instead
-        unicode_compact_data=values["unicode_ascii_data"] + _COMPACT_UNICODE_EXTRA,
-        objects=None if objects is None else replace(objects, **members(_DEBUG_OFFSETS_OBJECTS)),
-        **values,
+        unicode_compact_data=(member(_COMPACT_UNICODE_SIZE) if _COMPACT_UNICODE_SIZE in positions else
+                              member("unicode_object.asciiobject_size") + _COMPACT_UNICODE_EXTRA),
+        objects=None if objects is None else replace(
+            objects, **{field: member(name) for field, name in _DEBUG_OFFSETS_OBJECTS.items()}),
+        **{field: member(name) for field, name in _FROM_DEBUG_OFFSETS.items()},
     )

@@ -31,7 +31,9 @@ from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 from bpfprof.symbolizer.interpreters.python.layouts import (
     ABSENT,
     DICT_POINTER,
+    INLINE_VALUES_AFTER_SLOTS,
     TAGGED_DICT_OR_VALUES,
+    TYPE_BASICSIZE,
     VALUES_OR_DICT,
     PythonLayout,
 )
@@ -251,7 +253,10 @@ class _Reader:
         if managed:
             return self.dict_get(managed, name)
         if flags & INLINE_VALUES_FLAG:
-            values = obj + o.managed_values
+            at = memory.s64(tp + TYPE_BASICSIZE) if o.instance_dict == INLINE_VALUES_AFTER_SLOTS else o.managed_values
+            if not 0 < at < 1 << 16:
+                return None
+            values = obj + at
             if memory.read(values + o.values_valid, 1)[0]:
                 return self.values_get(tp, values, name)
         return None
