@@ -58,19 +58,22 @@ _LONG_MAX_DIGITS = 3             # enough for any 64-bit pthread_t
 
 @dataclass
 class _Search:
-    """How far one interpreter's sys.modules was searched for threading, or where its
-    `_active` dict is once found (the module is never replaced, nor is that dict)."""
-    keys: int = 0       # the dict's keys object searched; a resize makes a new one
-    searched: int = 0   # its entries looked at: new ones are only ever appended after them
-    active: int = 0
+    """How far one interpreter's sys.modules was searched for a module, or the global of
+    that module looked for, once found (a module is never replaced in sys.modules, and the
+    globals looked for are never rebound)."""
+    keys: int = 0        # the dict's keys object searched; a resize makes a new one
+    searched: int = 0    # its entries looked at: new ones are only ever appended after them
+    found: int = 0       # the global
+    found_type: int = 0  # and its type, to tell it is still there
 
 
 @dataclass
 class Searches:
-    """What reads of one process's thread names found on the way, for the next read: a
+    """What reads of one process's module globals found on the way, for the next read: a
     process that has started threads is read again and again while it starts up, and its
     sys.modules, searched afresh, cost most of each read (1-2 ms)."""
-    by_modules: Dict[int, _Search] = field(default_factory=dict)  # sys.modules dict -> search
+    # (sys.modules dict, module, global) -> search
+    by_modules: Dict[Tuple[int, str, str], _Search] = field(default_factory=dict)
 
 
 def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, searches: Optional[Searches] = None,
@@ -85,7 +88,7 @@ def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, sear
     should, and ValueError for a CPython whose layout has no `objects`."""
     if layout.objects is None:
         raise ValueError(f"no object layout for CPython {layout.version[0]}.{layout.version[1]}")
-    reader = _Reader(memory, layout, searches or Searches(), known)
+    reader = ObjectReader(memory, layout, searches or Searches(), known)
     names: Dict[int, str] = {}
     # The main interpreter comes last in the list; let it have the last word.
     for interp in interpreters(memory, layout, runtime):
@@ -93,12 +96,13 @@ def thread_names(memory: ProcessMemory, layout: PythonLayout, runtime: int, sear
     return names
 
 
-class _Reader:
-    """Reads dicts, ints and instance attributes of one process (str objects through
-    objects.py)."""
+class ObjectReader:
+    """Reads module globals, dicts, ints and instance attributes of one process (str
+    objects through objects.py), within MAX_WORK dict entries in all. `known`: thread
+    idents whose names are not wanted."""
 
     def __init__(self, memory: ProcessMemory, layout: PythonLayout, searches: Searches,
-                 known: Container[int]) -> None:
+                 known: Container[int] = ()) -> None:
         self.memory = memory
         self.layout = layout
         self.o = layout.objects  # there: thread_names checked
@@ -110,8 +114,7 @@ class _Reader:
     def interpreter_thread_names(self, modules: int) -> Dict[int, str]:
         if not modules:
             return {}  # an interpreter being created or torn down
-        self.dict_type = self.type_of(modules)
-        active = self.active_threads(modules)
+        active = self.module_global(modules, "threading", "_active")
         if active is None:
             return {}
         names: Dict[int, str] = {}
@@ -127,21 +130,24 @@ class _Reader:
                 continue  # a thread ending while we look: skip it
         return names
 
-    def active_threads(self, modules: int) -> Optional[int]:
-        """threading._active of the interpreter whose sys.modules is at `modules`, searching
-        only the entries added since the last search."""
-        search = self.searches.by_modules.setdefault(modules, _Search())
-        if search.active and self.type_of(search.active) == self.dict_type:
-            return search.active
+    def module_global(self, modules: int, module: str, name: str) -> Optional[int]:
+        """The global `name` of the module `module` in the interpreter whose sys.modules
+        is at `modules`, or None; the search looks only at the entries added since the last."""
+        self.dict_type = self.type_of(modules)  # sys.modules is a dict
+        search = self.searches.by_modules.setdefault((modules, module, name), _Search())
+        if search.found and self.type_of(search.found) == search.found_type:
+            return search.found
         keys = self.memory.pointer(modules + self.o.dict_keys)
         if keys != search.keys:
             search.keys, search.searched = keys, 0
         for index, key, value in self.dict_items(modules, first=search.searched):
-            if is_str(self.memory, self.layout, key, "threading"):
-                # The module is in sys.modules before its body has run: until _active is
-                # made, the search stays at this entry.
-                search.active = self.dict_get(self.memory.pointer(value + self.o.module_dict), "_active") or 0
-                return search.active or None
+            if is_str(self.memory, self.layout, key, module):
+                # The module is in sys.modules before its body has run: until the global
+                # is made, the search stays at this entry.
+                found = self.dict_get(self.memory.pointer(value + self.o.module_dict), name)
+                if found:
+                    search.found, search.found_type = found, self.type_of(found)
+                return found
             search.searched = index + 1
         return None
 

@@ -1,0 +1,162 @@
+"""The asyncio tasks of a CPython process that are awaiting something, read out of its
+memory: each task's name, the thread its event loop runs on, and its await chain.
+
+A task waiting on I/O is on no thread's stack: its coroutine is suspended in an `await`,
+and so is every coroutine it awaits, down to the one that awaits a future. From the
+outside, for each interpreter:
+
+    sys.modules -> ["asyncio.tasks"] -> the WeakSet of tasks (AsyncioLayout.tasks_global)
+      -> its `data` set -> weak references -> TaskObj
+      -> task_coro, a coroutine -> its inline frame (code object, instruction)
+         -> the top of its value stack, what it awaits: a coroutine again, or the end
+
+A task whose coroutine runs is left out (its frames are on its thread's stack), and so is
+one not started or finished, or whose loop runs on no thread. Objects are told apart by
+their type's tp_name ("coroutine", "str", "int"), read once per type.
+
+Only memory is read: what is read may change underneath or be garbage, so every loop and
+size is bounded and what does not look right raises UnreadableMemory (a whole read) or
+leaves one task out.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from bpfprof.symbolizer.interpreters.python.asyncio_layouts import AsyncioLayout
+from bpfprof.symbolizer.interpreters.python.code_objects import check_of
+from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
+from bpfprof.symbolizer.interpreters.python.objects import read_str
+from bpfprof.symbolizer.interpreters.python.thread_names import ObjectReader, Searches
+from bpfprof.symbolizer.interpreters.python.threads import interpreters
+from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
+
+MAX_TASKS = 4096          # tasks looked at per read
+MAX_SET_SLOTS = 1 << 16   # slots of the set of tasks
+MAX_CHAIN = 64            # coroutines followed down one await chain
+MAX_STACK = 1 << 16       # entries of a frame's value stack
+MAX_NAME_LENGTH = 256     # characters kept of a task name
+MAX_TYPES = 1024          # type names remembered
+_TYPE_NAME_BYTES = 16     # read of a tp_name, enough for the names looked for
+_COROUTINE_TYPES = ("coroutine", "generator")  # async def; @types.coroutine generators
+
+
+@dataclass(frozen=True)
+class AwaitingTask:
+    name: str
+    loop_thread: int  # threading.get_ident() of the loop's thread: PyThreadState.thread_id
+    # (code object, instruction - code object, check) of each coroutine, the innermost awaited first
+    chain: Tuple[Tuple[int, int, int], ...]
+
+
+class TaskReader:
+    """Reads the awaiting tasks of one process again and again, keeping what it found on
+    the way (where the tasks are, the names of types)."""
+
+    def __init__(self, memory: ProcessMemory, layout: PythonLayout, asyncio: AsyncioLayout, runtime: int) -> None:
+        self.memory = memory
+        self.layout = layout
+        self.a = asyncio
+        self.runtime = runtime
+        self.searches = Searches()
+        self._type_names: Dict[int, str] = {}
+
+    def awaiting_tasks(self) -> List[AwaitingTask]:
+        """The tasks of every interpreter that await something now (none without asyncio).
+        Raises UnreadableMemory when the process is gone or its interpreter unreadable."""
+        reader = ObjectReader(self.memory, self.layout, self.searches)
+        tasks: List[AwaitingTask] = []
+        for interp in interpreters(self.memory, self.layout, self.runtime):
+            modules = self.memory.pointer(interp + self.layout.interp_modules)
+            if not modules:
+                continue  # an interpreter being created or torn down
+            weak_set = reader.module_global(modules, "asyncio.tasks", self.a.tasks_global)
+            data = reader.attribute(weak_set, "data") if weak_set else None
+            if data:
+                loops: Dict[int, int] = {}  # loop -> its thread's ident, 0 for none
+                for task in self._set_items(data, MAX_TASKS - len(tasks)):
+                    try:
+                        found = self._awaiting(reader, task, loops)
+                    except UnreadableMemory:
+                        continue  # a task ending while we look: leave it out
+                    if found is not None:
+                        tasks.append(found)
+        return tasks
+
+    def _set_items(self, address: int, limit: int) -> List[int]:
+        """The objects referred to by the weak references of a set, at most `limit`."""
+        memory = self.memory
+        mask, table = memory.s64(address + self.a.set_mask), memory.pointer(address + self.a.set_table)
+        if not 0 <= mask < MAX_SET_SLOTS or (mask + 1) & mask:
+            raise UnreadableMemory(f"not a set at {address:#x} (mask {mask:#x})")
+        data = memory.read(table, (mask + 1) * 16)  # setentry: key, hash
+        objects: List[int] = []
+        for (key, _) in struct.iter_unpack("<QQ", data):
+            if len(objects) >= limit:
+                break
+            if key:  # an empty slot has none; a deleted one holds a dummy that is no task
+                target = memory.pointer(key + self.a.weakref_object)
+                if target:
+                    objects.append(target)
+        return objects
+
+    def _awaiting(self, reader: ObjectReader, task: int, loops: Dict[int, int]) -> Optional[AwaitingTask]:
+        a = self.a
+        raw = self.memory.read(task, a.task_size)
+        loop, coro, name = (struct.unpack_from("<Q", raw, at)[0] for at in (a.task_loop, a.task_coro, a.task_name))
+        if self.type_name(coro) not in _COROUTINE_TYPES:
+            return None  # not a task (a dead reference), or one driving some other awaitable
+        chain = self._chain(coro)
+        if not chain:
+            return None
+        if loop not in loops:
+            ident = reader.attribute(loop, "_thread_id")
+            loops[loop] = (reader.read_ident(ident) or 0) if ident and self.type_name(ident) == "int" else 0
+        if not loops[loop]:
+            return None  # its loop is not running
+        return AwaitingTask(self._task_name(reader, name), loops[loop], tuple(reversed(chain)))
+
+    def _chain(self, coro: int) -> List[Tuple[int, int, int]]:
+        """(code, instruction, check) of the coroutine and of each it awaits, outermost
+        first; empty when the coroutine is not suspended in an await."""
+        a, layout, memory = self.a, self.layout, self.memory
+        chain: List[Tuple[int, int, int]] = []
+        while len(chain) < MAX_CHAIN:
+            raw = memory.read(coro, a.gen_iframe + a.frame_localsplus)
+            state = struct.unpack_from("<b", raw, a.gen_frame_state)[0]
+            if state not in a.suspended_in_await:
+                break
+            frame = a.gen_iframe
+            code, instr = (struct.unpack_from("<Q", raw, frame + at)[0] for at in (layout.frame_code, layout.frame_instr))
+            stacktop = struct.unpack_from("<i", raw, frame + a.frame_stacktop)[0]
+            check = check_of(memory.s32(code + layout.code_firstlineno), memory.pointer(code + layout.code_name))
+            chain.append((code, instr - code, check))  # the instruction as the BPF walker takes it
+            if not 0 < stacktop <= MAX_STACK:
+                break
+            awaited = memory.pointer(coro + frame + a.frame_localsplus + 8 * (stacktop - 1))
+            if self.type_name(awaited) not in _COROUTINE_TYPES:
+                break  # a future, or something else that is no coroutine: the chain ends
+            coro = awaited
+        return chain
+
+    def _task_name(self, reader: ObjectReader, name: int) -> str:
+        kind = self.type_name(name)
+        if kind == "str":
+            return read_str(self.memory, self.layout, name, MAX_NAME_LENGTH)
+        number = reader.read_ident(name) if kind == "int" else None  # 3.12+: named when asked
+        return f"Task-{number}" if number is not None else "[unreadable task name]"
+
+    def type_name(self, address: int) -> str:
+        """The tp_name of an object's type ("" for no object)."""
+        if not address:
+            return ""
+        tp = self.memory.pointer(address + self.layout.objects.object_type)
+        name = self._type_names.get(tp)
+        if name is None:
+            if len(self._type_names) >= MAX_TYPES:
+                self._type_names.clear()
+            raw = self.memory.read(self.memory.pointer(tp + self.a.type_name), _TYPE_NAME_BYTES)
+            name = self._type_names[tp] = raw.split(b"\0", 1)[0].decode("latin-1")
+        return name

@@ -1,0 +1,145 @@
+"""asyncio tasks read out of live CPython processes (3.11+ under pyenv): a script starts
+named tasks awaiting known coroutines, on the main thread's loop and on a second loop in a
+thread, and prints the idents of both threads; `TaskReader` must find each awaiting task
+with its name, its loop's thread and its await chain, leave out the running one, and stay
+within a bounded number of reads. Also: garbage where the tasks should be gives a clean
+error or nothing, never a hang."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import pyenv_python
+from test_python_thread_names import CountingMemory, Running, process_layout
+
+from bpfprof.symbolizer.interpreters.python.asyncio_layouts import ASYNCIO_LAYOUTS, asyncio_layout_for
+from bpfprof.symbolizer.interpreters.python.asyncio_tasks import TaskReader
+from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
+from bpfprof.symbolizer.process_memory import UnreadableMemory
+
+MINORS = tuple(sorted(minor for _, minor in ASYNCIO_LAYOUTS))
+
+SCRIPT = r"""
+import asyncio, json, sys, threading
+
+async def fetch_page():
+    await asyncio.sleep(3600)
+
+async def fetcher():
+    await fetch_page()
+
+async def nap():
+    await asyncio.sleep(3600)
+
+async def sleeper():
+    await nap()
+
+def remote_loop(ready):
+    async def serve():
+        await asyncio.sleep(3600)
+    loop = asyncio.new_event_loop()
+    loop.create_task(serve(), name="remote")
+    loop.call_soon(ready.set)
+    loop.run_forever()
+
+async def main():
+    ready = threading.Event()
+    threading.Thread(target=remote_loop, args=(ready,), name="loop-thread", daemon=True).start()
+    tasks = [asyncio.create_task(fetcher(), name="fetcher"), asyncio.create_task(sleeper(), name="sleeper"),
+             asyncio.create_task(nap())]
+    await asyncio.sleep(0.01)
+    await asyncio.get_running_loop().run_in_executor(None, ready.wait)
+    idents = {t.name: t.ident for t in threading.enumerate()}
+    print(json.dumps({"main": idents["MainThread"], "remote": idents["loop-thread"], "unnamed": tasks[2].get_name()}),
+          flush=True)
+    sys.stdin.read()  # main() runs until stdin closes, its loop's other tasks awaiting
+
+asyncio.run(main(), debug=False)
+"""
+
+# A read of a process takes, about: a few for sys.modules (searched once), one per task
+# for its weak reference, one for the task, and per coroutine of its chain four (the
+# coroutine, its code object twice, what it awaits), and for each loop a few dozen (its
+# _thread_id attribute).
+READS_PER_MODULE = 3
+READS_PER_TASK = 4 + 4 * 3
+READS_PER_LOOP = 64
+
+
+def chains(reader: TaskReader, symbols: PythonSymbolizer):
+    """{task name: (loop thread, [qualname of each coroutine, innermost first])}."""
+    found = {}
+    for task in reader.awaiting_tasks():
+        frames = [symbols.get_frame(reader.memory, reader.layout, code, instr, check) for code, instr, check in task.chain]
+        found[task.name] = (task.loop_thread, [f.name for f in frames], frames)
+    return found
+
+
+@pytest.mark.parametrize("minor", MINORS, ids=lambda m: f"pyenv-3.{m}")
+def test_awaiting_tasks_of_a_live_process(minor):
+    with Running(pyenv_python(minor), SCRIPT) as running:
+        reported = json.loads(running.first_line)
+        layout = process_layout(running.memory, running.runtime, pyenv_python(minor))
+        memory = CountingMemory(running.memory, 1 << 20)
+        reader = TaskReader(memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        found = chains(reader, PythonSymbolizer())
+        first_reads, memory.reads = memory.reads, 0
+        again = chains(reader, PythonSymbolizer())
+    main, remote = reported["main"], reported["remote"]
+    assert found.keys() == {"fetcher", "sleeper", reported["unnamed"], "remote"}  # main() runs: left out
+    assert found["fetcher"][:2] == (main, ["sleep", "fetch_page", "fetcher"])
+    assert found["sleeper"][:2] == (main, ["sleep", "nap", "sleeper"])
+    assert found[reported["unnamed"]][:2] == (main, ["sleep", "nap"])
+    assert found["remote"][:2] == (remote, ["sleep", "remote_loop.<locals>.serve"])
+    fetch_page = found["fetcher"][2][1]
+    assert fetch_page.file == "<string>" and fetch_page.line == 5  # at its await
+    assert {name: chain[:2] for name, chain in again.items()} == {name: chain[:2] for name, chain in found.items()}
+    assert memory.reads <= 2 * READS_PER_LOOP + 4 * READS_PER_TASK + 16  # sys.modules is not searched again
+    assert first_reads <= memory.reads + READS_PER_MODULE * 2000
+
+
+def test_a_process_without_asyncio():
+    with Running(pyenv_python(MINORS[-1]), "import sys; print(1, flush=True); sys.stdin.read()") as running:
+        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
+        reader = TaskReader(running.memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        assert reader.awaiting_tasks() == []
+
+
+def test_a_process_that_is_gone():
+    with Running(pyenv_python(MINORS[-1]), SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
+        reader = TaskReader(running.memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        running.process.kill()
+        running.process.wait()
+        with pytest.raises(UnreadableMemory):
+            reader.awaiting_tasks()
+
+
+class ScribbledMemory(CountingMemory):
+    """A live process's memory with the words of every object past the interpreter's own
+    lists (tasks, coroutines, sets, frames) replaced by random ones from a fixed seed."""
+
+    def __init__(self, inner, budget, seed):
+        super().__init__(inner, budget)
+        self.random = random.Random(seed)
+
+    def read(self, address, size):
+        data = super().read(address, size)
+        if self.reads > 40:  # sys.modules and the interpreter read right, then garbage
+            return bytes(self.random.getrandbits(8) for _ in range(size))
+        return data
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_garbage_gives_an_error_or_nothing_within_bounded_reads(seed):
+    with Running(pyenv_python(MINORS[-1]), SCRIPT) as running:
+        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
+        memory = ScribbledMemory(running.memory, 200_000, seed)
+        reader = TaskReader(memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        try:
+            tasks = reader.awaiting_tasks()
+        except UnreadableMemory:
+            return
+        assert all(len(task.chain) <= 64 for task in tasks)
