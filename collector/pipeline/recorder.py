@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from bpfprof.collector.pipeline.events import Arrival, EventReader
 from bpfprof.collector.pipeline.stacks import StackResolver
 from bpfprof.collector.probe.sampler import ProcessEvent, RawSample, Sampler
+from bpfprof.collector.processes.asyncio_tasks import MAX_TASK_WAITS, TaskSampler
 from bpfprof.collector.processes.native_unwinding import NativeUnwinding, UnwindStats
 from bpfprof.collector.processes.interpreters import InterpreterProcesses
 from bpfprof.collector.processes.python import PYTHON_DATA_SYMBOLS, PythonProcesses
@@ -19,8 +20,10 @@ from bpfprof.collector.processes.table import ProcFiles, ProcessTable
 from bpfprof.collector.profile import (PAGE_SIZE, Profile, block_profile, cpu_profile, faults_profile, memory_profile,
                                        wall_profile)
 from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import TooLarge
 from bpfprof.symbolizer.kernel import KernelSymbols
 from bpfprof.symbolizer.native.symbolizer import NativeSymbolizer
+from bpfprof.symbolizer.text import printable
 
 DRAIN_INTERVAL_S = 1.0
 COMMAND_POLL_S = 0.1  # how often a command's exit is looked for
@@ -102,8 +105,12 @@ class Recorder:
         self._native = NativeSymbolizer(PYTHON_DATA_SYMBOLS, self.failures)
         # Each kind of interpreter the BPF side walks.
         self._interpreters: List[InterpreterProcesses] = []
+        self._tasks: Optional[TaskSampler] = None  # asyncio tasks awaiting, for the wall profile
         if config.python:
-            self._interpreters.append(PythonProcesses(self._sampler, self._native, self.failures))
+            python = PythonProcesses(self._sampler, self._native, self.failures)
+            self._interpreters.append(python)
+            if "wall" in types:
+                self._tasks = TaskSampler(python, self.failures, config.frequency)
         self._events = EventReader(self._sampler, self.failures, self._interpreters)
         self._unwinding = NativeUnwinding(self._sampler, self._native, self.failures) if config.native_unwind else None
         told = [told.on_snapshot for told in (*self._interpreters, self._unwinding) if told is not None]
@@ -201,6 +208,7 @@ class Recorder:
             (drained.faults, lambda s: {"faults": [s.count * faults, s.count * faults * PAGE_SIZE]}),
         ):
             self._add_samples(self.profiles, samples, values_by_type)
+        self._add_task_waits()
         if self._sampler.memory_ended():  # named while their processes are known
             self._add_memory_held(live=False)
         for interpreters, ended in zip(self._interpreters, ended_threads):
@@ -219,6 +227,20 @@ class Recorder:
                     if kind in profiles:
                         profiles[kind].add(stack, labels, values)
             self._take_events_when_due()
+
+    def _add_task_waits(self) -> None:
+        """The time asyncio tasks awaited since the last drain, at their await chains on
+        their loops' threads, labelled with the task."""
+        if self._tasks is None:
+            return
+        waits, dropped = self._tasks.take()
+        if dropped:
+            self.failures.add("sample", "asyncio tasks", TooLarge(f"{dropped} waits of tasks past the "
+                                                                  f"{MAX_TASK_WAITS} distinct stacks kept per drain"))
+        for wait, waited_ns in waits.items():
+            with self.failures.contain("sample", f"of process {wait.pid}"):
+                labels = self._resolver.labels(wait.pid, wait.tid, wait.thread_name, (("task", printable(wait.task)),))
+                self.profiles["wall"].add(wait.stack, labels, [waited_ns])
 
     def _add_memory_held(self, live: bool) -> None:
         """Memory held, in use in the memory profile: by process images that ended since
@@ -257,6 +279,8 @@ class Recorder:
         try:
             self._sampler.start(self._events.on_event, self._events.on_stack)
             self._events.start()
+            if self._tasks is not None:
+                self._tasks.start()
             if self.config.kernel_stacks:
                 self._kernel.load_in_background()
             self.profiles = self._new_profiles()  # from the first sample on
@@ -290,6 +314,8 @@ class Recorder:
                     if on_drain:
                         on_drain()
             self._events.stop()
+            if self._tasks is not None:
+                self._tasks.stop()
             self._drain()
             self._add_memory_held(live=True)
             losses = self.losses()
@@ -297,6 +323,8 @@ class Recorder:
             unwind_ends = self._sampler.unwind_ends()
         finally:
             self._events.stop()
+            if self._tasks is not None:
+                self._tasks.stop()
             if self._unwinding:
                 self._unwinding.close()
             self._sampler.close()

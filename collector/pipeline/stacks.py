@@ -57,11 +57,16 @@ class StackResolver:
                 interpreted = interpreter.frames(sample.python_stack, sample.python_truncated)
                 user = merge(user, interpreted, interpreter, sample.user_stack_complete)
             frames.extend(user)
-        thread = (interpreter.thread_name(sample.tid) if interpreter else None) or sample.thread_name
-        extra = process.container.labels if process.container else ()
+        return tuple(frames), self.labels(sample.pid, sample.tid, sample.thread_name)
+
+    def labels(self, pid: int, tid: int, thread_name: str, extra: Tuple[Tuple[str, str], ...] = ()) -> Labels:
+        """The labels of a thread (`thread_name` as the kernel has it), `extra` added."""
+        process = self._processes.get(pid, thread_name)
+        interpreter = self._interpreter(pid)
+        thread = (interpreter.thread_name(tid) if interpreter else None) or thread_name
+        container = process.container.labels if process.container else ()
         # Names the process gave itself and its threads: escaped, as every label a store keeps.
-        labels = Labels(sample.pid, sample.tid, printable(process.comm or sample.thread_name), printable(thread), extra)
-        return tuple(frames), labels
+        return Labels(pid, tid, printable(process.comm or thread_name), printable(thread), container + extra)
 
     def _user_frame(self, pid: int, address: int) -> Frame:
         self._between_frames()

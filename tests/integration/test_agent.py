@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bpfprof.collector.agent.health import STALLED_AFTER_S
 from bpfprof.collector.output.pprof import from_pprof, read_pprof
 from bpfprof.collector.output.pprof_schema import PprofProfile
-from conftest import bpfprof_command, profiler_has_read
+from conftest import FIXTURES, bpfprof_command, profiler_has_read, pyenv_python
 from pprof_check import check_with_go
 from pyroscope_store import Store, decode_with_protoc, push_request_class
 from samples import read_samples
@@ -367,3 +367,35 @@ def test_an_oom_victims_memory_is_kept_and_pushed_at_once(agent_in, tmp_path, bu
     labels = {label.name: label.value for label in series.labels}
     assert labels["__name__"] == "memory" and labels["oom"] == "true"
     check_with_go(kept, expect=["fill_memory"])
+
+
+def test_asyncio_tasks_are_kept_and_pushed_with_their_labels(agent_in, tmp_path, monkeypatch):
+    """Wall profiles carry the time asyncio tasks await, labelled task=name, on disk and in
+    what is pushed (the fixture and its durations: test_offcpu)."""
+    monkeypatch.setenv("no_proxy", "*")
+    store = Store()
+    out = tmp_path / "profiles"
+    try:
+        agent = agent_in("--output-dir", str(out), "--push-url", store.url, "--interval", "1s", "-t", "wall")
+        agent.wait_for("agent started")
+        workload = subprocess.Popen([pyenv_python(12), str(FIXTURES / "python" / "asyncio_tasks.py")])
+        assert workload.wait(timeout=30) == 0
+        cuts = len([e for e in agent.entries() if e["msg"] == "interval cut"])
+        agent.wait_for("interval cut", count=cuts + 1)
+        agent.stop()
+    finally:
+        store.close()
+    kept = [s for f in sorted(out.glob("*.wall.pb.gz")) for s in read_samples(f)
+            if s.labels.get("pid") == workload.pid and s.labels.get("task") == "fetcher"]
+    waited = sum(s.values[0] for s in kept if s.functions == ["sleep", "fetch_page", "fetcher"])
+    assert waited == pytest.approx(2400 * MS, rel=0.1)
+    pushed_ns = 0
+    for request in store.requests:
+        for series in decode_with_protoc(request.body, push_request_class(tmp_path)).series:
+            if ("__name__", "wall") not in [(label.name, label.value) for label in series.labels]:
+                continue
+            profile = from_pprof(PprofProfile.FromString(gzip.decompress(series.samples[0].raw_profile)))
+            pushed_ns += sum(values[0] for (stack, labels), values in profile.samples.items()
+                             if labels.pid == workload.pid and ("task", "fetcher") in labels.extra
+                             and [f.name for f in stack] == ["sleep", "fetch_page", "fetcher"])
+    assert pushed_ns == waited

@@ -169,3 +169,26 @@ def test_a_thread_that_exits_while_blocked_keeps_what_was_attributed(tmp_path):
     samples = read_samples(out)
     _, delay = blocked(samples, lambda functions: "napper" in functions and "clock_nanosleep" in functions)
     assert delay == pytest.approx(250 * MS, rel=0.1)
+
+
+@pytest.mark.parametrize("minor", [11, 12, 13])
+def test_asyncio_tasks_awaiting_known_durations(minor, tmp_path):
+    """In -t wall, each task that awaits gets its time at its await chain, labelled with
+    its name, on the thread of its loop (the main thread here); see the fixture for the
+    durations."""
+    out = tmp_path / "tasks.pb.gz"
+    result = run_bpfprof("record", "-t", "wall", "-o", str(out), "--", pyenv_python(minor),
+                         str(FIXTURES / "python" / "asyncio_tasks.py"))
+    assert result.returncode == 0, result.stderr
+    samples = read_samples(out)
+    tasks = [s for s in samples if "task" in s.labels]
+    for task, chain, expected_ms in (("fetcher", ("fetcher", "fetch_page", "sleep"), 2400),
+                                     ("fetcher", ("fetcher", "parse_page", "sleep"), 800),
+                                     ("sleeper", ("sleeper", "nap", "sleep"), 3200)):
+        waited = sum(s.values[0] for s in tasks if s.labels["task"] == task and s.functions == list(chain[::-1]))
+        assert waited == pytest.approx(expected_ms * MS, rel=0.1), (task, chain, [
+            (s.labels, s.values, s.functions) for s in tasks])
+    main_thread = {s.labels["tid"] for s in samples if "main" in s.functions}
+    assert main_thread == {s.labels["tid"] for s in tasks} and len(main_thread) == 1
+    assert all(s.labels["pid"] == s.labels["tid"] for s in tasks)
+    check_with_go(out, expect=["fetch_page"])

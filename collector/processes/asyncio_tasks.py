@@ -1,0 +1,149 @@
+"""asyncio tasks sampled for the wall profile: the time a task spends awaiting is on no
+thread's stack (its loop's thread sits in select or runs another task), so a thread of
+ours reads the awaiting tasks of every CPython process being walked, from outside, a few
+times a second, and gives each the time since the last read at its await chain.
+
+A read costs about a hundred reads of process memory per loop and a dozen per task, so
+it runs at most TASK_HZ times a second, at intervals jittered so that tasks sleeping on a
+period in step with ours are not always seen in the same state; each read is weighted by
+the time since the one before (at most MAX_GAP_PERIODS periods, for a thread that was
+kept from running)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from bpfprof.collector.processes.python import PythonProcesses
+from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.frames import Stack
+from bpfprof.symbolizer.interpreters.python.asyncio_layouts import asyncio_layout_for
+from bpfprof.symbolizer.interpreters.python.asyncio_tasks import TaskReader
+from bpfprof.symbolizer.interpreters.python.process import PythonProcess
+from bpfprof.symbolizer.interpreters.python.threads import thread_states
+from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
+
+TASK_HZ = 20
+MAX_GAP_PERIODS = 4
+MAX_TASK_WAITS = 1 << 16  # distinct TaskWaits kept between two takes; past it, waits are left out and counted
+
+
+@dataclass(frozen=True)
+class TaskWait:
+    """Where one task awaited: leaf-first stack of its await chain, on its loop's thread."""
+    pid: int
+    tid: int
+    thread_name: str  # as the kernel has it
+    task: str
+    stack: Stack
+
+
+class _Followed:
+    """One process's tasks, read with a memory of our own (the interpreter's closes when
+    the process is forgotten, which may happen while we read)."""
+
+    def __init__(self, interpreter: PythonProcess, asyncio_layout) -> None:
+        self.interpreter = interpreter
+        self.memory = ProcessMemory(interpreter.pid)
+        self.reader = TaskReader(self.memory, interpreter.layout, asyncio_layout, interpreter.runtime)
+        self.threads: Dict[int, Tuple[int, str]] = {}  # thread ident -> tid, its name as the kernel has it
+
+    def thread(self, ident: int) -> Optional[Tuple[int, str]]:
+        """The tid and name of the thread whose pthread_t is `ident`, None for no thread."""
+        if ident not in self.threads:
+            tids = {i: tid for _, i, tid in thread_states(self.memory, self.interpreter.layout,
+                                                          self.interpreter.runtime) if tid}
+            self.threads = {i: (tid, _kernel_name(self.interpreter.pid, tid)) for i, tid in tids.items()}
+        return self.threads.get(ident)
+
+
+def _kernel_name(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", "rb") as comm:
+            return comm.read(64).rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class TaskSampler:
+    """Reads awaiting tasks on its own thread from start() to stop(); take() hands over
+    the time each waited since the last take."""
+
+    def __init__(self, python: PythonProcesses, failures: Failures, hz: int) -> None:
+        self._python = python
+        self._failures = failures
+        self._period_s = 1.0 / min(hz, TASK_HZ)
+        self._followed: Dict[int, _Followed] = {}
+        self._lock = threading.Lock()
+        self._waited: Dict[TaskWait, int] = {}  # nanoseconds
+        self._dropped = 0  # waits left out: more distinct than MAX_TASK_WAITS
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._random = random.Random()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._failures.keep_running, args=("asyncio tasks", self._run),
+                                        name="bpfprof-asyncio", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for followed in self._followed.values():
+            followed.memory.close()
+        self._followed.clear()
+
+    def take(self) -> Tuple[Dict[TaskWait, int], int]:
+        """Nanoseconds each TaskWait took since the last take, and how many waits were
+        left out meanwhile."""
+        with self._lock:
+            taken = self._waited, self._dropped
+            self._waited, self._dropped = {}, 0
+        return taken
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stopping.wait(self._period_s * self._random.uniform(0.5, 1.5)):
+            now = time.monotonic()
+            self.sample(int(min(now - last, MAX_GAP_PERIODS * self._period_s) * 1e9))
+            last = now
+
+    def sample(self, elapsed_ns: int) -> None:
+        """Read every followed process's awaiting tasks once; each waited elapsed_ns."""
+        interpreters = dict(self._python.interpreters)  # the event thread adds and removes them
+        for pid in list(self._followed):
+            if interpreters.get(pid) is not self._followed[pid].interpreter:
+                self._followed.pop(pid).memory.close()
+        for pid, interpreter in interpreters.items():
+            with self._failures.contain("process", f"{pid} (CPython, asyncio tasks)"):
+                self._sample_process(pid, interpreter, elapsed_ns)
+
+    def _sample_process(self, pid: int, interpreter: PythonProcess, elapsed_ns: int) -> None:
+        followed = self._followed.get(pid)
+        if followed is None:
+            asyncio_layout = asyncio_layout_for(interpreter.layout.version)
+            if asyncio_layout is None or interpreter.layout.objects is None:
+                return
+            followed = self._followed[pid] = _Followed(interpreter, asyncio_layout)
+        try:
+            tasks = followed.reader.awaiting_tasks()
+        except UnreadableMemory:
+            return  # the process exited, or changed under the read: the next read tells
+        layout, symbols = interpreter.layout, interpreter.symbols
+        for task in tasks:
+            thread = followed.thread(task.loop_thread)
+            if thread is None:
+                continue
+            stack = tuple(symbols.get_frame(followed.memory, layout, code, instr, check)
+                          for code, instr, check in task.chain)
+            wait = TaskWait(pid, thread[0], thread[1], task.name, stack)
+            with self._lock:
+                if wait in self._waited or len(self._waited) < MAX_TASK_WAITS:
+                    self._waited[wait] = self._waited.get(wait, 0) + elapsed_ns
+                else:
+                    self._dropped += 1
