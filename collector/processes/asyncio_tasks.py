@@ -3,11 +3,12 @@ thread's stack (its loop's thread sits in select or runs another task), so a thr
 ours reads the awaiting tasks of every CPython process being walked, from outside, a few
 times a second, and gives each the time since the last read at its await chain.
 
-A read costs about a hundred reads of process memory per loop and a dozen per task, so
-it runs at most TASK_HZ times a second, at intervals jittered so that tasks sleeping on a
-period in step with ours are not always seen in the same state; each read is weighted by
-the time since the one before (at most MAX_GAP_PERIODS periods, for a thread that was
-kept from running)."""
+A read takes about 15 reads of process memory per task (3 µs each) and a few dozen per
+process, so it runs at most TASK_HZ times a second, and less often when reads take more
+than MAX_CPU_SHARE of a CPU (thousands of tasks), at intervals jittered so that tasks
+sleeping on a period in step with ours are not always seen in the same state; each read
+is weighted by the time since the one before (at most MAX_GAP_PERIODS intervals, for a
+thread that was kept from running)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from bpfprof.symbolizer.interpreters.python.threads import thread_states
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
 TASK_HZ = 20
+MAX_CPU_SHARE = 0.02
 MAX_GAP_PERIODS = 4
 MAX_TASK_WAITS = 1 << 16  # distinct TaskWaits kept between two takes; past it, waits are left out and counted
 
@@ -107,10 +109,11 @@ class TaskSampler:
         return taken
 
     def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stopping.wait(self._period_s * self._random.uniform(0.5, 1.5)):
-            now = time.monotonic()
-            self.sample(int(min(now - last, MAX_GAP_PERIODS * self._period_s) * 1e9))
+        last, interval = time.monotonic(), self._period_s
+        while not self._stopping.wait(interval * self._random.uniform(0.5, 1.5)):
+            now, cpu = time.monotonic(), time.thread_time()
+            self.sample(int(min(now - last, MAX_GAP_PERIODS * interval) * 1e9))
+            interval = max(self._period_s, (time.thread_time() - cpu) / MAX_CPU_SHARE)
             last = now
 
     def sample(self, elapsed_ns: int) -> None:

@@ -39,6 +39,8 @@ MAX_CHAIN = 64            # coroutines followed down one await chain
 MAX_STACK = 1 << 16       # entries of a frame's value stack
 MAX_NAME_LENGTH = 256     # characters kept of a task name
 MAX_TYPES = 1024          # type names remembered
+MAX_LOOPS = 256           # event loops whose threads are remembered
+LOOP_READS = 20           # reads a loop's thread is remembered for (a loop seldom moves to another thread)
 _TYPE_NAME_BYTES = 16     # read of a tp_name, enough for the names looked for
 _COROUTINE_TYPES = ("coroutine", "generator")  # async def; @types.coroutine generators
 
@@ -62,11 +64,17 @@ class TaskReader:
         self.runtime = runtime
         self.searches = Searches()
         self._type_names: Dict[int, str] = {}
+        self._loops: Dict[int, Tuple[int, int]] = {}  # loop -> (its thread's ident or 0, reads left)
+        # One read of a code object takes both members its check is made of.
+        self._code_header = max(layout.code_firstlineno + 4, layout.code_name + 8)
 
     def awaiting_tasks(self) -> List[AwaitingTask]:
         """The tasks of every interpreter that await something now (none without asyncio).
         Raises UnreadableMemory when the process is gone or its interpreter unreadable."""
         reader = ObjectReader(self.memory, self.layout, self.searches)
+        self._loops = {loop: (ident, left - 1) for loop, (ident, left) in self._loops.items() if left > 1}
+        if len(self._loops) > MAX_LOOPS:
+            self._loops.clear()
         tasks: List[AwaitingTask] = []
         for interp in interpreters(self.memory, self.layout, self.runtime):
             modules = self.memory.pointer(interp + self.layout.interp_modules)
@@ -75,10 +83,9 @@ class TaskReader:
             weak_set = reader.module_global(modules, "asyncio.tasks", self.a.tasks_global)
             data = reader.attribute(weak_set, "data") if weak_set else None
             if data:
-                loops: Dict[int, int] = {}  # loop -> its thread's ident, 0 for none
                 for task in self._set_items(data, MAX_TASKS - len(tasks)):
                     try:
-                        found = self._awaiting(reader, task, loops)
+                        found = self._awaiting(reader, task)
                     except UnreadableMemory:
                         continue  # a task ending while we look: leave it out
                     if found is not None:
@@ -102,7 +109,7 @@ class TaskReader:
                     objects.append(target)
         return objects
 
-    def _awaiting(self, reader: ObjectReader, task: int, loops: Dict[int, int]) -> Optional[AwaitingTask]:
+    def _awaiting(self, reader: ObjectReader, task: int) -> Optional[AwaitingTask]:
         a = self.a
         raw = self.memory.read(task, a.task_size)
         loop, coro, name = (struct.unpack_from("<Q", raw, at)[0] for at in (a.task_loop, a.task_coro, a.task_name))
@@ -111,12 +118,18 @@ class TaskReader:
         chain = self._chain(coro)
         if not chain:
             return None
-        if loop not in loops:
-            ident = reader.attribute(loop, "_thread_id")
-            loops[loop] = (reader.read_ident(ident) or 0) if ident and self.type_name(ident) == "int" else 0
-        if not loops[loop]:
+        thread = self._loop_thread(reader, loop)
+        if not thread:
             return None  # its loop is not running
-        return AwaitingTask(self._task_name(reader, name), loops[loop], tuple(reversed(chain)))
+        return AwaitingTask(self._task_name(reader, name), thread, tuple(reversed(chain)))
+
+    def _loop_thread(self, reader: ObjectReader, loop: int) -> int:
+        """The ident of the thread a loop runs on (its `_thread_id`), 0 when it is not running."""
+        if loop not in self._loops:
+            ident = reader.attribute(loop, "_thread_id")
+            thread = (reader.read_ident(ident) or 0) if ident and self.type_name(ident) == "int" else 0
+            self._loops[loop] = (thread, LOOP_READS)
+        return self._loops[loop][0]
 
     def _chain(self, coro: int) -> List[Tuple[int, int, int]]:
         """(code, instruction, check) of the coroutine and of each it awaits, outermost
@@ -131,7 +144,9 @@ class TaskReader:
             frame = a.gen_iframe
             code, instr = (struct.unpack_from("<Q", raw, frame + at)[0] for at in (layout.frame_code, layout.frame_instr))
             stacktop = struct.unpack_from("<i", raw, frame + a.frame_stacktop)[0]
-            check = check_of(memory.s32(code + layout.code_firstlineno), memory.pointer(code + layout.code_name))
+            header = memory.read(code, self._code_header)
+            check = check_of(struct.unpack_from("<i", header, layout.code_firstlineno)[0],
+                             struct.unpack_from("<Q", header, layout.code_name)[0])
             chain.append((code, instr - code, check))  # the instruction as the BPF walker takes it
             if not 0 < stacktop <= MAX_STACK:
                 break
