@@ -1,14 +1,16 @@
 """asyncio tasks sampled for the wall profile: the time a task spends awaiting is on no
 thread's stack (its loop's thread sits in select or runs another task), so a thread of
-ours reads the awaiting tasks of every CPython process being walked, from outside, a few
-times a second, and gives each the time since the last read at its await chain.
+ours reads the awaiting tasks of every CPython process being walked, from outside, many
+times a second, and gives each its share of the time at its await chain.
 
 A read takes about 15 reads of process memory per task (3 µs each) and a few dozen per
-process, so it runs at most TASK_HZ times a second, and less often when reads take more
-than MAX_CPU_SHARE of a CPU (thousands of tasks), at intervals jittered so that tasks
-sleeping on a period in step with ours are not always seen in the same state; each read
-is weighted by the time since the one before (at most MAX_GAP_PERIODS intervals, for a
-thread that was kept from running)."""
+process, so it runs at the profile's rate but at most TASK_HZ times a second, and less
+often when reads take more than MAX_CPU_SHARE of a CPU (hundreds of tasks), at intervals
+jittered so that tasks sleeping on a period in step with ours are not always seen in the
+same state. The time between two reads goes half to where the first saw each task and
+half to where the second does: our thread may be kept from the interpreter lock for a
+hundred milliseconds while the recorder names frames, and a gap like that belongs to
+either end as much as to the other."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ from bpfprof.symbolizer.interpreters.python.process import PythonProcess
 from bpfprof.symbolizer.interpreters.python.threads import thread_states
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
-TASK_HZ = 20
+TASK_HZ = 100
 MAX_CPU_SHARE = 0.02
-MAX_GAP_PERIODS = 4
+_COST_SMOOTHING = 0.2  # weight of a read's CPU time in the running mean that paces the reads
 MAX_TASK_WAITS = 1 << 16  # distinct TaskWaits kept between two takes; past it, waits are left out and counted
 
 
@@ -80,7 +82,8 @@ class TaskSampler:
         self._period_s = 1.0 / min(hz, TASK_HZ)
         self._followed: Dict[int, _Followed] = {}
         self._lock = threading.Lock()
-        self._waited: Dict[TaskWait, int] = {}  # nanoseconds
+        self._waited: Dict[TaskWait, float] = {}  # seconds, since the last take
+        self._last_seen: Dict[Tuple[int, int], TaskWait] = {}  # by the last read: (pid, task) -> where it awaits
         self._dropped = 0  # waits left out: more distinct than MAX_TASK_WAITS
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -104,49 +107,57 @@ class TaskSampler:
         """Nanoseconds each TaskWait took since the last take, and how many waits were
         left out meanwhile."""
         with self._lock:
-            taken = self._waited, self._dropped
+            taken = {wait: int(seconds * 1e9) for wait, seconds in self._waited.items()}, self._dropped
             self._waited, self._dropped = {}, 0
         return taken
 
     def _run(self) -> None:
-        last, interval = time.monotonic(), self._period_s
-        while not self._stopping.wait(interval * self._random.uniform(0.5, 1.5)):
+        cost = 0.0  # CPU seconds a read takes, a running mean
+        last = time.monotonic()
+        while not self._stopping.wait(max(self._period_s, cost / MAX_CPU_SHARE) * self._random.uniform(0.5, 1.5)):
             now, cpu = time.monotonic(), time.thread_time()
-            self.sample(int(min(now - last, MAX_GAP_PERIODS * interval) * 1e9))
-            interval = max(self._period_s, (time.thread_time() - cpu) / MAX_CPU_SHARE)
+            self.sample(now - last)
+            cost += _COST_SMOOTHING * (time.thread_time() - cpu - cost)
             last = now
 
-    def sample(self, elapsed_ns: int) -> None:
-        """Read every followed process's awaiting tasks once; each waited elapsed_ns."""
+    def sample(self, seconds: float) -> None:
+        """Read every followed process's awaiting tasks once, `seconds` after the last read:
+        each task gets half of them for where the last read saw it awaiting and half for
+        where this one does."""
         interpreters = dict(self._python.interpreters)  # the event thread adds and removes them
         for pid in list(self._followed):
             if interpreters.get(pid) is not self._followed[pid].interpreter:
                 self._followed.pop(pid).memory.close()
+        seen: Dict[Tuple[int, int], TaskWait] = {}
         for pid, interpreter in interpreters.items():
             with self._failures.contain("process", f"{pid} (CPython, asyncio tasks)"):
-                self._sample_process(pid, interpreter, elapsed_ns)
+                seen.update(self._read_process(pid, interpreter))
+        with self._lock:
+            for wait in (*self._last_seen.values(), *seen.values()):
+                if wait in self._waited or len(self._waited) < MAX_TASK_WAITS:
+                    self._waited[wait] = self._waited.get(wait, 0.0) + seconds / 2
+                else:
+                    self._dropped += 1
+        self._last_seen = seen
 
-    def _sample_process(self, pid: int, interpreter: PythonProcess, elapsed_ns: int) -> None:
+    def _read_process(self, pid: int, interpreter: PythonProcess) -> Dict[Tuple[int, int], TaskWait]:
+        """(pid, task) -> where it awaits, for each awaiting task of the process."""
         followed = self._followed.get(pid)
         if followed is None:
             asyncio_layout = asyncio_layout_for(interpreter.layout.version)
             if asyncio_layout is None or interpreter.layout.objects is None:
-                return
+                return {}
             followed = self._followed[pid] = _Followed(interpreter, asyncio_layout)
         try:
             tasks = followed.reader.awaiting_tasks()
         except UnreadableMemory:
-            return  # the process exited, or changed under the read: the next read tells
+            return {}  # the process exited, or changed under the read: the next read tells
         layout, symbols = interpreter.layout, interpreter.symbols
+        seen: Dict[Tuple[int, int], TaskWait] = {}
         for task in tasks:
             thread = followed.thread(task.loop_thread)
-            if thread is None:
-                continue
-            stack = tuple(symbols.get_frame(followed.memory, layout, code, instr, check)
-                          for code, instr, check in task.chain)
-            wait = TaskWait(pid, thread[0], thread[1], task.name, stack)
-            with self._lock:
-                if wait in self._waited or len(self._waited) < MAX_TASK_WAITS:
-                    self._waited[wait] = self._waited.get(wait, 0) + elapsed_ns
-                else:
-                    self._dropped += 1
+            if thread is not None:
+                stack = tuple(symbols.get_frame(followed.memory, layout, code, instr, check)
+                              for code, instr, check in task.chain)
+                seen[(pid, task.address)] = TaskWait(pid, thread[0], thread[1], task.name, stack)
+        return seen

@@ -1,6 +1,7 @@
-"""The collector's sampler of asyncio tasks on a live CPython (pyenv 3.12): each read gives
-every awaiting task the time since the one before at its await chain, on its loop's
-thread; a process no longer walked is let go."""
+"""The collector's sampler of asyncio tasks on a live CPython (pyenv 3.12): the time between
+two reads goes half to where each task awaited at the first and half to where at the
+second, at its await chain on its loop's thread; a process no longer walked is let go,
+its tasks keeping the half before."""
 
 from __future__ import annotations
 
@@ -28,18 +29,22 @@ def test_each_read_gives_each_awaiting_task_its_time():
         processes = SimpleNamespace(interpreters={pid: interpreter})  # as PythonProcesses holds them
         failures = Failures()
         sampler = TaskSampler(processes, failures, hz=99)
-        sampler.sample(50 * MS)
-        sampler.sample(30 * MS)
+        sampler.sample(0.05)
+        sampler.sample(0.03)
         waits, dropped = sampler.take()
         processes.interpreters.clear()
-        sampler.sample(10 * MS)
+        sampler.sample(0.01)
+        after, _ = sampler.take()
+        sampler.sample(0.01)
         assert sampler.take() == ({}, 0)
         assert not sampler._followed  # its memory closed
     assert dropped == 0 and not failures.counts()
     by_task = {wait.task: (wait, waited) for wait, waited in waits.items()}
     assert by_task.keys() == {"fetcher", "sleeper", reported["unnamed"], "remote"}
     fetcher, waited = by_task["fetcher"]
-    assert [frame.name for frame in fetcher.stack] == ["sleep", "fetch_page", "fetcher"] and waited == 80 * MS
+    assert [frame.name for frame in fetcher.stack] == ["sleep", "fetch_page", "fetcher"]
+    assert waited == 55 * MS and {waited} == {waited for _, waited in by_task.values()}  # 25 + 15 + 15
+    assert set(after.values()) == {5 * MS} and set(after) == set(waits)
     assert fetcher.pid == fetcher.tid == pid
     remote, _ = by_task["remote"]
     assert remote.pid == pid != remote.tid

@@ -47,6 +47,7 @@ _COROUTINE_TYPES = ("coroutine", "generator")  # async def; @types.coroutine gen
 
 @dataclass(frozen=True)
 class AwaitingTask:
+    address: int  # of the task object
     name: str
     loop_thread: int  # threading.get_ident() of the loop's thread: PyThreadState.thread_id
     # (code object, instruction - code object, check) of each coroutine, the innermost awaited first
@@ -121,7 +122,7 @@ class TaskReader:
         thread = self._loop_thread(reader, loop)
         if not thread:
             return None  # its loop is not running
-        return AwaitingTask(self._task_name(reader, name), thread, tuple(reversed(chain)))
+        return AwaitingTask(task, self._task_name(reader, name), thread, tuple(reversed(chain)))
 
     def _loop_thread(self, reader: ObjectReader, loop: int) -> int:
         """The ident of the thread a loop runs on (its `_thread_id`), 0 when it is not running."""
