@@ -95,15 +95,21 @@ def run_main(main, name: str) -> None:
         sys.exit(1)
 
 
-def check_tools(python: str) -> str:
-    """What the Python benchmarks need, or ToolMissing: root, the CPython to run, bpfprof
-    and py-spy (whose path is returned)."""
+def check_python(python: str) -> None:
+    """What a benchmark of CPython programs needs, or ToolMissing: root, the CPython to run
+    and bpfprof."""
     if os.geteuid() != 0:
         raise ToolMissing("needs root (BPF, and py-spy reading another process): run it with sudo")
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise ToolMissing(f"no Python at {python}: pass --python /path/to/python3")
     if importlib.util.find_spec("bpfprof") is None:
         raise ToolMissing(f"bpfprof is not importable by {sys.executable}: run scripts/setup first")
+
+
+def check_tools(python: str) -> str:
+    """What the Python benchmarks beside py-spy need (check_python), and py-spy, whose path
+    is returned."""
+    check_python(python)
     return find_py_spy()
 
 

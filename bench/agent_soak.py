@@ -13,19 +13,30 @@ The profilers, all whole-system at 19 Hz, for the whole soak:
   bcc profile      `profile-bpfcc -F 19 -a -f` (stacks counted in the kernel, printed at the end)
   perf record      `perf record -F 19 -a -g`
 
-At 5, 30 and 60 minutes (or the checkpoints within --minutes) it prints each profiler's CPU
-(share of one core, since the start and since the previous checkpoint) and resident memory,
-and for each agent the processes it has seen, profiles written and losses from its metrics;
-then bpfprof against the others as ratios. At the end each agent gets SIGTERM and the time it
-takes to exit is printed. With --build another bpfprof's agent runs beside this one's.
+With `-t TYPE` the agents make those profiles (repeatable, as the agent takes it; its own
+default, cpu, without). With -t memory or -t faults the machine also runs
+  memory     one long-running Python process obtaining and touching 1-8 MiB buffers ten
+             times a second, holding the last 16, and building and dropping small objects
 
-    sudo .venv/bin/python bench/agent_soak.py [--minutes 60] [--build NAME=PYTHON]
+At 2, 5, 30 and 60 minutes (or the checkpoints within --minutes) it prints each profiler's
+CPU (share of one core, since the start and since the previous checkpoint) and resident
+memory, and for each agent the processes it has seen, profiles written and losses from its
+metrics; then bpfprof against the others as ratios. At the end each agent gets SIGTERM and
+the time it takes to exit is printed. With --build another bpfprof's agent runs beside this
+one's. With -t memory or -t faults, each checkpoint also gives each agent's losses by reason,
+the memory ranges it holds (its metrics) and the entries in its memory and fault maps
+(counted by bpftool), and the end puts them side by side: accounting holds when nothing is
+lost, ranges and map entries stay bounded and RSS stays flat.
+
+    sudo .venv/bin/python bench/agent_soak.py [--minutes 60] [-t cpu -t memory] [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -57,6 +68,20 @@ while True:
 """
 
 
+MEMORY_CHURN = """
+import random, signal, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+held = []
+while True:
+    held = held[-15:] + [b"x" * (random.randint(1, 8) << 20)]
+    words = [str(i) for i in range(20000)]
+    time.sleep(0.1)
+"""
+# The agent's BPF maps that -t memory and -t faults fill, by the names the kernel keeps
+# (at most 15 characters).
+MEMORY_MAPS = ("memory_", "alloc_", "faults_")
+
+
 def pythons() -> List[str]:
     found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
     return found + ["/usr/bin/python3"]
@@ -78,13 +103,42 @@ def scrape(port: int) -> Dict[str, float]:
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             base = name.split("{")[0]
+            if base != name:
+                values[name] = float(value)  # one labelled series, as `base{label="..."}`
             values[base] = values.get(base, 0.0) + float(value)
     return values
+
+
+def losses(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Reason -> losses, of those that happened."""
+    return {name.split('"')[1]: value for name, value in metrics.items()
+            if name.startswith("bpfprof_lost_total{") and value}
+
+
+def map_entries(pid: int) -> Dict[str, int]:
+    """Entries in each of the process's BPF maps of memory and faults (found through its
+    descriptors), as bpftool counts them."""
+    ids = []
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            ids += [int(line.split()[1]) for line in info.read_text().splitlines() if line.startswith("map_id:")]
+    entries = {}
+    for map_id in sorted(set(ids)):
+        shown = subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)], capture_output=True, text=True)
+        if shown.returncode != 0:
+            continue
+        described = json.loads(shown.stdout)
+        if described["name"].startswith(MEMORY_MAPS) and described["type"] in ("hash", "stack_trace"):
+            dumped = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)], capture_output=True, text=True)
+            entries[described["name"]] = len(json.loads(dumped.stdout)) if dumped.returncode == 0 else -1
+    return entries
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("-t", "--type", dest="types", action="append", default=[], metavar="TYPE",
+                        help="a profile the agents make, repeatable (default: the agent's own, cpu)")
     add_build_option(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -92,7 +146,10 @@ def main() -> None:
     for tool in ("profile-bpfcc", "perf"):
         if shutil.which(tool) is None:
             raise ToolMissing(f"{tool} is missing (apt-get install bpfcc-tools linux-perf)")
-    checkpoints = [m for m in (5, 30, 60) if m < args.minutes] + [args.minutes]
+    memory = bool({"memory", "faults"} & set(args.types))
+    if memory and shutil.which("bpftool") is None:
+        raise ToolMissing("bpftool is missing (apt-get install bpftool)")
+    checkpoints = [m for m in (2, 5, 30, 60) if m < args.minutes] + [args.minutes]
     seconds = args.minutes * 60
     tmp = Path(tempfile.mkdtemp(prefix="bpfprof-soak-"))
     store = LoopbackStore()
@@ -105,7 +162,8 @@ def main() -> None:
             out.mkdir()
             profilers[name] = start([*bpfprof, "agent", "--output-dir", str(out / "profiles"), "--interval", "15s",
                                      "--metrics-addr", f"127.0.0.1:{ports[name]}", "--push-url", store.url,
-                                     "--log-file", str(out / "agent.log")])
+                                     "--log-file", str(out / "agent.log"),
+                                     *(option for kind in args.types for option in ("-t", kind))])
         profilers.update({
             "bcc profile": start(["profile-bpfcc", "-F", "19", "-a", "-f", str(int(seconds + WARM_UP_S + 60))],
                                  stdout=open(tmp / "bcc.folded", "w"), stderr=subprocess.DEVNULL),
@@ -115,6 +173,8 @@ def main() -> None:
         start(["sh", "-c", CHURN])
         start(["sh", "-c", python_loop(pythons())], stdout=subprocess.DEVNULL)
         start([sys.executable, "-c", STEADY])
+        if memory:
+            start([sys.executable, "-c", MEMORY_CHURN])
         time.sleep(WARM_UP_S)
         for name, p in profilers.items():
             if p.poll() is not None:
@@ -122,9 +182,11 @@ def main() -> None:
         began = time.monotonic()
         first = {name: cpu_seconds(p.pid) for name, p in profilers.items()}
         previous, previous_t = dict(first), began
-        print(f"soak of {args.minutes:g} min, whole system at 19 Hz, {os.cpu_count()} CPUs; "
-              f"CPU as % of one core (since start / since last), RSS MB", flush=True)
+        print(f"soak of {args.minutes:g} min, whole system at 19 Hz, {os.cpu_count()} CPUs, agents "
+              f"-t {' -t '.join(args.types) or 'cpu'}; CPU as % of one core (since start / since last), RSS MB; "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
         rows = []
+        accounting: Dict[str, List[dict]] = {name: [] for name in ports}  # per checkpoint: what -t memory keeps
         for minute in checkpoints:
             time.sleep(max(0.0, began + minute * 60 - time.monotonic()))
             now = time.monotonic()
@@ -147,6 +209,12 @@ def main() -> None:
                       f"{metrics.get('bpfprof_profiles_written_total', 0):.0f} profiles, "
                       f"{metrics.get('bpfprof_lost_total', 0):.0f} lost, "
                       f"{metrics.get('bpfprof_symbol_cache_frames', 0):.0f} frames cached", flush=True)
+                if memory:
+                    held = {"lost": losses(metrics), "ranges": metrics.get("bpfprof_memory_ranges", 0),
+                            "maps": map_entries(profilers[name].pid), "rss": row[name][2]}
+                    accounting[name].append(held)
+                    print(f"         {name}: lost {held['lost'] or 'nothing'}; {held['ranges']:.0f} memory ranges "
+                          f"held; map entries {held['maps']}; load average {os.getloadavg()[0]:.2f}", flush=True)
         for name in ports:
             sent = time.monotonic()
             profilers[name].send_signal(signal.SIGTERM)
@@ -160,7 +228,20 @@ def main() -> None:
             cpu, _, rss = last[other]
             print(f"{name} vs {other}: CPU x{ours_cpu / cpu:.2f}, RSS x{ours_rss / rss:.2f}"
                   if cpu and rss else f"{name} vs {other}: {other} used no measurable CPU")
+    for name, held in accounting.items():
+        if held:
+            print_accounting(name, held)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_accounting(agent: str, held: List[dict]) -> None:
+    """What -t memory kept at each checkpoint: losses, ranges held, map entries, RSS."""
+    ranges = ", ".join(f"{h['ranges']:.0f}" for h in held)
+    rss = ", ".join(f"{h['rss']:.0f}" for h in held)
+    print(f"{agent}: lost {held[-1]['lost'] or 'nothing'}; memory ranges held at the checkpoints {ranges}; "
+          f"RSS {rss} MB ({held[-1]['rss'] - held[0]['rss']:+.0f} MB from the first checkpoint)")
+    for map_name in sorted(held[-1]["maps"]):
+        print(f"  map {map_name}: {', '.join(str(h['maps'].get(map_name, 0)) for h in held)} entries")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ steady state.
 Printed per program and profiler: the median time per iteration and slowdown by wall and
 by CPU time of the program, the profiler's own CPU while the work ran (share of one core),
 its RSS then, the time its BPF programs ran during the work (kernel bpf_stats, as a share
-of the work's wall time; memleak's included) and what bpfprof reported losing; then
+of the work's wall time; memleak's included) and what bpfprof saw and lost; then
 memleak's slowdown over bpfprof memory's, and the targets. --json FILE writes the same.
 
-    sudo .venv/bin/python bench/memory_overhead.py [--rounds 3] [--seconds 5] [--python /path/to/python3]
+    sudo .venv/bin/python bench/memory_overhead.py [--rounds 5] [--seconds 5] [--python /path/to/python3]
                                                   [--json FILE] [--build NAME=PYTHON]
 """
 
@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from _proc import (ToolMissing, add_build_option, bpf_runs, bpf_spent, bpf_stats, bpfprof_builds, check_tools,
+from _proc import (ToolMissing, add_build_option, bpf_runs, bpf_spent, bpf_stats, bpfprof_builds, check_python,
                    cpu_seconds, memory_mb, run_main, running, start)
 from cpu_overhead import headers_for_bcc_tools
 from python_overhead import DEFAULT_PYTHON, settle
@@ -175,7 +175,7 @@ class Run:
     profiler_cpu: float = 0.0  # profiler CPU / elapsed while the work ran
     rss: float = 0.0  # MB resident as the work ended
     bpf: float = 0.0  # BPF run time of the profiler's programs / the work's wall time
-    lost: Optional[int] = None  # what bpfprof reported losing
+    seen: str = ""  # what bpfprof reported seeing and losing
 
     @property
     def per_iteration(self) -> float:
@@ -205,9 +205,10 @@ def profilers(tmp: Path, builds: List[str]) -> Dict[str, List[str]]:
     return commands
 
 
-def reported_lost(log: str) -> Optional[int]:
-    found = re.findall(r"(\d+) lost", log)
-    return sum(int(n) for n in found) if found else None
+def what_bpfprof_saw(log: str) -> str:
+    """From its summary: "5105 allocations of 2.5 GB, 48.9 MB in use at the end, 0 lost"."""
+    found = re.search(r"^bpfprof: (.*?\d+ lost)", log, re.MULTILINE)
+    return found.group(1) if found else ""
 
 
 def run_program(argv: List[str], iterations: int, cap: float, name: str, profiler_argv: Optional[List[str]],
@@ -255,7 +256,7 @@ def run_program(argv: List[str], iterations: int, cap: float, name: str, profile
             if profiler.returncode != 0:
                 raise RuntimeError(f"{name} failed (exit {profiler.returncode}):\n    "
                                    + "\n    ".join(log.read_text().strip().splitlines()[-8:]))
-            run.lost = reported_lost(log.read_text())
+            run.seen = what_bpfprof_saw(log.read_text())
     return run
 
 
@@ -281,13 +282,13 @@ def summary(runs: List[Run], base: List[Run]) -> Dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5, help="length of each program's work without a profiler")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="the CPython that runs the Python program")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     add_build_option(parser)
     args = parser.parse_args()
-    check_tools(args.python)
+    check_python(args.python)
     if shutil.which("memleak-bpfcc") is None:
         raise ToolMissing("memleak-bpfcc is missing (apt-get install bpfcc-tools)")
 
@@ -299,24 +300,22 @@ def main() -> None:
             iterations = calibrate(argv, args.seconds, tmp)
             names = ["none", *commands]
             results: Dict[str, List[Run]] = {name: [] for name in names}
-            lost: Dict[str, List[int]] = {}
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:
                     cap = args.seconds if name == "memleak" else LONGEST * args.seconds
                     run = run_program(argv, iterations, cap, name, commands.get(name), tmp)
                     results[name].append(run)
-                    if run.lost is not None:
-                        lost.setdefault(name, []).append(run.lost)
             report[program] = {name: summary(runs, results["none"]) for name, runs in results.items()}
-            report[program]["none"]["runs"] = [asdict(r) for r in results["none"]]
-            print_program(program, iterations, args, report[program], lost)
+            for name, runs in results.items():
+                report[program][name]["runs"] = [asdict(r) for r in runs]
+            print_program(program, iterations, args, report[program])
     verdicts(report, args.build)
     if args.json:
         args.json.write_text(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(),
                                          "load_average": os.getloadavg(), "programs": report}, indent=2))
 
 
-def print_program(program: str, iterations: int, args, figures: Dict[str, dict], lost: Dict[str, List[int]]) -> None:
+def print_program(program: str, iterations: int, args, figures: Dict[str, dict]) -> None:
     base = figures["none"]
     memleak = figures.get("memleak")
     print(f"\n{program}: {iterations} iterations, {base['us_per_iteration']:.1f} us each with no profiler, "
@@ -325,13 +324,12 @@ def print_program(program: str, iterations: int, args, figures: Dict[str, dict],
         print(f"  memleak capped at {args.seconds:g} s of work: it ran {memleak['iterations']:.0f} of {iterations} "
               f"iterations (median); slowdowns compare time per iteration")
     print(f"  {'profiler':<20} {'us/iter':>10} {'slowdown':>9} {'CPU slow':>9} {'prof CPU':>9} {'RSS':>8} "
-          f"{'BPF/work':>9}  lost")
+          f"{'BPF/work':>9}  seen (last run)")
     for name, f in figures.items():
         if name == "none":
             continue
-        lost_text = ", ".join(map(str, lost[name])) if name in lost else "-"
         print(f"  {name:<20} {f['us_per_iteration']:10.1f} {100 * f['slowdown']:8.2f}% {100 * f['cpu_slowdown']:8.2f}% "
-              f"{100 * f['profiler_cpu']:8.2f}% {f['rss_mb']:6.1f}MB {100 * f['bpf_share']:8.3f}%  {lost_text}")
+              f"{100 * f['profiler_cpu']:8.2f}% {f['rss_mb']:6.1f}MB {100 * f['bpf_share']:8.3f}%  {f['runs'][-1]['seen']}")
 
 
 def verdicts(report: Dict[str, dict], builds: List[str]) -> None:
