@@ -271,6 +271,7 @@ def summary(runs: List[Run], base: List[Run]) -> Dict[str, float]:
     cpu = statistics.median(r.cpu_per_iteration for r in runs)
     return {
         "us_per_iteration": 1e6 * wall,
+        "us_range": (1e6 * min(r.per_iteration for r in runs), 1e6 * max(r.per_iteration for r in runs)),
         "slowdown": wall / statistics.median(r.per_iteration for r in base) - 1,
         "cpu_slowdown": cpu / statistics.median(r.cpu_per_iteration for r in base) - 1,
         "profiler_cpu": statistics.median(r.profiler_cpu for r in runs),
@@ -318,18 +319,21 @@ def main() -> None:
 def print_program(program: str, iterations: int, args, figures: Dict[str, dict]) -> None:
     base = figures["none"]
     memleak = figures.get("memleak")
-    print(f"\n{program}: {iterations} iterations, {base['us_per_iteration']:.1f} us each with no profiler, "
+    print(f"\n{program}: {iterations} iterations, {base['us_per_iteration']:.1f} us each with no profiler "
+          f"(range {base['us_range'][0]:.1f}-{base['us_range'][1]:.1f}), "
           f"{args.rounds} runs each, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     if memleak:
         print(f"  memleak capped at {args.seconds:g} s of work: it ran {memleak['iterations']:.0f} of {iterations} "
               f"iterations (median); slowdowns compare time per iteration")
-    print(f"  {'profiler':<20} {'us/iter':>10} {'slowdown':>9} {'CPU slow':>9} {'prof CPU':>9} {'RSS':>8} "
-          f"{'BPF/work':>9}  seen (last run)")
+    print(f"  {'profiler':<20} {'us/iter':>10} {'range':>17} {'slowdown':>9} {'CPU slow':>9} {'prof CPU':>9} "
+          f"{'RSS':>8} {'BPF/work':>9}  seen (last run)")
     for name, f in figures.items():
         if name == "none":
             continue
-        print(f"  {name:<20} {f['us_per_iteration']:10.1f} {100 * f['slowdown']:8.2f}% {100 * f['cpu_slowdown']:8.2f}% "
-              f"{100 * f['profiler_cpu']:8.2f}% {f['rss_mb']:6.1f}MB {100 * f['bpf_share']:8.3f}%  {f['runs'][-1]['seen']}")
+        spread = f"{f['us_range'][0]:.1f}-{f['us_range'][1]:.1f}"
+        print(f"  {name:<20} {f['us_per_iteration']:10.1f} {spread:>17} {100 * f['slowdown']:8.2f}% "
+              f"{100 * f['cpu_slowdown']:8.2f}% {100 * f['profiler_cpu']:8.2f}% {f['rss_mb']:6.1f}MB "
+              f"{100 * f['bpf_share']:8.3f}%  {f['runs'][-1]['seen']}")
 
 
 def verdicts(report: Dict[str, dict], builds: List[str]) -> None:
