@@ -3,15 +3,15 @@
 Two programs, each timing its own work (wall and CPU time of the process):
 
   C        a malloc-heavy loop (compiled here): each iteration replaces 1000 of 4096 live
-           blocks with new ones of mixed sizes (90% of 16 B-1 KiB, 9.98% of 4-64 KiB, 0.02%
-           of 128 KiB-1 MiB, touched page by page; the others at their first byte), and keeps 256 B for good (growth).
-           M_MMAP_THRESHOLD is fixed at glibc's initial 128 KiB, so every large block is
-           an mmap and a munmap (left dynamic, glibc raises it at the first free of one
-           and the heap absorbs them), and the heap grows and shrinks through brk
+           blocks with new ones of mixed sizes (90% of 16 B-1 KiB, 9.98% of 4-64 KiB,
+           0.02% of 128 KiB-1 MiB, these touched page by page, the others at their first
+           byte) and keeps 256 B for good (growth). M_MMAP_THRESHOLD is fixed at glibc's
+           initial 128 KiB, so every large block is an mmap and a munmap (left dynamic,
+           glibc raises it at the first free of one and the heap absorbs them), and the
+           heap grows and shrinks through brk
   Python   CPython (pyenv 3.12) building and dropping lists, dicts and class instances
-           (obmalloc's 1 MiB arenas come and go by mmap/munmap; lists of more than
-           64 items come from malloc),
-           keeping a few objects each round
+           (obmalloc's 1 MiB arenas, lists of more than 64 items from malloc), keeping a
+           few objects and 16 KiB each round
 
 Each runs with no profiler and under each profiler, attached by PID after the program
 has started, the order rotated every round:
@@ -20,7 +20,7 @@ has started, the order rotated every round:
   bpfprof faults   `bpfprof record -t faults -p PID` (page faults sampled 1 in 64)
   memleak          bcc's `memleak-bpfcc -p PID` (a uprobe on every malloc, free, mmap...)
 
-memleak slows these programs about a hundredfold, so its runs are capped in time: every
+memleak slows the C program about a hundredfold, so its runs are capped in time: every
 program stops after --seconds of work under memleak (4 x --seconds otherwise, which a fixed
 amount of work sized to --seconds never reaches), and slowdowns compare time per
 iteration. The program waits before the timed work until the profiler has started and
@@ -34,7 +34,7 @@ of the work's wall time; memleak's included) and what bpfprof saw and lost; then
 memleak's slowdown over bpfprof memory's, and the targets. --json FILE writes the same.
 
     sudo .venv/bin/python bench/memory_overhead.py [--rounds 5] [--seconds 5] [--python /path/to/python3]
-                                                  [--json FILE] [--build NAME=PYTHON]
+                                                  [--program C|Python] [--json FILE] [--build NAME=PYTHON]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def iteration(i, kept):
     index = {f"key{k}": [k, str(k)] for k in range(2000)}
     rows = [[k] * 80 for k in range(1000)]
     numbers = list(range(40_000))
-    kept.append(points[::500])
+    kept.append((points[::500], bytes(16384)))
     return len(points) + len(index) + len(rows) + len(numbers)
 
 
@@ -286,6 +286,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5, help="length of each program's work without a profiler")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="the CPython that runs the Python program")
+    parser.add_argument("--program", choices=("C", "Python"), action="append", help="only this program (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     add_build_option(parser)
     args = parser.parse_args()
@@ -298,6 +299,8 @@ def main() -> None:
         tmp = Path(d)
         commands = profilers(tmp, args.build)
         for program, argv in programs(tmp, args.python).items():
+            if args.program and program not in args.program:
+                continue
             iterations = calibrate(argv, args.seconds, tmp)
             names = ["none", *commands]
             results: Dict[str, List[Run]] = {name: [] for name in names}
