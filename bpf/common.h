@@ -237,7 +237,10 @@ struct memory_range {
 struct memory_process {
     u64 generation;
     s64 ranges;
+    u64 obtained;  /* bytes obtained so far: the collector reads the process once it is MEMORY_READ_BYTES */
 };
+
+#define MEMORY_READ_BYTES (1 << 20)
 
 enum memory_call_kind {
     MEMORY_CALL_MMAP = 1,
@@ -279,6 +282,7 @@ struct memory_obtain {
 enum memory_stat {
     MEMORY_RANGES_LEFT,  /* ranges of process images that ended (exit or exec), for the collector to remove */
     MEMORY_HOLES,        /* unmappings at no range's start or end, sent to the collector */
+    MEMORY_LONG_UNMAPS,  /* unmappings across more ranges than BPF follows, the rest sent as a hole */
     MEMORY_STATS,
 };
 
@@ -305,7 +309,6 @@ enum loss_reason {
     LOSS_MEMORY_STACK_COLLISION,
     LOSS_MEMORY_CALLS_FULL,
     LOSS_MEMORY_HOLES_FULL,
-    LOSS_MEMORY_UNMAP_STEPS,      /* an unmapping across more ranges than are followed in BPF */
     LOSS_FAULTS_FULL,
     LOSS_REASONS,
 };

@@ -66,6 +66,15 @@ static __always_inline u64 memory_generation(u32 pid)
     return process ? process->generation : 0;
 }
 
+/* The collector reads a process (its binaries, to name its stacks) once it has obtained
+ * MEMORY_READ_BYTES: not the many short processes that only map a few pages as they start. */
+static __always_inline void note_obtained(u32 pid, u32 tid, u64 bytes)
+{
+    struct memory_process *process = memory_processes.lookup(&pid);
+    if (process && __sync_fetch_and_add(&process->obtained, bytes) + bytes >= MEMORY_READ_BYTES)
+        note_seen(pid, tid);
+}
+
 static __always_inline void count_ranges(u32 pid, s64 n)
 {
     struct memory_process *process = memory_processes.lookup(&pid);
@@ -141,8 +150,8 @@ static __always_inline void note_hole(u32 pid, u64 start, u64 end)
 
 /* [a, b) is unmapped: the ranges it covers go, and those it cuts lose their head or
  * tail. A range is found by its start from a or by its end from b; what neither finds
- * (a hole inside a range, or memory not followed) is noted for the collector. */
-static __always_inline void unmap_range(u32 pid, u64 a, u64 b)
+ * (a hole inside a range, or memory not followed) is noted for the collector if `holes`. */
+static __always_inline void unmap_range(u32 pid, u64 a, u64 b, int holes)
 {
     int step;
 #pragma clang loop unroll(disable)
@@ -179,8 +188,9 @@ static __always_inline void unmap_range(u32 pid, u64 a, u64 b)
     if (a >= b)
         return;
     if (step == MEMORY_UNMAP_STEPS)
-        count_loss(LOSS_MEMORY_UNMAP_STEPS);
-    note_hole(pid, a, b);
+        add_memory_stat(MEMORY_LONG_UNMAPS, 1);
+    if (holes)
+        note_hole(pid, a, b);
 }
 
 /* Keeps the range being obtained (its stacks taken) and counts it as an allocation. */
@@ -198,6 +208,7 @@ static __always_inline void keep_obtained(void *ctx, struct memory_obtain *obtai
         return;
     }
     insert_range(pid, obtained->start, &range);
+    note_obtained(pid, obtained->key.tid, obtained->end - obtained->start);
     u32 buffer = active_buffer();
     void *map = alloc.lookup(&buffer);
     if (!map)  /* not before the collector has put the maps in their array */
@@ -220,7 +231,6 @@ static __always_inline void obtain(void *ctx, u32 pid, u32 tid, u64 start, u64 e
     struct memory_obtain *obtained = memory_scratch.lookup(&zero);
     if (!obtained || start >= end)
         return;
-    note_seen(pid, tid);
     obtained->start = start;
     obtained->end = end;
     __builtin_memset(&obtained->key, 0, sizeof(obtained->key));
@@ -290,8 +300,10 @@ static __always_inline void memory_mmap_exit(void *ctx, long ret)
     if (!pid || !take_call(tid, MEMORY_CALL_MMAP, &call) || failed(ret))
         return;
     u64 start = ret, end = start + call.len;
+    /* What MAP_FIXED maps over goes; in the middle of a range it is nearly always a
+     * reservation being used (by the loader, by a runtime), which holds nothing. */
     if (call.flags & MAP_FIXED_BIT)
-        unmap_range(pid, start, end);
+        unmap_range(pid, start, end, 0);
     if (!(call.flags & MAP_ANONYMOUS_BIT))
         return;
     if (call.prot == 0)
@@ -394,7 +406,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
 {
     u32 tid, pid = memory_target(&tid);
     if (pid)
-        unmap_range(pid, args->addr, page_end(args->addr + args->len));
+        unmap_range(pid, args->addr, page_end(args->addr + args->len), 1);
     return 0;
 }
 
@@ -422,7 +434,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mremap)
     if (to != call.addr)
         move_ranges(pid, call.addr, call.addr + call.len, to);
     if (call.new_len < call.len)
-        unmap_range(pid, to + call.new_len, to + call.len);
+        unmap_range(pid, to + call.new_len, to + call.len, 1);
     else
         obtain(args, pid, tid, to + call.len, to + call.new_len);
     return 0;
@@ -442,7 +454,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_brk)
     if (!before || now == before)
         return 0;
     if (now < before)
-        unmap_range(pid, now, before);
+        unmap_range(pid, now, before, 1);
     else
         obtain(args, pid, tid, before, now);
     return 0;

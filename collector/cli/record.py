@@ -44,7 +44,6 @@ LOSS_FIXES = {
     "LOSS_MEMORY_STACK_COLLISION": ("memory stacks, stack collisions", "raise --stack-storage-size"),
     "LOSS_MEMORY_CALLS_FULL": ("memory calls not followed", "raise --map-size"),
     "LOSS_MEMORY_HOLES_FULL": ("unmappings not applied, hole map full", "raise --memory-ranges"),
-    "LOSS_MEMORY_UNMAP_STEPS": ("unmappings across many ranges", "none: the collector applied them"),
     "LOSS_FAULTS_FULL": ("page faults, fault map full", "raise --map-size or --fault-period"),
 }
 UNWIND_END_NAMES = {

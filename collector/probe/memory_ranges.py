@@ -15,7 +15,7 @@ RANGE_KEY = struct.Struct("@IIQ")  # struct memory_range_key
 # struct memory_range, its struct sample_key's fields flattened at the end.
 RANGE = struct.Struct("@QQQII" + "IIiiQQ16s")
 HOLE = struct.Struct("@QQ")  # struct memory_hole
-PROCESS = struct.Struct("@Qq")  # struct memory_process
+PROCESS = struct.Struct("@QqQ")  # struct memory_process
 SAMPLE_KEY_FIELDS = 7
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
@@ -11,7 +12,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from bpfprof.bpf import BPF_DIR, BUFFERED_MAPS, PROGRAM, define, enum_names
 from bpfprof.collector.errors import SetupError
@@ -45,6 +46,8 @@ _FNV_OFFSET, _FNV_PRIME = define("FNV_OFFSET"), define("FNV_PRIME")  # stack key
 _UNWIND_ROW_SIZE = 8  # u64
 _UNWIND_MAPPING_SIZE = 32  # struct unwind_mapping: three u64 and two u32
 _NATIVE_STACK_SIZE = 8 + 8 * NATIVE_STACK_DEPTH  # struct native_stack
+
+MAX_PENDING_HOLES = 1 << 16  # holes kept between two readings of the memory
 
 _MADV_DONTNEED = 4
 _COMPILER_LIBRARY = re.compile(r"/lib(LLVM|clang)[^/]*$")
@@ -349,6 +352,8 @@ class Sampler:
         self._kind_names = {v: k for k, v in EVENT_KINDS.items()}
         self._ended_read = 0  # MEMORY_RANGES_LEFT when the memory was last read
         self.memory_ranges_held = 0  # ranges in the map after the memory was last read
+        self._holes: Deque[memory_ranges.Hole] = collections.deque(maxlen=MAX_PENDING_HOLES)
+        self._holes_lost = 0
 
     def start(self, on_event: Callable[[ProcessEvent], None],
               on_python_stack: Optional[Callable[[int, Tuple[RawPythonFrame, ...]], None]] = None) -> None:
@@ -466,6 +471,7 @@ class Sampler:
                                                  python, native)
         alloc = []
         if self.config.memory:
+            self._take_holes()
             alloc = self._samples(self._entries(f"alloc_{drained}"), self._bpf["memory_stacks"], *self._memory_stacks())
         code_mapped = frozenset(pid for pid, _ in self._entries("code_mapped"))
         return Drained(cpu, offcpu.get("block", []), offcpu.get("wall", []), code_mapped, alloc, faults)
@@ -527,15 +533,15 @@ class Sampler:
         ranges = [r for keys, values in self._batches_of("memory_ranges").read_bytes(delete=False)
                   for r in memory_ranges.unpack_ranges(keys, values)]
         if pid is None:
-            holes = [h for keys, values in self._batches_of("memory_holes").read_bytes(delete=True)
-                     for h in memory_ranges.unpack_holes(keys, values)]
+            self._take_holes()
+            holes, self._holes = list(self._holes), collections.deque(maxlen=MAX_PENDING_HOLES)
             removed, added = memory_ranges.cut_holes(ranges, holes)
             self._remove_ranges(removed)
             self._add_ranges(added)
             gone = set(removed)
             ranges = [r for r in ranges if r not in gone] + added
         generations = {process_id: generation for keys, values in self._batches_of("memory_processes").read_bytes(False)
-                       for (process_id,), (generation, _) in zip(struct.iter_unpack("@I", keys),
+                       for (process_id,), (generation, _, _) in zip(struct.iter_unpack("@I", keys),
                                                                  memory_ranges.PROCESS.iter_unpack(values))}
         reading = memory_ranges.classify(ranges, generations, pid)
         if pid is None:
@@ -555,6 +561,14 @@ class Sampler:
                                      bytes(k.thread_name)) for k, _ in self._entries(f"alloc_{self._active}", keep=True))
             self._free_unreferenced(listed, in_use)
         return MemoryHeld(samples(reading.live), samples(reading.ended))
+
+    def _take_holes(self) -> None:
+        """Holes BPF noted, out of its map (which only holds so many) into ours, to be cut
+        at the next reading of the memory; past MAX_PENDING_HOLES the oldest are lost."""
+        for keys, values in self._batches_of("memory_holes").read_bytes(delete=True):
+            for hole in memory_ranges.unpack_holes(keys, values):
+                self._holes_lost += len(self._holes) == MAX_PENDING_HOLES
+                self._holes.append(hole)
 
     def _remove_ranges(self, ranges: Iterable[memory_ranges.Range]) -> None:
         """Deletes the ranges and their ends' index entries (an entry that has become
@@ -733,7 +747,9 @@ class Sampler:
     def losses(self) -> Dict[str, int]:
         """Cumulative losses per reason (LOSS_* names from common.h)."""
         table = self._bpf["losses"]
-        return {name: sum(table[table.Key(i)]) for name, i in LOSS_REASONS.items()}
+        losses = {name: sum(table[table.Key(i)]) for name, i in LOSS_REASONS.items()}
+        losses["LOSS_MEMORY_HOLES_FULL"] += self._holes_lost
+        return losses
 
     def offcpu_stats(self) -> Dict[str, int]:
         """Off-CPU switches so far per kind (OFFCPU_* names from common.h)."""
