@@ -37,7 +37,7 @@ def assert_one_line_error(result, *fragments: str, code: int = None) -> None:
         (["-o", "out.txt"], ["unknown output format", ".pb.gz", ".folded"]),
         (["--", "no-such-command-xyz"], ["command not found: no-such-command-xyz"]),
         (["-a", "-p", "1"], ["choose one target"]),
-        (["-t", "memory"], ["--type", "memory"]),
+        (["-t", "heap"], ["--type", "heap"]),
         (["--min-block", "-1"], ["--min-block"]),
         (["--no-such-option"], ["No such option"]),
     ],
