@@ -247,7 +247,7 @@ class Recorder:
         it was last read, and with `live` by those still running (at the end of an interval)."""
         if "memory" not in self.profiles:
             return
-        held = self._sampler.read_memory(prune=live)
+        held = self._sampler.read_memory()
         self._add_samples(self.profiles, held.ended + (held.live if live else []), _in_use)
 
     def _report_oom(self, pid: int) -> None:

@@ -521,14 +521,14 @@ class Sampler:
         """Whether a process image holding memory ended since the memory was last read."""
         return self.memory_stats()["MEMORY_RANGES_LEFT"] > self._ended_read
 
-    def read_memory(self, pid: Optional[int] = None, prune: bool = False) -> MemoryHeld:
-        """The memory held, per key. Holes BPF left are cut out first, and the ranges of
-        process images that ended are returned as `ended` and removed. With `pid`, only
-        what that process holds, nothing changed (what the OOM killer is taking). With
-        `prune`, stacks no range or undrained allocation refers to are freed."""
+    def read_memory(self, pid: Optional[int] = None) -> MemoryHeld:
+        """The memory held, per key. Holes BPF left are cut out first, the ranges of
+        process images that ended are returned as `ended` and removed, and the stacks no
+        range or undrained allocation refers to any more are freed. With `pid`, only what
+        that process holds, nothing changed (what the OOM killer is taking)."""
         if not self.config.memory:
             return MemoryHeld([], [])
-        listed = self._list_memory_stacks() if prune else []
+        listed = self._list_memory_stacks() if pid is None else []
         ended_so_far = self.memory_stats()["MEMORY_RANGES_LEFT"]
         ranges = [r for keys, values in self._batches_of("memory_ranges").read_bytes(delete=False)
                   for r in memory_ranges.unpack_ranges(keys, values)]
@@ -555,12 +555,13 @@ class Sampler:
             return self._samples(((_SampleKey(*key), _Held(*value)) for key, value in held.by_key.items()),
                                  stacks, python, native)
 
-        if prune:
+        held = MemoryHeld(samples(reading.live), samples(reading.ended))  # their stacks read before any is freed
+        if pid is None:
             in_use = {_SampleKey(*r.key) for r in reading.remaining}
             in_use.update(_SampleKey(k.pid, k.tid, k.kernel_stack_id, k.user_stack_id, k.python_stack, k.native_stack,
                                      bytes(k.thread_name)) for k, _ in self._entries(f"alloc_{self._active}", keep=True))
             self._free_unreferenced(listed, in_use)
-        return MemoryHeld(samples(reading.live), samples(reading.ended))
+        return held
 
     def _take_holes(self) -> None:
         """Holes BPF noted, out of its map (which only holds so many) into ours, to be cut

@@ -61,7 +61,7 @@ class RecordedProbe:
     def memory_ended(self) -> bool:
         return bool(self._held.ended)
 
-    def read_memory(self, pid=None, prune=False) -> MemoryHeld:
+    def read_memory(self, pid=None) -> MemoryHeld:
         """What is held: ended ranges once (they are removed as read), live ones each time."""
         held, self._held = self._held, MemoryHeld(self._held.live, [])
         return held
