@@ -14,25 +14,40 @@ either end as much as to the other."""
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from bpfprof.collector.processes.python import PythonProcesses
+from bpfprof.collector.processes.table import parse_maps, read_maps
 from bpfprof.symbolizer.containment import Failures
+from bpfprof.symbolizer.errors import MalformedInput
 from bpfprof.symbolizer.frames import Stack
-from bpfprof.symbolizer.interpreters.python.asyncio_layouts import asyncio_layout_for
+from bpfprof.symbolizer.interpreters.python.asyncio_layouts import (ASYNCIO_DEBUG_SECTION, AsyncioLayout,
+                                                                    asyncio_layout_for,
+                                                                    asyncio_layout_from_debug_offsets)
 from bpfprof.symbolizer.interpreters.python.asyncio_tasks import TaskReader
+from bpfprof.symbolizer.interpreters.python.layouts import DEBUG_OFFSETS_SIZE
 from bpfprof.symbolizer.interpreters.python.process import PythonProcess
 from bpfprof.symbolizer.interpreters.python.threads import thread_states
+from bpfprof.symbolizer.native.elf import read_section_place
+from bpfprof.symbolizer.native.symbolizer import MAX_BINARY, FileId
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
+from bpfprof.symbolizer.safe_open import open_regular
 
 TASK_HZ = 100
 MAX_CPU_SHARE = 0.02
 _COST_SMOOTHING = 0.2  # weight of a read's CPU time in the running mean that paces the reads
 MAX_TASK_WAITS = 1 << 16  # distinct TaskWaits kept between two takes; past it, waits are left out and counted
+LOOK_AGAIN_S = 1.0  # how often a 3.14+ process is looked at again while no binary it maps has .AsyncioDebug
+# The binaries that may hold .AsyncioDebug: the _asyncio module (3.14), the interpreter (3.15).
+_ASYNCIO_BINARY = re.compile(r"^(?:_asyncio\.|(?:lib)?python\d)")
+_MAX_SECTION = 1 << 12  # bytes of .AsyncioDebug read
 
 
 @dataclass(frozen=True)
@@ -47,13 +62,36 @@ class TaskWait:
 
 class _Followed:
     """One process's tasks, read with a memory of our own (the interpreter's closes when
-    the process is forgotten, which may happen while we read)."""
+    the process is forgotten, which may happen while we read), once its asyncio layout is
+    known."""
 
-    def __init__(self, interpreter: PythonProcess, asyncio_layout) -> None:
+    def __init__(self, interpreter: PythonProcess) -> None:
         self.interpreter = interpreter
         self.memory = ProcessMemory(interpreter.pid)
-        self.reader = TaskReader(self.memory, interpreter.layout, asyncio_layout, interpreter.runtime)
+        self.reader: Optional[TaskReader] = None
+        self.look_at = 0.0  # when to look for its asyncio layout next (monotonic); inf: never
+        self.without_section: Set[FileId] = set()  # binaries it maps that have no .AsyncioDebug
         self.threads: Dict[int, Tuple[int, str]] = {}  # thread ident -> tid, its name as the kernel has it
+
+    def find_reader(self, failures: Failures) -> bool:
+        """Whether the process's tasks can be read now; its asyncio layout is looked for
+        at most every LOOK_AGAIN_S, and given up, once told, when it cannot be used."""
+        now = time.monotonic()
+        if now < self.look_at:
+            return False
+        self.look_at = now + LOOK_AGAIN_S
+        interpreter = self.interpreter
+        layout = asyncio_layout_for(interpreter.layout.version)
+        if layout is None:
+            try:
+                layout = published_asyncio_layout(self.memory, interpreter.runtime, self.without_section)
+            except MalformedInput as error:
+                failures.add("binary", interpreter.module_path, MalformedInput(f"asyncio tasks not read: {error}"))
+                self.look_at = math.inf
+                return False
+        if layout is not None:
+            self.reader = TaskReader(self.memory, interpreter.layout, layout, interpreter.runtime)
+        return layout is not None
 
     def thread(self, ident: int) -> Optional[Tuple[int, str]]:
         """The tid and name of the thread whose pthread_t is `ident`, None for no thread."""
@@ -62,6 +100,36 @@ class _Followed:
                                                           self.interpreter.runtime) if tid}
             self.threads = {i: (tid, _kernel_name(self.interpreter.pid, tid)) for i, tid in tids.items()}
         return self.threads.get(ident)
+
+
+def published_asyncio_layout(memory: ProcessMemory, runtime: int,
+                             without_section: Optional[Set[FileId]] = None) -> Optional[AsyncioLayout]:
+    """3.14+: the asyncio layout from the offsets a process publishes (`runtime`: the
+    address of its _PyRuntime), None while no binary it maps has them (3.14's _asyncio
+    module is mapped when asyncio is first imported). Binaries found without them are
+    added to `without_section` and not opened again. Raises MalformedInput for offsets
+    that cannot be used, OSError or UnreadableMemory when the process is gone."""
+    without_section = set() if without_section is None else without_section
+    maps, _ = read_maps(f"/proc/{memory.pid}/maps")
+    for mapping in parse_maps(memory.pid, maps)[0]:
+        obj = mapping.obj
+        if obj is None or obj.file_id in without_section or not _ASYNCIO_BINARY.match(os.path.basename(obj.path)):
+            continue
+        fd = open_regular(obj.open_path, MAX_BINARY)
+        try:
+            place = read_section_place(f"/proc/self/fd/{fd}", ASYNCIO_DEBUG_SECTION)
+        finally:
+            os.close(fd)
+        vaddr = place[0].vaddr(mapping.offset) if place is not None else None
+        if vaddr is None:
+            without_section.add(obj.file_id)
+            continue
+        _, address, size = place
+        if size > _MAX_SECTION:
+            raise MalformedInput(f"{obj.path}: its .AsyncioDebug section claims {size} bytes")
+        return asyncio_layout_from_debug_offsets(memory.read(runtime, DEBUG_OFFSETS_SIZE),
+                                                 memory.read(mapping.start - vaddr + address, size))
+    return None
 
 
 def _kernel_name(pid: int, tid: int) -> str:
@@ -144,10 +212,11 @@ class TaskSampler:
         """(pid, task) -> where it awaits, for each awaiting task of the process."""
         followed = self._followed.get(pid)
         if followed is None:
-            asyncio_layout = asyncio_layout_for(interpreter.layout.version)
-            if asyncio_layout is None or interpreter.layout.objects is None:
+            if interpreter.layout.version < (3, 11) or interpreter.layout.objects is None:
                 return {}
-            followed = self._followed[pid] = _Followed(interpreter, asyncio_layout)
+            followed = self._followed[pid] = _Followed(interpreter)
+        if followed.reader is None and not followed.find_reader(self._failures):
+            return {}
         try:
             tasks = followed.reader.awaiting_tasks()
         except UnreadableMemory:

@@ -723,6 +723,22 @@ def read_exported_data(open_path: str, data_names: Iterable[str]) -> LoadedData:
         stream.close()
 
 
+def read_section_place(open_path: str, name: bytes) -> Optional[Tuple[LoadedData, int, int]]:
+    """Where the section `name` of a binary loads: its segments, and the section's
+    link-time address and size; None when it has no such section."""
+    stream, elf = open_elf(open_path)
+    try:
+        headers = read_section_headers(elf, stream.fileno())
+        names = read_section_names(elf, stream.fileno(), headers)
+        segments = load_segments(elf)
+    except (ELFError, struct.error, ValueError) as e:
+        raise SymbolizerError(f"not a readable ELF file: {e}") from None
+    finally:
+        stream.close()
+    found = next((header for header, found in zip(headers, names) if found == name), None)
+    return None if found is None else (LoadedData(segments, {}), found.addr, found.size)
+
+
 def open_elf_symbols(open_path: str, path: str = "", root: str = "/", data_names: Iterable[str] = ()) -> ElfSymbols:
     """Reads the binary at open_path. `path` is its name as its process sees it and
     `root` that process's filesystem root: both locate a separate debug file. The

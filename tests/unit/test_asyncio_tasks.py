@@ -1,4 +1,5 @@
-"""asyncio tasks read out of live CPython processes (3.11+ under pyenv): a script starts
+"""asyncio tasks read out of live CPython processes (3.11-3.13 under pyenv, 3.14 and 3.15
+of the sid chroot, read with the offsets they publish): a script starts
 named tasks awaiting known coroutines, on the main thread's loop and on a second loop in a
 thread, and prints the idents of both threads; `TaskReader` must find each awaiting task
 with its name, its loop's thread and its await chain, leave out the running one, and stay
@@ -11,15 +12,18 @@ import json
 import random
 
 import pytest
-from conftest import pyenv_python
+from conftest import SID_MINORS, pyenv_python, sid_python
 from test_python_thread_names import CountingMemory, Running, process_layout
 
+from bpfprof.collector.processes.asyncio_tasks import published_asyncio_layout
 from bpfprof.symbolizer.interpreters.python.asyncio_layouts import ASYNCIO_LAYOUTS, asyncio_layout_for
 from bpfprof.symbolizer.interpreters.python.asyncio_tasks import TaskReader
 from bpfprof.symbolizer.interpreters.python.code_objects import PythonSymbolizer
 from bpfprof.symbolizer.process_memory import UnreadableMemory
 
 MINORS = tuple(sorted(minor for _, minor in ASYNCIO_LAYOUTS))
+PYTHONS = [*(pytest.param("pyenv", m, id=f"pyenv-3.{m}") for m in MINORS),
+           *(pytest.param("sid", m, id=f"sid-3.{m}") for m in SID_MINORS)]
 
 SCRIPT = r"""
 import asyncio, json, sys, threading
@@ -68,6 +72,15 @@ READS_PER_TASK = 4 + 4 * 3
 READS_PER_LOOP = 64
 
 
+def task_reader(running: Running, python: str, memory) -> TaskReader:
+    """A reader of the running script's tasks, through `memory`: tabled up to 3.13, from
+    the offsets the process publishes from 3.14 on."""
+    layout = process_layout(running.memory, running.runtime, python)
+    asyncio = asyncio_layout_for(layout.version) or published_asyncio_layout(running.memory, running.runtime)
+    assert asyncio is not None
+    return TaskReader(memory, layout, asyncio, running.runtime)
+
+
 def chains(reader: TaskReader, symbols: PythonSymbolizer):
     """{task name: (loop thread, [qualname of each coroutine, innermost first])}."""
     found = {}
@@ -77,13 +90,13 @@ def chains(reader: TaskReader, symbols: PythonSymbolizer):
     return found
 
 
-@pytest.mark.parametrize("minor", MINORS, ids=lambda m: f"pyenv-3.{m}")
-def test_awaiting_tasks_of_a_live_process(minor):
-    with Running(pyenv_python(minor), SCRIPT) as running:
+@pytest.mark.parametrize("kind, minor", PYTHONS)
+def test_awaiting_tasks_of_a_live_process(kind, minor):
+    python = sid_python(minor) if kind == "sid" else pyenv_python(minor)
+    with Running(python, SCRIPT) as running:
         reported = json.loads(running.first_line)
-        layout = process_layout(running.memory, running.runtime, pyenv_python(minor))
         memory = CountingMemory(running.memory, 1 << 20)
-        reader = TaskReader(memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        reader = task_reader(running, python, memory)
         found = chains(reader, PythonSymbolizer())
         first_reads, memory.reads = memory.reads, 0
         again = chains(reader, PythonSymbolizer())

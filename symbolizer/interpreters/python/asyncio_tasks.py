@@ -5,14 +5,17 @@ A task waiting on I/O is on no thread's stack: its coroutine is suspended in an 
 and so is every coroutine it awaits, down to the one that awaits a future. From the
 outside, for each interpreter:
 
-    sys.modules -> ["asyncio.tasks"] -> the WeakSet of tasks (AsyncioLayout.tasks_global)
-      -> its `data` set -> weak references -> TaskObj
+    3.11-3.13: sys.modules -> ["asyncio.tasks"] -> the WeakSet of tasks (AsyncioLayout.tasks_global)
+                 -> its `data` set -> weak references -> TaskObj -> task_loop -> its thread
+    3.14+:     each thread state whose asyncio_running_loop is set -> asyncio_tasks_head
+                 -> the circular list through each TaskObj's task_node
       -> task_coro, a coroutine -> its inline frame (code object, instruction)
-         -> the top of its value stack, what it awaits: a coroutine again, or the end
+         -> near the end of its value stack, what it awaits: a coroutine again, or the end
 
 A task whose coroutine runs is left out (its frames are on its thread's stack), and so is
-one not started or finished, or whose loop runs on no thread. Objects are told apart by
-their type's tp_name ("coroutine", "str", "int"), read once per type.
+one not started or finished, or whose loop runs on no thread (3.14+: one of a thread that
+has ended, in the interpreter's own list). Objects are told apart by their type's tp_name
+("coroutine", "str", "int"), read once per type.
 
 Only memory is read: what is read may change underneath or be garbage, so every loop and
 size is bounded and what does not look right raises UnreadableMemory (a whole read) or
@@ -27,10 +30,10 @@ from typing import Dict, List, Optional, Tuple
 
 from bpfprof.symbolizer.interpreters.python.asyncio_layouts import AsyncioLayout
 from bpfprof.symbolizer.interpreters.python.code_objects import check_of
-from bpfprof.symbolizer.interpreters.python.layouts import PythonLayout
+from bpfprof.symbolizer.interpreters.python.layouts import ABSENT, PythonLayout
 from bpfprof.symbolizer.interpreters.python.objects import read_str
 from bpfprof.symbolizer.interpreters.python.thread_names import ObjectReader, Searches
-from bpfprof.symbolizer.interpreters.python.threads import interpreters
+from bpfprof.symbolizer.interpreters.python.threads import interpreters, thread_states
 from bpfprof.symbolizer.process_memory import ProcessMemory, UnreadableMemory
 
 MAX_TASKS = 4096          # tasks looked at per read
@@ -43,6 +46,7 @@ MAX_LOOPS = 256           # event loops whose threads are remembered
 LOOP_READS = 20           # reads a loop's thread is remembered for (a loop seldom moves to another thread)
 _TYPE_NAME_BYTES = 16     # read of a tp_name, enough for the names looked for
 _COROUTINE_TYPES = ("coroutine", "generator")  # async def; @types.coroutine generators
+_TAG_BITS = 3  # 3.14+: the low bits of a _PyStackRef (f_executable, stack entries) that tag it
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,17 @@ class TaskReader:
         self._loops: Dict[int, Tuple[int, int]] = {}  # loop -> (its thread's ident or 0, reads left)
         # One read of a code object takes both members its check is made of.
         self._code_header = max(layout.code_firstlineno + 4, layout.code_name + 8)
+        # One read of a coroutine takes its state and its frame up to the value stack.
+        frame_end = max(asyncio.frame_localsplus, asyncio.frame_stacktop + 4, asyncio.frame_stackpointer + 8,
+                        layout.frame_code + 8, layout.frame_instr + 8)
+        self._coroutine_head = max(asyncio.gen_frame_state + 1, asyncio.gen_iframe + frame_end)
 
     def awaiting_tasks(self) -> List[AwaitingTask]:
         """The tasks of every interpreter that await something now (none without asyncio).
         Raises UnreadableMemory when the process is gone or its interpreter unreadable."""
         reader = ObjectReader(self.memory, self.layout, self.searches)
+        if self.a.tstate_tasks_head != ABSENT:
+            return self._listed_tasks(reader)
         self._loops = {loop: (ident, left - 1) for loop, (ident, left) in self._loops.items() if left > 1}
         if len(self._loops) > MAX_LOOPS:
             self._loops.clear()
@@ -84,13 +94,39 @@ class TaskReader:
             weak_set = reader.module_global(modules, "asyncio.tasks", self.a.tasks_global)
             data = reader.attribute(weak_set, "data") if weak_set else None
             if data:
-                for task in self._set_items(data, MAX_TASKS - len(tasks)):
-                    try:
-                        found = self._awaiting(reader, task)
-                    except UnreadableMemory:
-                        continue  # a task ending while we look: leave it out
-                    if found is not None:
-                        tasks.append(found)
+                tasks.extend(self._found(reader, self._set_items(data, MAX_TASKS - len(tasks)), None))
+        return tasks
+
+    def _listed_tasks(self, reader: ObjectReader) -> List[AwaitingTask]:
+        """3.14+: the awaiting tasks in the lists of the threads that run a loop."""
+        a, memory = self.a, self.memory
+        memory.pointer(self.runtime + self.layout.runtime_interpreters_head)  # raises when the process is gone
+        tasks: List[AwaitingTask] = []
+        for tstate, ident, _ in thread_states(memory, self.layout, self.runtime):
+            if len(tasks) >= MAX_TASKS:
+                break
+            if not ident or not memory.pointer(tstate + a.tstate_running_loop):
+                continue
+            head = tstate + a.tstate_tasks_head
+            listed: List[int] = []
+            node = memory.pointer(head + a.llist_next)
+            while node and node != head and len(listed) < MAX_TASKS - len(tasks):
+                listed.append(node - a.task_node)
+                node = memory.pointer(node + a.llist_next)
+            tasks.extend(self._found(reader, listed, ident))
+        return tasks
+
+    def _found(self, reader: ObjectReader, listed: List[int], thread: Optional[int]) -> List[AwaitingTask]:
+        """The tasks among `listed` that await something, on the loop thread `thread`
+        (None: each task's loop tells)."""
+        tasks: List[AwaitingTask] = []
+        for task in listed:
+            try:
+                found = self._awaiting(reader, task, thread)
+            except UnreadableMemory:
+                continue  # a task ending while we look: leave it out
+            if found is not None:
+                tasks.append(found)
         return tasks
 
     def _set_items(self, address: int, limit: int) -> List[int]:
@@ -110,16 +146,17 @@ class TaskReader:
                     objects.append(target)
         return objects
 
-    def _awaiting(self, reader: ObjectReader, task: int) -> Optional[AwaitingTask]:
+    def _awaiting(self, reader: ObjectReader, task: int, thread: Optional[int]) -> Optional[AwaitingTask]:
         a = self.a
         raw = self.memory.read(task, a.task_size)
-        loop, coro, name = (struct.unpack_from("<Q", raw, at)[0] for at in (a.task_loop, a.task_coro, a.task_name))
+        coro, name = (struct.unpack_from("<Q", raw, at)[0] for at in (a.task_coro, a.task_name))
         if self.type_name(coro) not in _COROUTINE_TYPES:
             return None  # not a task (a dead reference), or one driving some other awaitable
         chain = self._chain(coro)
         if not chain:
             return None
-        thread = self._loop_thread(reader, loop)
+        if thread is None:
+            thread = self._loop_thread(reader, struct.unpack_from("<Q", raw, a.task_loop)[0])
         if not thread:
             return None  # its loop is not running
         return AwaitingTask(task, self._task_name(reader, name), thread, tuple(reversed(chain)))
@@ -138,20 +175,26 @@ class TaskReader:
         a, layout, memory = self.a, self.layout, self.memory
         chain: List[Tuple[int, int, int]] = []
         while len(chain) < MAX_CHAIN:
-            raw = memory.read(coro, a.gen_iframe + a.frame_localsplus)
+            raw = memory.read(coro, self._coroutine_head)
             state = struct.unpack_from("<b", raw, a.gen_frame_state)[0]
             if state not in a.suspended_in_await:
                 break
             frame = a.gen_iframe
             code, instr = (struct.unpack_from("<Q", raw, frame + at)[0] for at in (layout.frame_code, layout.frame_instr))
-            stacktop = struct.unpack_from("<i", raw, frame + a.frame_stacktop)[0]
+            code &= ~_TAG_BITS
+            stack = coro + frame + a.frame_localsplus
+            if a.frame_stackpointer != ABSENT:
+                entries, unaligned = divmod(struct.unpack_from("<Q", raw, frame + a.frame_stackpointer)[0] - stack, 8)
+                entries = entries if not unaligned else 0
+            else:
+                entries = struct.unpack_from("<i", raw, frame + a.frame_stacktop)[0]
             header = memory.read(code, self._code_header)
             check = check_of(struct.unpack_from("<i", header, layout.code_firstlineno)[0],
                              struct.unpack_from("<Q", header, layout.code_name)[0])
             chain.append((code, instr - code, check))  # the instruction as the BPF walker takes it
-            if not 0 < stacktop <= MAX_STACK:
+            if not a.awaited_slot <= entries <= MAX_STACK:
                 break
-            awaited = memory.pointer(coro + frame + a.frame_localsplus + 8 * (stacktop - 1))
+            awaited = memory.pointer(stack + 8 * (entries - a.awaited_slot)) & ~_TAG_BITS
             if self.type_name(awaited) not in _COROUTINE_TYPES:
                 break  # a future, or something else that is no coroutine: the chain ends
             coro = awaited

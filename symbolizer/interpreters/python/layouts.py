@@ -573,6 +573,12 @@ _ALIGNMENT = {
     "unicode_object.state": 4,          # a struct of unsigned int bit fields
     "long_object.ob_digit": 4,          # digit[], uint32_t
     "bytes_object.ob_sval": 1,          # char[]
+    "gen_object.gi_frame_state": 1,     # int8_t
+}
+
+# Groups that carry no size of their own: the size of their structure.
+_SIZES = {
+    "llist_node": 16,                   # struct llist_node: next, prev
 }
 
 # Members whose values every default (GIL) build has: each object opens with PyObject
@@ -593,41 +599,42 @@ _OPTIONAL = (_COMPACT_UNICODE_SIZE,)
 _CHECKED = (*_FROM_DEBUG_OFFSETS.values(), *_DEBUG_OFFSETS_OBJECTS.values(), *_ABI_VALUES, *_OPTIONAL)
 
 
-def _problems(member: Callable[[str], int], has: Callable[[str], bool]) -> List[str]:
-    """What is wrong with the members bpfprof reads, one phrase each: outside its
-    structure (whose size the struct gives, and no structure is larger than _MAX_STRUCT:
-    the struct is the process's to write), misaligned, or an ABI member with another
-    value. For asciiobject_size and compactunicodeobject_size, sizes themselves, "inside"
-    holds as well: PyUnicodeObject is larger."""
+def offset_problem(name: str, value: int, size: int, alignment: int = 8) -> Optional[str]:
+    """What is wrong with `value`, read as the offset of a member `name` inside a structure
+    of `size` bytes (no structure is larger than _MAX_STRUCT: the size is the process's
+    to write), in a phrase; None when nothing is."""
+    if not value < min(size, _MAX_STRUCT):
+        return f"{name} = {value} is not below the structure's size {min(size, _MAX_STRUCT)}"
+    if value % alignment:
+        return f"{name} = {value} is not {alignment}-byte aligned"
+    return None
+
+
+def _problems(member: Callable[[str], int], has: Callable[[str], bool], names: Sequence[str] = _CHECKED) -> List[str]:
+    """What is wrong with the members `names`, one phrase each: an offset_problem, or an
+    ABI member with another value. For asciiobject_size and compactunicodeobject_size,
+    sizes themselves, "inside" holds as well: PyUnicodeObject is larger."""
     problems = []
-    for name in dict.fromkeys(_CHECKED):
+    for name in dict.fromkeys(names):
         if name in _OPTIONAL and not has(name):
             continue
-        value, size = member(name), member(name.split(".")[0] + ".size")
+        group = name.split(".")[0]
+        value = member(name)
         if name in _ABI_VALUES:
             if value != _ABI_VALUES[name]:
                 problems.append(f"{name} = {value}, not {_ABI_VALUES[name]}")
-        elif not value < min(size, _MAX_STRUCT):
-            problems.append(f"{name} = {value} is not below the structure's size {min(size, _MAX_STRUCT)}")
-        elif value % _ALIGNMENT.get(name, 8):
-            problems.append(f"{name} = {value} is not {_ALIGNMENT.get(name, 8)}-byte aligned")
+            continue
+        size = _SIZES[group] if group in _SIZES else member(f"{group}.size")
+        problem = offset_problem(name, value, size, _ALIGNMENT.get(name, 8))
+        if problem:
+            problems.append(problem)
     return problems
 
 
-def parse_debug_offsets(data: bytes) -> PythonLayout:
-    """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
-    (at least DEBUG_OFFSETS_SIZE bytes are best; fewer will do if they cover the struct).
-    Its `objects` takes the members the struct carries and the rest from OBJECT_LAYOUTS,
-    or is None for a version without an entry there.
-
-    A minor version newer than any here is read with the newest member list, and taken
-    if every member read passes the checks of `_problems`: right when that version only
-    added members after the last one read (groups appended at the end, members to gc and
-    later groups), refused, naming each offset that fails, when it moved them.
-
-    Raises MalformedInput when the bytes are not debug offsets (wrong cookie), come from a
-    version before 3.13, from an alpha or beta, from a free-threaded build, or hold
-    offsets that cannot be right, naming each."""
+def _read_members(data: bytes) -> Tuple[int, Tuple[int, int], Tuple[int, int], Dict[str, int], Callable[[str], int]]:
+    """PY_VERSION_HEX, the version, the version whose member list reads it, the positions
+    of that list's members and a reader of them, of the _Py_DebugOffsets at the start of
+    `data`. Raises MalformedInput as parse_debug_offsets says."""
     data = bytes(data)
     if len(data) < 16:
         raise MalformedInput(f"_Py_DebugOffsets: got {len(data)} bytes, need at least 16 for cookie and version")
@@ -649,22 +656,61 @@ def parse_debug_offsets(data: bytes) -> PythonLayout:
         # Threads run bytecode from copies of their own (tlbc), not co_code_adaptive.
         raise MalformedInput(f"_Py_DebugOffsets: CPython {version_text} is a free-threaded build, not read yet")
     read_as = version if version in _DEBUG_OFFSETS_LAYOUTS else max(_DEBUG_OFFSETS_LAYOUTS)
-    read_as_text = f"{read_as[0]}.{read_as[1]}"
     positions, size = _positions(_DEBUG_OFFSETS_LAYOUTS[read_as])
     if len(data) < size:
-        raise MalformedInput(f"_Py_DebugOffsets: CPython {read_as_text}'s struct takes {size} bytes, got {len(data)}")
+        raise MalformedInput(f"_Py_DebugOffsets: CPython {read_as[0]}.{read_as[1]}'s struct takes {size} bytes, "
+                             f"got {len(data)}")
 
     def member(name: str) -> int:
         return struct.unpack_from("<Q", data, positions[name])[0]
 
-    problems = _problems(member, positions.__contains__)
-    if problems and read_as != version:
+    return version_hex, version, read_as, positions, member
+
+
+def _refusal(version_hex: int, version: Tuple[int, int], read_as: Tuple[int, int], problems: List[str]) -> str:
+    """The message that refuses debug offsets with problems."""
+    version_text = f"{version[0]}.{version[1]}"
+    if read_as != version:
         known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(_DEBUG_OFFSETS_LAYOUTS))
-        raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text} (PY_VERSION_HEX {version_hex:#x}) "
-                             f"do not read as {read_as_text}'s, the newest known (known: {known}): "
-                             f"{'; '.join(problems)}; {version_text} needs a member list of its own")
+        return (f"_Py_DebugOffsets of CPython {version_text} (PY_VERSION_HEX {version_hex:#x}) "
+                f"do not read as {read_as[0]}.{read_as[1]}'s, the newest known (known: {known}): "
+                f"{'; '.join(problems)}; {version_text} needs a member list of its own")
+    return f"_Py_DebugOffsets of CPython {version_text}: {'; '.join(problems)}"
+
+
+def debug_offsets_members(data: bytes, names: Sequence[str]) -> Dict[str, int]:
+    """The members `names` ("group.member") of the _Py_DebugOffsets at the start of
+    `data` (from _PyRuntime, as for parse_debug_offsets), each checked as that checks its
+    own. Raises MalformedInput as parse_debug_offsets does, also when the version's
+    member list has no such member."""
+    version_hex, version, read_as, positions, member = _read_members(data)
+    missing = [name for name in names if name not in positions]
+    if missing:
+        raise MalformedInput(f"_Py_DebugOffsets of CPython {version[0]}.{version[1]} have no {', '.join(missing)}")
+    problems = _problems(member, positions.__contains__, names)
     if problems:
-        raise MalformedInput(f"_Py_DebugOffsets of CPython {version_text}: {'; '.join(problems)}")
+        raise MalformedInput(_refusal(version_hex, version, read_as, problems))
+    return {name: member(name) for name in names}
+
+
+def parse_debug_offsets(data: bytes) -> PythonLayout:
+    """Build the PythonLayout of a 3.13+ CPython from the start of its `_PyRuntime`
+    (at least DEBUG_OFFSETS_SIZE bytes are best; fewer will do if they cover the struct).
+    Its `objects` takes the members the struct carries and the rest from OBJECT_LAYOUTS,
+    or is None for a version without an entry there.
+
+    A minor version newer than any here is read with the newest member list, and taken
+    if every member read passes the checks of `_problems`: right when that version only
+    added members after the last one read (groups appended at the end, members to gc and
+    later groups), refused, naming each offset that fails, when it moved them.
+
+    Raises MalformedInput when the bytes are not debug offsets (wrong cookie), come from a
+    version before 3.13, from an alpha or beta, from a free-threaded build, or hold
+    offsets that cannot be right, naming each."""
+    version_hex, version, read_as, positions, member = _read_members(data)
+    problems = _problems(member, positions.__contains__)
+    if problems:
+        raise MalformedInput(_refusal(version_hex, version, read_as, problems))
     objects = OBJECT_LAYOUTS.get(version)
     return PythonLayout(
         version=version,
