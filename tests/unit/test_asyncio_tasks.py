@@ -25,6 +25,15 @@ MINORS = tuple(sorted(minor for _, minor in ASYNCIO_LAYOUTS))
 PYTHONS = [*(pytest.param("pyenv", m, id=f"pyenv-3.{m}") for m in MINORS),
            *(pytest.param("sid", m, id=f"sid-3.{m}") for m in SID_MINORS)]
 
+# The newest of each kind of reading: tabled, and from the offsets the process publishes.
+NEWEST = [pytest.param("pyenv", MINORS[-1], id=f"pyenv-3.{MINORS[-1]}"),
+          pytest.param("sid", SID_MINORS[-1], id=f"sid-3.{SID_MINORS[-1]}")]
+
+
+def python_of(kind: str, minor: int) -> str:
+    return sid_python(minor) if kind == "sid" else pyenv_python(minor)
+
+
 SCRIPT = r"""
 import asyncio, json, sys, threading
 
@@ -92,7 +101,7 @@ def chains(reader: TaskReader, symbols: PythonSymbolizer):
 
 @pytest.mark.parametrize("kind, minor", PYTHONS)
 def test_awaiting_tasks_of_a_live_process(kind, minor):
-    python = sid_python(minor) if kind == "sid" else pyenv_python(minor)
+    python = python_of(kind, minor)
     with Running(python, SCRIPT) as running:
         reported = json.loads(running.first_line)
         memory = CountingMemory(running.memory, 1 << 20)
@@ -113,17 +122,24 @@ def test_awaiting_tasks_of_a_live_process(kind, minor):
     assert first_reads <= memory.reads + READS_PER_MODULE * 2000
 
 
-def test_a_process_without_asyncio():
-    with Running(pyenv_python(MINORS[-1]), "import sys; print(1, flush=True); sys.stdin.read()") as running:
-        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
-        reader = TaskReader(running.memory, layout, asyncio_layout_for(layout.version), running.runtime)
-        assert reader.awaiting_tasks() == []
+@pytest.mark.parametrize("kind, minor", NEWEST)
+def test_a_process_without_asyncio(kind, minor):
+    python = python_of(kind, minor)
+    with Running(python, "import sys; print(1, flush=True); sys.stdin.read()") as running:
+        layout = process_layout(running.memory, running.runtime, python)
+        if layout.version >= (3, 14):
+            # The interpreter's own offsets are there (3.15 builds _asyncio in), no tasks are.
+            asyncio = published_asyncio_layout(running.memory, running.runtime)
+        else:
+            asyncio = asyncio_layout_for(layout.version)
+        assert TaskReader(running.memory, layout, asyncio, running.runtime).awaiting_tasks() == []
 
 
-def test_a_process_that_is_gone():
-    with Running(pyenv_python(MINORS[-1]), SCRIPT) as running:
-        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
-        reader = TaskReader(running.memory, layout, asyncio_layout_for(layout.version), running.runtime)
+@pytest.mark.parametrize("kind, minor", NEWEST)
+def test_a_process_that_is_gone(kind, minor):
+    python = python_of(kind, minor)
+    with Running(python, SCRIPT) as running:
+        reader = task_reader(running, python, running.memory)
         running.process.kill()
         running.process.wait()
         with pytest.raises(UnreadableMemory):
@@ -146,11 +162,12 @@ class ScribbledMemory(CountingMemory):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_garbage_gives_an_error_or_nothing_within_bounded_reads(seed):
-    with Running(pyenv_python(MINORS[-1]), SCRIPT) as running:
-        layout = process_layout(running.memory, running.runtime, pyenv_python(MINORS[-1]))
+@pytest.mark.parametrize("kind, minor", NEWEST)
+def test_garbage_gives_an_error_or_nothing_within_bounded_reads(kind, minor, seed):
+    python = python_of(kind, minor)
+    with Running(python, SCRIPT) as running:
         memory = ScribbledMemory(running.memory, 200_000, seed)
-        reader = TaskReader(memory, layout, asyncio_layout_for(layout.version), running.runtime)
+        reader = task_reader(running, python, memory)
         try:
             tasks = reader.awaiting_tasks()
         except UnreadableMemory:

@@ -102,17 +102,19 @@ class TaskReader:
         a, memory = self.a, self.memory
         memory.pointer(self.runtime + self.layout.runtime_interpreters_head)  # raises when the process is gone
         tasks: List[AwaitingTask] = []
+        left = MAX_TASKS  # tasks looked at, in all the lists
         for tstate, ident, _ in thread_states(memory, self.layout, self.runtime):
-            if len(tasks) >= MAX_TASKS:
+            if not left:
                 break
             if not ident or not memory.pointer(tstate + a.tstate_running_loop):
                 continue
             head = tstate + a.tstate_tasks_head
             listed: List[int] = []
             node = memory.pointer(head + a.llist_next)
-            while node and node != head and len(listed) < MAX_TASKS - len(tasks):
+            while node and node != head and len(listed) < left:
                 listed.append(node - a.task_node)
                 node = memory.pointer(node + a.llist_next)
+            left -= len(listed)
             tasks.extend(self._found(reader, listed, ident))
         return tasks
 
