@@ -28,7 +28,7 @@ TASK_NODE, RUNNING_LOOP = 6, 10  # indexes of two of them
 
 LAYOUT_3_14_10 = AsyncioLayout(
     tasks_global="", type_name=24, set_mask=ABSENT, set_table=ABSENT, weakref_object=ABSENT,
-    task_loop=ABSENT, task_coro=128, task_name=136, task_size=168,
+    task_loop=ABSENT, task_coro=128, task_name=136,
     gen_frame_state=67, gen_iframe=72, frame_stacktop=ABSENT, frame_localsplus=80,
     suspended_in_await=frozenset({-1}), awaited_slot=1,
     frame_stackpointer=64, task_node=152, tstate_running_loop=864, tstate_tasks_head=880, llist_next=0,

@@ -48,7 +48,6 @@ class AsyncioLayout:
     task_loop: int                   # TaskObj.task_loop: the event loop it runs on (<= 3.13)
     task_coro: int                   # TaskObj.task_coro
     task_name: int                   # TaskObj.task_name: a str, or (3.12+) an int N for "Task-N"
-    task_size: int                   # sizeof(TaskObj)
     gen_frame_state: int             # offsetof(PyGenObject, gi_frame_state), an int8_t
     gen_iframe: int                  # offsetof(PyGenObject, gi_iframe): the frame, inline
     frame_stacktop: int              # offsetof(_PyInterpreterFrame, stacktop), an int: TOS index + 1 (<= 3.13)
@@ -72,20 +71,20 @@ ASYNCIO_LAYOUTS: Dict[Tuple[int, int], AsyncioLayout] = {
     # 3.11: PyGenObject still opens with gi_code, so its frame comes one pointer later.
     (3, 11): AsyncioLayout(
         tasks_global="_all_tasks", type_name=24, set_mask=32, set_table=40, weakref_object=16,
-        task_loop=16, task_coro=136, task_name=144, task_size=176,
+        task_loop=16, task_coro=136, task_name=144,
         gen_frame_state=75, gen_iframe=80, frame_stacktop=64, frame_localsplus=72,
         suspended_in_await=_SUSPENDED_IN_AWAIT,
     ),
     (3, 12): AsyncioLayout(
         tasks_global="_scheduled_tasks", type_name=24, set_mask=32, set_table=40, weakref_object=16,
-        task_loop=16, task_coro=136, task_name=144, task_size=176,
+        task_loop=16, task_coro=136, task_name=144,
         gen_frame_state=67, gen_iframe=72, frame_stacktop=64, frame_localsplus=72,
         suspended_in_await=_SUSPENDED_IN_AWAIT,
     ),
     # 3.13: FutureObj is two pointers shorter, so TaskObj's own members come earlier.
     (3, 13): AsyncioLayout(
         tasks_global="_scheduled_tasks", type_name=24, set_mask=32, set_table=40, weakref_object=16,
-        task_loop=16, task_coro=120, task_name=128, task_size=144,
+        task_loop=16, task_coro=120, task_name=128,
         gen_frame_state=67, gen_iframe=72, frame_stacktop=64, frame_localsplus=72,
         suspended_in_await=_SUSPENDED_IN_AWAIT,
     ),
@@ -108,7 +107,7 @@ _ASYNCIO_DEBUG_OFFSETS = (
     ("asyncio_thread_state", ("size", "asyncio_running_loop", "asyncio_running_task", "asyncio_tasks_head")),
 )
 ASYNCIO_DEBUG_OFFSETS_SIZE = 8 * sum(len(members) for _, members in _ASYNCIO_DEBUG_OFFSETS)
-_MAX_TASK_SIZE = 1 << 12  # bytes of a task read at once
+_MAX_TASK_SIZE = 1 << 12  # bytes of a TaskObj at most: what is read of one stays within them
 
 # What asyncio_layout_from_debug_offsets reads of _Py_DebugOffsets: field -> member.
 _FROM_DEBUG_OFFSETS = {
@@ -151,14 +150,12 @@ def asyncio_layout_from_debug_offsets(debug_offsets: bytes, asyncio_debug_offset
     parse_debug_offsets) and the bytes of its .AsyncioDebug section. Every offset read is
     checked to lie inside its structure and to be aligned. Raises MalformedInput naming
     each offset that fails, or what is not known of the version."""
-    version_hex = struct.unpack_from("<Q", debug_offsets, 8)[0] if len(debug_offsets) >= 16 else 0
-    version = (version_hex >> 24, (version_hex >> 16) & 0xFF)
+    version, members = debug_offsets_members(debug_offsets, tuple(_FROM_DEBUG_OFFSETS.values()))
     facts = COROUTINE_FACTS.get(version)
     if facts is None:
         known = ", ".join(f"{v[0]}.{v[1]}" for v in sorted(COROUTINE_FACTS))
         raise MalformedInput(f"CPython {version[0]}.{version[1]}: the frame states of its "
                              f"coroutines and where an await keeps what it awaits are not known (known: {known})")
-    members = debug_offsets_members(debug_offsets, tuple(_FROM_DEBUG_OFFSETS.values()))
     if len(asyncio_debug_offsets) != ASYNCIO_DEBUG_OFFSETS_SIZE:
         raise MalformedInput(f"_Py_AsyncioModuleDebugOffsets of CPython {version[0]}.{version[1]} take "
                              f"{len(asyncio_debug_offsets)} bytes, not the {ASYNCIO_DEBUG_OFFSETS_SIZE} of the "
@@ -175,7 +172,7 @@ def asyncio_layout_from_debug_offsets(debug_offsets: bytes, asyncio_debug_offset
                              f"{'; '.join(problems)}")
     return AsyncioLayout(
         tasks_global="", set_mask=ABSENT, set_table=ABSENT, weakref_object=ABSENT, task_loop=ABSENT,
-        task_size=task_size, frame_stacktop=ABSENT,
+        frame_stacktop=ABSENT,
         suspended_in_await=facts.suspended_in_await, awaited_slot=facts.awaited_slot,
         **{field: members[name] for field, name in _FROM_DEBUG_OFFSETS.items()},
         **{field: asyncio[name] for field, name in _FROM_ASYNCIO_DEBUG_OFFSETS.items()},

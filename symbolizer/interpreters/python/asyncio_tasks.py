@@ -72,6 +72,8 @@ class TaskReader:
         self._loops: Dict[int, Tuple[int, int]] = {}  # loop -> (its thread's ident or 0, reads left)
         # One read of a code object takes both members its check is made of.
         self._code_header = max(layout.code_firstlineno + 4, layout.code_name + 8)
+        # And one of a task, the members read of it.
+        self._task_head = max(asyncio.task_loop, asyncio.task_coro, asyncio.task_name) + 8
         # One read of a coroutine takes its state and its frame up to the value stack.
         frame_end = max(asyncio.frame_localsplus, asyncio.frame_stacktop + 4, asyncio.frame_stackpointer + 8,
                         layout.frame_code + 8, layout.frame_instr + 8)
@@ -150,7 +152,7 @@ class TaskReader:
 
     def _awaiting(self, reader: ObjectReader, task: int, thread: Optional[int]) -> Optional[AwaitingTask]:
         a = self.a
-        raw = self.memory.read(task, a.task_size)
+        raw = self.memory.read(task, self._task_head)
         coro, name = (struct.unpack_from("<Q", raw, at)[0] for at in (a.task_coro, a.task_name))
         if self.type_name(coro) not in _COROUTINE_TYPES:
             return None  # not a task (a dead reference), or one driving some other awaitable

@@ -678,11 +678,11 @@ def _refusal(version_hex: int, version: Tuple[int, int], read_as: Tuple[int, int
     return f"_Py_DebugOffsets of CPython {version_text}: {'; '.join(problems)}"
 
 
-def debug_offsets_members(data: bytes, names: Sequence[str]) -> Dict[str, int]:
-    """The members `names` ("group.member") of the _Py_DebugOffsets at the start of
-    `data` (from _PyRuntime, as for parse_debug_offsets), each checked as that checks its
-    own. Raises MalformedInput as parse_debug_offsets does, also when the version's
-    member list has no such member."""
+def debug_offsets_members(data: bytes, names: Sequence[str]) -> Tuple[Tuple[int, int], Dict[str, int]]:
+    """The CPython version and the members `names` ("group.member") of the
+    _Py_DebugOffsets at the start of `data` (from _PyRuntime, as for parse_debug_offsets),
+    each checked as that checks its own. Raises MalformedInput as parse_debug_offsets
+    does, also when the version's member list has no such member."""
     version_hex, version, read_as, positions, member = _read_members(data)
     missing = [name for name in names if name not in positions]
     if missing:
@@ -690,7 +690,7 @@ def debug_offsets_members(data: bytes, names: Sequence[str]) -> Dict[str, int]:
     problems = _problems(member, positions.__contains__, names)
     if problems:
         raise MalformedInput(_refusal(version_hex, version, read_as, problems))
-    return {name: member(name) for name in names}
+    return version, {name: member(name) for name in names}
 
 
 def parse_debug_offsets(data: bytes) -> PythonLayout:
