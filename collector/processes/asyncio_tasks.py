@@ -44,7 +44,10 @@ TASK_HZ = 100
 MAX_CPU_SHARE = 0.02
 _COST_SMOOTHING = 0.2  # weight of a read's CPU time in the running mean that paces the reads
 MAX_TASK_WAITS = 1 << 16  # distinct TaskWaits kept between two takes; past it, waits are left out and counted
-LOOK_AGAIN_S = 1.0  # how often a 3.14+ process is looked at again while no binary it maps has .AsyncioDebug
+# A 3.14+ process is looked at again while no binary it maps has .AsyncioDebug (asyncio not
+# imported yet): soon at first, as a program imports asyncio as it starts, then less often.
+LOOK_AGAIN_S = 0.05
+LOOK_AGAIN_AT_MOST_S = 5.0
 # The binaries that may hold .AsyncioDebug: the _asyncio module (3.14), the interpreter (3.15).
 _ASYNCIO_BINARY = re.compile(r"^(?:_asyncio\.|(?:lib)?python\d)")
 _MAX_SECTION = 1 << 12  # bytes of .AsyncioDebug read
@@ -70,16 +73,18 @@ class _Followed:
         self.memory = ProcessMemory(interpreter.pid)
         self.reader: Optional[TaskReader] = None
         self.look_at = 0.0  # when to look for its asyncio layout next (monotonic); inf: never
+        self.look_wait = LOOK_AGAIN_S  # before the next look after one that finds nothing
         self.without_section: Set[FileId] = set()  # binaries it maps that have no .AsyncioDebug
         self.threads: Dict[int, Tuple[int, str]] = {}  # thread ident -> tid, its name as the kernel has it
 
     def find_reader(self, failures: Failures) -> bool:
         """Whether the process's tasks can be read now; its asyncio layout is looked for
-        at most every LOOK_AGAIN_S, and given up, once told, when it cannot be used."""
+        again after waits that double from LOOK_AGAIN_S to LOOK_AGAIN_AT_MOST_S, and
+        given up, once told, when it cannot be used."""
         now = time.monotonic()
         if now < self.look_at:
             return False
-        self.look_at = now + LOOK_AGAIN_S
+        self.look_at, self.look_wait = now + self.look_wait, min(2 * self.look_wait, LOOK_AGAIN_AT_MOST_S)
         interpreter = self.interpreter
         layout = asyncio_layout_for(interpreter.layout.version)
         if layout is None:

@@ -60,6 +60,7 @@ def test_asyncio_imported_late_is_found(minor, monkeypatch):
     """3.14 maps its _asyncio module, which holds the offsets, at the first import of
     asyncio: a process read before has no tasks, and is looked at again (here at once)."""
     monkeypatch.setattr(asyncio_tasks, "LOOK_AGAIN_S", 0.0)
+    monkeypatch.setattr(asyncio_tasks, "LOOK_AGAIN_AT_MOST_S", 0.0)
     python = sid_python(minor)
     late = f"import sys\nprint(1, flush=True)\nsys.stdin.readline()\nexec({SCRIPT!r})"
     with Running(python, late) as running:
