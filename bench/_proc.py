@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+QUIET = 0.1  # a profiler using less than this share of a core has settled
 
 # Everything started here runs in a session of its own, so Ctrl-C reaches only the
 # benchmark, which then stops them (profilers still write their output).
@@ -59,6 +60,21 @@ def memory_mb(pid: int, field: str) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def settle(profiler: subprocess.Popen, name: str, limit: float = 30) -> None:
+    """Wait until the profiler has used less than QUIET of a core over two half-seconds
+    (it has settled: compiled, attached, done reading what it found)."""
+    deadline, quiet = time.monotonic() + limit, 0
+    while quiet < 2:
+        before = cpu_seconds(profiler.pid)
+        time.sleep(0.5)
+        if profiler.poll() is not None:
+            raise RuntimeError(f"{name} exited at start")
+        quiet = quiet + 1 if cpu_seconds(profiler.pid) - before < QUIET * 0.5 else 0
+        if time.monotonic() > deadline:
+            print(f"note: {name} still busy {limit:.0f} s after starting; timing anyway", file=sys.stderr)
+            return
 
 
 class ToolMissing(Exception):

@@ -1,8 +1,11 @@
-"""How much bpfprof slows a CPU-bound Python program when attached to it, beside py-spy.
+"""How much bpfprof slows a CPU-bound Python program when attached to it, beside py-spy,
+on several CPythons side by side.
 
 A fixed amount of single-threaded Python work (recursive calls and small-object churn,
-sized to take about --seconds with no profiler) is timed by the program itself. It runs
-with no profiler and under each profiler at 99 Hz, the order rotated every round:
+sized to take about --seconds with no profiler) is timed by the program itself. On each
+CPython (--python, repeatable; by default pyenv's 3.6, 3.7 and 3.12 and the sid chroot's
+3.14 and 3.15, those present) it runs with no profiler and under each profiler at 99 Hz,
+the order rotated every round:
 
   bpfprof               `bpfprof record -p PID -F 99`
   py-spy                `py-spy record --pid PID --rate 99`, py-spy's default mode, which
@@ -14,12 +17,18 @@ for a second (bpfprof reads a process when it first samples it), and only when t
 profiler is idle again does the timed work start. So the slowdown is the steady state;
 what the profiler spent before is shown apart as its start-up CPU.
 
-Printed per profiler: the median time and slowdown of the work, the profiler's own CPU
-while the work ran (as a share of one core), its CPU seconds before the work, its RSS as
-the work ended and its peak RSS, and the samples per second it wrote inside the work; then
-bpfprof against each py-spy mode as ratios.
+The program is given to the interpreter with -c, so a CPython in a chroot of its own (the
+sid chroot's, run through tests/fixtures/sid/python3.N like a container) runs it too.
 
-    sudo .venv/bin/python bench/python_overhead.py [--rounds 3] [--seconds 15] [--python /path/to/python3]
+Printed per CPython and profiler: the median time and slowdown of the work, the profiler's
+own CPU while the work ran (as a share of one core), the time bpfprof's sampling BPF
+programs ran per sample (the kernel's bpf_stats; their runs are the perf events of every
+CPU, the target's and the others'), its CPU seconds before the work, its RSS as the work
+ended and its peak RSS, and the samples per second it wrote inside the work; then bpfprof
+against each py-spy mode as ratios, or "unsupported" where py-spy cannot read that
+CPython. Last, one line per CPython side by side.
+
+    sudo .venv/bin/python bench/python_overhead.py [--rounds 3] [--seconds 15] [--python /path/to/python3 ...]
                                                   [--build NAME=PYTHON]
 """
 
@@ -29,18 +38,21 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
-from _proc import add_build_option, bpfprof_builds, check_tools, cpu_seconds, memory_mb, run_main, running, start
+from _proc import (add_build_option, bpf_runs, bpf_spent, bpf_stats, bpfprof_builds, check_python, cpu_seconds,
+                   find_py_spy, memory_mb, run_main, running, settle, start, stop_all)
 
-DEFAULT_PYTHON = "/root/.pyenv/versions/3.12.1/bin/python3"
+PYENV = Path("/root/.pyenv/versions")
+PYENV_MINORS = (6, 7, 12)
+SID_ROOT = Path(os.environ.get("BPFPROF_SID_ROOT", "/var/cache/bpfprof/sid-python"))  # as tests/conftest.py
+SID_LAUNCHERS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sid"
+SID_MINORS = (14, 15)
 RATE = 99
-QUIET = 0.1  # a profiler using less than this share of a core has settled
 
 JOB = r'''
 """A fixed amount of CPU-bound Python; prints the seconds it took."""
@@ -91,6 +103,7 @@ class Run:
     rss: float = 0.0  # MB resident as the work ended
     peak: float = 0.0  # MB, VmHWM up to the profiler's exit
     rate: float = 0.0  # samples written per second of work
+    bpf_ns: float = 0.0  # bpfprof's sampling BPF programs, per run, while the work ran
 
 
 def job_samples(path: Path) -> int:
@@ -101,20 +114,6 @@ def job_samples(path: Path) -> int:
         if count.isdigit() and any(frame.startswith("job (") for frame in stack.split(";")):
             total += int(count)
     return total
-
-
-def settle(profiler: subprocess.Popen, name: str, limit: float = 30) -> None:
-    """Wait until the profiler has used less than QUIET of a core over two half-seconds."""
-    deadline, quiet = time.monotonic() + limit, 0
-    while quiet < 2:
-        before = cpu_seconds(profiler.pid)
-        time.sleep(0.5)
-        if profiler.poll() is not None:
-            raise RuntimeError(f"{name} exited at start")
-        quiet = quiet + 1 if cpu_seconds(profiler.pid) - before < QUIET * 0.5 else 0
-        if time.monotonic() > deadline:
-            print(f"note: {name} still busy {limit:.0f} s after starting; timing anyway", file=sys.stderr)
-            return
 
 
 def profiler_commands(py_spy: str, builds: List[str]) -> Dict[str, Callable[[int, str], List[str]]]:
@@ -128,11 +127,21 @@ def profiler_commands(py_spy: str, builds: List[str]) -> Dict[str, Callable[[int
     return commands
 
 
-def run_job(python: str, job: Path, rounds: int, name: str, commands, tmp: Path) -> Run:
+def default_pythons() -> List[str]:
+    """pyenv's 3.6, 3.7 and 3.12 and the sid chroot's 3.14 and 3.15, those installed."""
+    found = [str(p) for m in PYENV_MINORS for p in sorted(PYENV.glob(f"3.{m}.*/bin/python3"))[-1:]]
+    if os.path.exists("/usr/bin/unshare"):
+        found += [str(SID_LAUNCHERS / f"python3.{m}") for m in SID_MINORS
+                  if (SID_ROOT / "usr/bin" / f"python3.{m}").exists()]
+    return found
+
+
+def run_job(python: str, rounds: int, name: str, commands, tmp: Path) -> Run:
     """One timed run of the job, under the named profiler or none."""
-    target = start([python, str(job), str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    target = start([python, "-c", JOB, str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     profiler = None
     if name != "none":
+        loaded = bpf_runs()
         out, log = tmp / "out.folded", tmp / "profiler.log"
         out.unlink(missing_ok=True)
         argv = commands[name](target.pid, str(out))
@@ -146,7 +155,7 @@ def run_job(python: str, job: Path, rounds: int, name: str, commands, tmp: Path)
             settle(profiler, name)  # done with what the warm-up made it read
         except RuntimeError:
             raise RuntimeError(f"{name} exited at start: {' '.join(argv)}\n    {log.read_text().strip()}")
-        cpu_before, t_before = cpu_seconds(profiler.pid), time.monotonic()
+        cpu_before, t_before, bpf_before = cpu_seconds(profiler.pid), time.monotonic(), bpf_runs()
     else:
         target.stdin.write("warm\n")
         target.stdin.flush()
@@ -161,6 +170,9 @@ def run_job(python: str, job: Path, rounds: int, name: str, commands, tmp: Path)
         run.startup = cpu_before
         run.cpu = (cpu_seconds(profiler.pid) - cpu_before) / (time.monotonic() - t_before)
         run.rss = memory_mb(profiler.pid, "VmRSS:")
+        if name.startswith("bpfprof"):
+            sampling = bpf_spent(bpf_before, bpf_runs(), loaded, kind="perf_event")
+            run.bpf_ns = sampling.run_ns / sampling.runs if sampling.runs else 0.0
     target.stdin.close()  # the job exits; so does the profiler, after writing its output
     target.wait()
     running.remove(target)
@@ -179,65 +191,109 @@ def run_job(python: str, job: Path, rounds: int, name: str, commands, tmp: Path)
     return run
 
 
-def calibrate(python: str, job: Path, seconds: float, tmp: Path) -> int:
+def calibrate(python: str, seconds: float, tmp: Path) -> int:
     trial = 1000
-    took = run_job(python, job, trial, "none", {}, tmp).seconds
+    took = run_job(python, trial, "none", {}, tmp).seconds
     return max(1, int(trial * seconds / took))
+
+
+@dataclass
+class Measured:
+    """One CPython's runs: the job's, under each profiler; a profiler that could not read
+    this CPython has the reason instead."""
+    version: str
+    rounds: int
+    runs: Dict[str, List[Run]]
+    unsupported: Dict[str, str]
+
+
+def measure(python: str, commands, args, tmp: Path) -> Measured:
+    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    rounds = calibrate(python, args.seconds, tmp)
+    names = ["none", *commands]
+    measured = Measured(version, rounds, {name: [] for name in names}, {})
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name in measured.unsupported:
+                continue
+            try:
+                measured.runs[name].append(run_job(python, rounds, name, commands, tmp))
+            except RuntimeError as e:
+                if not name.startswith("py-spy"):
+                    raise
+                stop_all()
+                measured.unsupported[name] = str(e).splitlines()[-1].strip()
+    return measured
+
+
+def median_of(runs: List[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def print_measured(m: Measured, commands) -> Dict[str, Optional[float]]:
+    """The table of one CPython; returns each profiler's slowdown (None: unsupported)."""
+    none = m.runs["none"]
+    base = median_of(none, "seconds")
+    print(f"\njob: CPython {m.version}, {m.rounds} rounds of work, {base:.2f} s median with no profiler "
+          f"(range {min(r.seconds for r in none):.2f}-{max(r.seconds for r in none):.2f}); "
+          f"{len(none)} runs each, {RATE} Hz, {os.cpu_count()} CPUs")
+    print(f"{'profiler':<22} {'job s':>7} {'range s':>12} {'slowdown':>9} {'CPU/core':>9} {'BPF ns':>10} "
+          f"{'start CPU':>10} {'RSS':>9} {'peak RSS':>9} {'samples/s':>10}")
+    slowdown: Dict[str, Optional[float]] = {}
+    for name in commands:
+        if name in m.unsupported:
+            print(f"{name:<22} unsupported: {m.unsupported[name]}")
+            slowdown[name] = None
+            continue
+        runs = m.runs[name]
+        slowdown[name] = median_of(runs, "seconds") / base - 1
+        bpf = f"{median_of(runs, 'bpf_ns'):10.0f}" if name.startswith("bpfprof") else f"{'-':>10}"
+        spread = f"{min(r.seconds for r in runs):.2f}-{max(r.seconds for r in runs):.2f}"
+        print(f"{name:<22} {median_of(runs, 'seconds'):7.2f} {spread:>12} {100 * slowdown[name]:8.2f}% "
+              f"{100 * median_of(runs, 'cpu'):8.2f}% {bpf} {median_of(runs, 'startup'):9.2f}s "
+              f"{max(r.rss for r in runs):7.1f}MB {max(r.peak for r in runs):7.1f}MB {median_of(runs, 'rate'):10.1f}")
+    b = m.runs["bpfprof"]
+    for other in ("py-spy", "py-spy --nonblocking"):
+        if other in m.unsupported:
+            print(f"bpfprof / {other}: py-spy: unsupported")
+            continue
+        o = m.runs[other]
+        slowdowns = (f", slowdown {100 * slowdown['bpfprof']:.2f}% vs {100 * slowdown[other]:.2f}%"
+                     + (f" (x{slowdown['bpfprof'] / slowdown[other]:.2f})" if slowdown[other] > 0.005 else ""))
+        cpu = f", own CPU x{median_of(b, 'cpu') / median_of(o, 'cpu'):.2f}" if median_of(o, "cpu") > 0 else ""
+        print(f"bpfprof / {other}: job time x{median_of(b, 'seconds') / median_of(o, 'seconds'):.3f}{slowdowns}{cpu}")
+    return slowdown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15, help="length of the work without a profiler")
-    parser.add_argument("--python", default=DEFAULT_PYTHON, help="the CPython that runs the job")
+    parser.add_argument("--python", action="append", default=[],
+                        help="a CPython that runs the job; repeatable (default: pyenv's 3.6, 3.7, 3.12 and the "
+                             "sid chroot's 3.14, 3.15, those present)")
     add_build_option(parser)
     args = parser.parse_args()
+    pythons = args.python or default_pythons()
+    for python in pythons:
+        check_python(python)
+    commands = profiler_commands(find_py_spy(), args.build)
 
-    commands = profiler_commands(check_tools(args.python), args.build)
+    with tempfile.TemporaryDirectory(prefix="bpfprof-overhead-") as d, bpf_stats():
+        measured = {python: measure(python, commands, args, Path(d)) for python in pythons}
 
-    with tempfile.TemporaryDirectory(prefix="bpfprof-overhead-") as d:
-        tmp = Path(d)
-        job = tmp / "overhead_job.py"
-        job.write_text(JOB)
-        rounds = calibrate(args.python, job, args.seconds, tmp)
-        version = subprocess.run([args.python, "-c", "import platform; print(platform.python_version())"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        names = ["none", *commands]
-        results: Dict[str, List[Run]] = {name: [] for name in names}
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for name in order:
-                results[name].append(run_job(args.python, job, rounds, name, commands, tmp))
-
-    base = statistics.median(r.seconds for r in results["none"])
-    print(f"job: CPython {version}, {rounds} rounds of work, {base:.2f} s median with no profiler "
-          f"(range {min(r.seconds for r in results['none']):.2f}-{max(r.seconds for r in results['none']):.2f}); "
-          f"{args.rounds} runs each, {RATE} Hz, {os.cpu_count()} CPUs")
-    print(f"{'profiler':<22} {'job s':>7} {'range s':>12} {'slowdown':>9} {'CPU/core':>9} {'start CPU':>10} "
-          f"{'RSS':>9} {'peak RSS':>9} {'samples/s':>10}")
-    median = {}
-    for name in commands:
-        runs = results[name]
-        median[name] = {
-            "seconds": statistics.median(r.seconds for r in runs),
-            "cpu": statistics.median(r.cpu for r in runs),
-        }
-        slow = median[name]["seconds"] / base - 1
-        median[name]["slowdown"] = slow
-        spread = f"{min(r.seconds for r in runs):.2f}-{max(r.seconds for r in runs):.2f}"
-        print(f"{name:<22} {median[name]['seconds']:7.2f} {spread:>12} {100 * slow:8.2f}% "
-              f"{100 * median[name]['cpu']:8.2f}% {statistics.median(r.startup for r in runs):9.2f}s "
-              f"{max(r.rss for r in runs):7.1f}MB "
-              f"{max(r.peak for r in runs):7.1f}MB {statistics.median(r.rate for r in runs):10.1f}")
     print("py-spy: its default mode, which stops the program while reading each sample; "
-          "py-spy --nonblocking: reads it while it runs")
-    b = median["bpfprof"]
-    for other in ("py-spy", "py-spy --nonblocking"):
-        o = median[other]
-        slowdowns = (f", slowdown {100 * b['slowdown']:.2f}% vs {100 * o['slowdown']:.2f}%"
-                     + (f" (x{b['slowdown'] / o['slowdown']:.2f})" if o["slowdown"] > 0.005 else ""))
-        cpu = f", own CPU x{b['cpu'] / o['cpu']:.2f}" if o["cpu"] > 0 else ""
-        print(f"bpfprof / {other}: job time x{b['seconds'] / o['seconds']:.3f}{slowdowns}{cpu}")
+          "py-spy --nonblocking: reads it while it runs; BPF ns: bpfprof's sampling BPF programs' time per run (per sample)")
+    slowdowns = {python: print_measured(m, commands) for python, m in measured.items()}
+
+    print(f"\n{'CPython':<10} {'bpfprof slowdown':>17} {'CPU/core':>9} {'BPF ns/sample':>14} "
+          f"{'py-spy slowdown':>16} {'--nonblocking':>14}")
+    for python, m in measured.items():
+        s = slowdowns[python]
+        py_spy = [f"{100 * s[n]:.2f}%" if s[n] is not None else "unsupported" for n in ("py-spy", "py-spy --nonblocking")]
+        print(f"{m.version:<10} {100 * s['bpfprof']:16.2f}% {100 * median_of(m.runs['bpfprof'], 'cpu'):8.2f}% "
+              f"{median_of(m.runs['bpfprof'], 'bpf_ns'):14.0f} {py_spy[0]:>16} {py_spy[1]:>14}")
 
 
 if __name__ == "__main__":
