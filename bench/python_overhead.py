@@ -284,14 +284,16 @@ def main() -> None:
         measured = {python: measure(python, commands, args, Path(d)) for python in pythons}
 
     print("py-spy: its default mode, which stops the program while reading each sample; "
-          "py-spy --nonblocking: reads it while it runs; BPF ns: bpfprof's sampling BPF programs' time per run (per sample)")
+          "py-spy --nonblocking: reads it while it runs;\nBPF ns: the time bpfprof's sampling BPF programs take "
+          "per run (per sample)")
     slowdowns = {python: print_measured(m, commands) for python, m in measured.items()}
 
     print(f"\n{'CPython':<10} {'bpfprof slowdown':>17} {'CPU/core':>9} {'BPF ns/sample':>14} "
           f"{'py-spy slowdown':>16} {'--nonblocking':>14}")
     for python, m in measured.items():
         s = slowdowns[python]
-        py_spy = [f"{100 * s[n]:.2f}%" if s[n] is not None else "unsupported" for n in ("py-spy", "py-spy --nonblocking")]
+        py_spy = [f"{100 * s[n]:.2f}%" if s[n] is not None else "unsupported"
+                  for n in ("py-spy", "py-spy --nonblocking")]
         print(f"{m.version:<10} {100 * s['bpfprof']:16.2f}% {100 * median_of(m.runs['bpfprof'], 'cpu'):8.2f}% "
               f"{median_of(m.runs['bpfprof'], 'bpf_ns'):14.0f} {py_spy[0]:>16} {py_spy[1]:>14}")
 

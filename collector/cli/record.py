@@ -182,6 +182,11 @@ def record(whole_system, pid_args, frequency, duration, output, types, min_block
         click.echo(f"bpfprof: lost {n} to {what}: {fix}", err=True)
     if recording.unwind is not None:
         click.echo(f"bpfprof: {_unwind_summary(recording.unwind, recording.unwind_ends)}", err=True)
+    if recording.task_reads[0]:
+        reads, tasks = recording.task_reads
+        seconds = recording.profiles["wall"].duration_ns / 1e9
+        click.echo(f"bpfprof: asyncio tasks read {reads} times ({reads / seconds:.1f}/s), "
+                   f"{tasks} awaiting tasks seen ({tasks / seconds:.0f}/s)", err=True)
     if recording.unreadable_processes:
         click.echo(f"bpfprof: {recording.unreadable_processes} processes exited before they could be read "
                    "(their samples are marked)", err=True)

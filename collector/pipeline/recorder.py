@@ -49,6 +49,7 @@ class Recording:
     exit_status: Optional[int] = None  # of the command, when one was started
     unwind: Optional[UnwindStats] = None  # the unwind tables, when native stacks were unwound from them
     unwind_ends: Dict[str, int] = field(default_factory=dict)  # UNWIND_* -> native stacks that ended so
+    task_reads: Tuple[int, int] = (0, 0)  # reads of asyncio tasks, awaiting tasks they saw (wall profile)
 
 
 class Command:
@@ -350,4 +351,5 @@ class Recorder:
             exit_status=child.exit_status if child else None,
             unwind=self._unwinding.stats() if self._unwinding else None,
             unwind_ends=unwind_ends,
+            task_reads=(self._tasks.num_reads, self._tasks.num_task_samples) if self._tasks is not None else (0, 0),
         )

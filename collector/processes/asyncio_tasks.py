@@ -158,6 +158,8 @@ class TaskSampler:
         self._waited: Dict[TaskWait, float] = {}  # seconds, since the last take
         self._last_seen: Dict[Tuple[int, int], TaskWait] = {}  # by the last read: (pid, task) -> where it awaits
         self._dropped = 0  # waits left out: more distinct than MAX_TASK_WAITS
+        self.num_reads = 0  # reads of every followed process's tasks, since the start
+        self.num_task_samples = 0  # awaiting tasks seen by them: how far the pacing let the reads go
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._random = random.Random()
@@ -205,6 +207,8 @@ class TaskSampler:
         for pid, interpreter in interpreters.items():
             with self._failures.contain("process", f"{pid} (CPython, asyncio tasks)"):
                 seen.update(self._read_process(pid, interpreter))
+        self.num_reads += 1
+        self.num_task_samples += len(seen)
         with self._lock:
             for wait in (*self._last_seen.values(), *seen.values()):
                 if wait in self._waited or len(self._waited) < MAX_TASK_WAITS:

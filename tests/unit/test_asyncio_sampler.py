@@ -44,6 +44,7 @@ def test_each_read_gives_each_awaiting_task_its_time(kind, minor):
         assert sampler.take() == ({}, 0)
         assert not sampler._followed  # its memory closed
     assert dropped == 0 and not failures.counts()
+    assert (sampler.num_reads, sampler.num_task_samples) == (4, 2 * 4)  # the last two read no process
     by_task = {wait.task: (wait, waited) for wait, waited in waits.items()}
     assert by_task.keys() == {"fetcher", "sleeper", reported["unnamed"], "remote"}
     fetcher, waited = by_task["fetcher"]
