@@ -109,7 +109,6 @@ class Agent:
 
     def ship_oom(self, pid: int, comm: str, profile: Profile) -> None:
         """What a process the OOM killer chose held, kept and pushed at once, labelled oom="true"."""
-        profile.duration_ns = 0
         series = self._series("memory", profile, f"oom-{pid}.memory", (("oom", "true"),))
         if series:
             self._queue.put(encode_push_request(series))

@@ -84,11 +84,9 @@ def _sum(profile, index: int, unit: str = "bytes") -> str:
 def _write_oom(output: str, pid: int, comm: str, profile) -> None:
     """The memory a process the OOM killer chose held, beside the output, at once."""
     from bpfprof.collector.output.pprof import write_pprof
-    from bpfprof.collector.output.writers import WRITERS
+    from bpfprof.collector.output.writers import split_extension
 
-    base = next((output[:-len(e)] for e in WRITERS if output.endswith(e)), output)
-    path = f"{base}.oom-{pid}.memory.pb.gz"
-    profile.duration_ns = 0
+    path = f"{split_extension(output)[0]}.oom-{pid}.memory.pb.gz"
     write_output(write_pprof, path, profile)
     click.echo(f"bpfprof: the OOM killer chose {pid} ({printable(comm)}): its memory in use -> {path}", err=True)
 

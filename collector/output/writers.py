@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 from bpfprof.collector.errors import UsageError
 from bpfprof.collector.output.flamegraph import write_flamegraph
@@ -20,12 +20,19 @@ WRITERS: Dict[str, Callable[[Profile, str], None]] = {
 }
 
 
-def path_for_type(path: str, profile_type: str) -> str:
-    """Where one of several profile types goes: out.pb.gz -> out.block.pb.gz."""
+def split_extension(path: str) -> Tuple[str, str]:
+    """A path as (base, extension), the extension a writer's (out.pb.gz -> out, .pb.gz)
+    or "" if it has none of theirs."""
     for extension in WRITERS:
         if path.endswith(extension):
-            return f"{path[:-len(extension)]}.{profile_type}{extension}"
-    return f"{path}.{profile_type}"
+            return path[:-len(extension)], extension
+    return path, ""
+
+
+def path_for_type(path: str, profile_type: str) -> str:
+    """Where one of several profile types goes: out.pb.gz -> out.block.pb.gz."""
+    base, extension = split_extension(path)
+    return f"{base}.{profile_type}{extension}"
 
 
 def get_writer(path: str) -> Callable[[Profile, str], None]:
