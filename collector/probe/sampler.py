@@ -534,7 +534,8 @@ class Sampler:
                   for r in memory_ranges.unpack_ranges(keys, values)]
         if pid is None:
             self._take_holes()
-            holes, self._holes = list(self._holes), collections.deque(maxlen=MAX_PENDING_HOLES)
+            holes = list(self._holes)
+            self._holes.clear()
             removed, added = memory_ranges.cut_holes(ranges, holes)
             self._remove_ranges(removed)
             self._add_ranges(added)
